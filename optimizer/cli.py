@@ -1,0 +1,98 @@
+"""The `deployopt` command: export | inspect | optimize | bench | eval.
+
+Exit codes: 0 success; 1 the work ran but failed (a gate not met, a pass that missed its
+tolerance, a crashed worker); 2 bad input (usage, unreadable model, invalid recipe or data);
+130 interrupted (SIGINT or SIGTERM). Errors are one line on stderr; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import signal
+import sys
+import traceback
+
+from optimizer.errors import DeployoptError
+
+
+def _add_optimize(subparsers) -> None:
+    p = subparsers.add_parser(
+        "optimize", help="run a recipe: passes, benchmark, gates, report",
+        description="Run the passes of RECIPE on its model, measure input vs output and check the gates. "
+                    "Writes OUTDIR/model.onnx, report.json and report.md.")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("-o", "--output", metavar="OUTDIR",
+                   help="output folder (default: runs/<recipe name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. passes[1].prune.sparsity=0.7 (repeatable)")
+    p.set_defaults(func=_optimize)
+
+
+def _optimize(args) -> int:
+    from optimizer import pipeline, report
+    from optimizer.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out_dir = pathlib.Path(args.output or pathlib.Path("runs") / pathlib.Path(args.recipe).stem)
+    result = pipeline.run(recipe, out_dir)
+    print(report.terminal_table(result.report))
+    print(f"\nwrote {out_dir / 'model.onnx'}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+    if result.exit_code:
+        print(f"deployopt: failed: {result.reason}", file=sys.stderr)
+    return result.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from benchmarks import accuracy, latency
+    from optimizer import export, stats
+
+    parser = argparse.ArgumentParser(
+        prog="deployopt",
+        description="Optimize ONNX vision models for CPU deployment and prove what each step bought.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    export.add_parser(subparsers)
+    stats.add_parser(subparsers)
+    _add_optimize(subparsers)
+    latency.add_parser(subparsers)
+    accuracy.add_parser(subparsers)
+    for sub in subparsers.choices.values():  # allow --debug after the verb too
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks on errors")
+    return parser
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: cleanup handlers run
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return int(args.func(args) or 0)
+    except DeployoptError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"deployopt: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("deployopt: interrupted; no partial output was left", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        cause = " ".join(str(e).split())[:300]
+        print(f"deployopt: internal error: {type(e).__name__}: {cause} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

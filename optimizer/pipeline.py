@@ -1,0 +1,263 @@
+"""Run a recipe: load or export the model, run the passes, measure, gate, report.
+
+For every pass the pipeline records a ``StepRecord`` (parameters, seconds, whether the model
+changed, statistics before and after, the pass's notes and details). The input and the output
+model are then measured side by side with the latency harness (interleaved rounds in worker
+processes) and the accuracy harness (top-1 against labels, agreement with the input model), the
+gates read those numbers, and report.json / report.md are written atomically.
+
+Exit status (returned in ``RunResult.exit_code``): 0 all gates met; 1 a gate not met or a pass
+that missed its own tolerance (its best model is still saved); bad input raises ``UserError``
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any
+
+import onnx_ir as ir
+
+from optimizer import io, report, stats
+from optimizer.context import PassContext
+from optimizer.errors import DeployoptError, UserError, WorkFailed
+from optimizer.recipe import Recipe
+
+
+@dataclasses.dataclass
+class StepRecord:
+    name: str
+    params: dict[str, Any]
+    seconds: float
+    modified: bool
+    before: dict[str, Any]
+    after: dict[str, Any]
+    notes: list[str]
+    details: dict[str, Any]
+    status: str = "ok"  # ok | failed (missed its tolerance; best model kept)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pass": self.name, "params": self.params, "seconds": round(self.seconds, 3),
+                "modified": self.modified, "status": self.status, "before": self.before,
+                "after": self.after, "notes": self.notes, "details": self.details}
+
+
+@dataclasses.dataclass
+class RunResult:
+    exit_code: int
+    reason: str | None
+    report: dict[str, Any]
+    out_dir: pathlib.Path
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def input_shape(model: ir.Model) -> list[int | str | None]:
+    value = model.graph.inputs[0]
+    if value.shape is None:
+        return []
+    return [d if isinstance(d, int) else (d.value if hasattr(d, "value") else None) for d in value.shape]
+
+
+def _prepare_out_dir(out_dir: pathlib.Path) -> pathlib.Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: output path exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create the output folder: {e.strerror}") from e
+    probe = out_dir / ".deployopt-write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{out_dir}: output folder is not writable: {e.strerror}") from e
+    return out_dir
+
+
+def _export_input(spec: dict[str, Any], work_dir: pathlib.Path) -> pathlib.Path:
+    import models
+    from optimizer.export import export_model
+
+    kwargs = dict(spec.get("kwargs") or {})
+    if "pretrained" in spec:
+        kwargs["pretrained"] = spec["pretrained"]
+    module = models.resolve(spec["export"], **kwargs)
+    if spec.get("weights"):
+        models.load_weights(module, spec["weights"])
+    shape = spec.get("input_shape") or list(getattr(module, "default_input_shape", (1, 3, 224, 224)))
+    target = work_dir / "input.onnx"
+    result = export_model(module, target, tuple(shape), dynamic_batch=bool(spec.get("dynamic_batch")),
+                          opset=spec.get("opset"), tolerance=spec.get("tolerance", 1e-4))
+    _log(f"exported {spec['export']} {tuple(shape)}: max |torch - onnxruntime| = {result.max_abs_diff:.2e}")
+    return target
+
+
+def _open_datasets(recipe: Recipe, shape: list) -> dict[str, Any]:
+    from optimizer.data import open_dataset
+
+    datasets = {}
+    for key, spec in recipe.data.items():
+        try:
+            datasets[key] = open_dataset(spec, input_shape=shape, seed=recipe.seed)
+        except UserError as e:
+            raise UserError(f"data.{key}: {e}") from e
+    return datasets
+
+
+def _check_requirements(recipe: Recipe, datasets: dict[str, Any]) -> None:
+    for i, p in enumerate(recipe.passes):
+        if getattr(p, "needs_calibration", False) and "calibration" not in datasets:
+            raise UserError(f"passes[{i}].{p.name}: needs data.calibration in the recipe")
+        if getattr(p, "needs_evaluation", False) and "evaluation" not in datasets:
+            raise UserError(f"passes[{i}].{p.name}: needs data.evaluation in the recipe")
+    gates = recipe.gates
+    if gates.max_accuracy_drop is not None and "evaluation" not in datasets:
+        raise UserError("gates.max_accuracy_drop: needs data.evaluation in the recipe")
+    if gates.min_speedup is not None and not recipe.benchmark.enabled:
+        raise UserError("gates.min_speedup: needs the benchmark (benchmark.enabled is false)")
+
+
+def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext,
+                steps: list[StepRecord]) -> tuple[ir.Model, str | None]:
+    total = len(recipe.passes)
+    for i, p in enumerate(recipe.passes):
+        ctx = base_ctx.for_step()
+        p.context = ctx
+        before = stats.model_stats(model)
+        _log(f"[{i + 1}/{total}] {p.name} ...")
+        start = time.perf_counter()
+        try:
+            result = p(model)
+        except DeployoptError as e:
+            if isinstance(e, UserError):
+                raise UserError(f"passes[{i}].{p.name}: {e}") from e
+            raise WorkFailed(f"passes[{i}].{p.name}: {e}") from e
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            # Unexpected failures inside a pass become one clear line (traceback with --debug).
+            cause = " ".join(str(e).split())[:300] or type(e).__name__
+            raise WorkFailed(f"passes[{i}].{p.name} failed: {type(e).__name__}: {cause}") from e
+        seconds = time.perf_counter() - start
+        model = result.model
+        after = stats.model_stats(model)
+        record = StepRecord(p.name, p.params(), seconds, bool(result.modified), before, after,
+                            list(ctx.notes), dict(ctx.details))
+        steps.append(record)
+        _log(f"[{i + 1}/{total}] {p.name} done in {seconds:.1f} s: "
+             f"{before['bytes'] / 1e6:.2f} MB -> {after['bytes'] / 1e6:.2f} MB"
+             + ("" if result.modified else " (unchanged)"))
+        if ctx.failure:
+            record.status = "failed"
+            return model, ctx.failure
+    return model, None
+
+
+def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path,
+             datasets: dict[str, Any]) -> tuple[list[dict], dict[str, Any], list[str]]:
+    bench_rows: list[dict] = []
+    warnings: list[str] = []
+    settings = recipe.benchmark
+    if settings.enabled:
+        from benchmarks import latency
+
+        result = latency.compare([input_path, output_path], labels=["input", "output"],
+                                 threads=tuple(settings.threads), batch=tuple(settings.batch),
+                                 warmup=settings.warmup, runs=settings.runs, rounds=settings.rounds,
+                                 timeout=settings.timeout, seed=recipe.seed)
+        bench_rows = [{k: v for k, v in row.items() if k != "samples_ms"} for row in result.rows]
+        warnings.extend(result.warnings)
+        failed = [row for row in bench_rows if row.get("error")]
+        if failed:
+            raise WorkFailed(f"benchmark of {failed[0]['model']} failed: {failed[0]['error']}")
+    accuracy: dict[str, Any] = {}
+    if "evaluation" in datasets:
+        from benchmarks.accuracy import evaluate
+
+        data = datasets["evaluation"]
+        threads = settings.threads[0]
+        acc_in = evaluate(input_path, data, threads=threads)
+        acc_out = evaluate(output_path, data, reference_path=input_path, threads=threads)
+        accuracy = {"dataset": data.name, "input": acc_in, "output": acc_out,
+                    "agreement": acc_out.get("agreement")}
+        if acc_in.get("top1") is not None and acc_out.get("top1") is not None:
+            accuracy["metric"] = "top1"
+            accuracy["drop"] = acc_in["top1"] - acc_out["top1"]
+        else:
+            accuracy["metric"] = "agreement"
+            accuracy["drop"] = 1.0 - acc_out["agreement"]
+    return bench_rows, accuracy, warnings
+
+
+def _evaluate_gates(recipe: Recipe, output_stats: dict, bench_rows: list[dict],
+                    accuracy: dict) -> list[dict[str, Any]]:
+    gates = []
+    for name, limit in recipe.gates.active().items():
+        if name == "max_accuracy_drop":
+            value = accuracy.get("drop")
+            passed = value is not None and value <= limit + 1e-12
+        elif name == "min_speedup":
+            speedups = [r["speedup"] for r in bench_rows if r.get("model") == "output" and r.get("speedup")]
+            value = min(speedups) if speedups else None
+            passed = value is not None and value >= limit
+        else:  # max_size_mb
+            value = output_stats["bytes"] / 1e6
+            passed = value <= limit
+        gates.append({"name": name, "limit": limit, "value": value, "passed": bool(passed)})
+    return gates
+
+
+def _gate_reason(gate: dict[str, Any]) -> str:
+    value = "not measured" if gate["value"] is None else f"{gate['value']:.4g}"
+    relation = "<" if gate["name"] == "min_speedup" else ">"
+    return f"gate {gate['name']} not met: {value} {relation} {gate['limit']:g}"
+
+
+def run(recipe: Recipe, out_dir: str | pathlib.Path) -> RunResult:
+    started = time.time()
+    out_dir = _prepare_out_dir(pathlib.Path(out_dir))
+    output_path = out_dir / "model.onnx"
+    with tempfile.TemporaryDirectory(prefix="deployopt-") as tmp:
+        work_dir = pathlib.Path(tmp)
+        if isinstance(recipe.model, dict):
+            exported = _export_input(recipe.model, work_dir)
+            input_path = out_dir / "input.onnx"
+            io.save(io.load_proto(exported), input_path)
+        else:
+            input_path = pathlib.Path(recipe.model)
+        io.check_output_path(output_path, input_path=input_path)
+        model = io.load(input_path)
+        shape = input_shape(model)
+        datasets = _open_datasets(recipe, shape)
+        _check_requirements(recipe, datasets)
+
+        input_stats = stats.model_stats(model, path=str(input_path))
+        reference = io.load(input_path)  # an untouched copy for passes that compare against it
+        base_ctx = PassContext(calibration=datasets.get("calibration"),
+                               evaluation=datasets.get("evaluation"),
+                               training=datasets.get("training") or datasets.get("calibration"),
+                               reference=reference, seed=recipe.seed, work_dir=work_dir,
+                               threads=recipe.benchmark.threads[0])
+        steps: list[StepRecord] = []
+        model, failure = _run_passes(recipe, model, base_ctx, steps)
+
+        io.save(model, output_path, input_path=input_path)
+        output_stats = stats.model_stats(io.load_proto(output_path), path=str(output_path))
+        bench_rows, accuracy, warnings = _measure(recipe, input_path, output_path, datasets)
+        gates = _evaluate_gates(recipe, output_stats, bench_rows, accuracy)
+
+    reasons = ([failure] if failure else []) + [_gate_reason(g) for g in gates if not g["passed"]]
+    exit_code = 1 if reasons else 0
+    doc = report.build(recipe=recipe, input_stats=input_stats, output_stats=output_stats,
+                       steps=[s.to_json() for s in steps], benchmark=bench_rows, accuracy=accuracy,
+                       gates=gates, warnings=warnings, exit_code=exit_code,
+                       reason="; ".join(reasons) or None, seconds=time.time() - started)
+    report.write(doc, out_dir)
+    return RunResult(exit_code, doc["reason"], doc, out_dir)

@@ -1,0 +1,193 @@
+"""report.json (the source of truth other tools read) and report.md (for people).
+
+Keys of report.json, as DESIGN.md fixes them::
+
+    version, machine{cpu, isa[], cores, onnxruntime, os}, recipe,
+    input{stats}, output{stats}, steps[{pass, params, seconds, modified, before, after, notes[]}],
+    benchmark[{model, threads, batch, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, throughput_ips, speedup}],
+    accuracy{input{top1,...}, output{top1,...}, drop, agreement},
+    gates[{name, limit, value, passed}]
+
+plus ``exit_code``, ``reason`` (why the run failed, or null), ``warnings`` and ``seconds``.
+Numbers stay numbers; formatting happens only in report.md and on the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+import optimizer
+from optimizer import io
+
+
+def _machine() -> dict[str, Any]:
+    from benchmarks.machine import stamp
+
+    return stamp()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python numbers, NaN/inf to null, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    return str(value)
+
+
+def build(*, recipe, input_stats, output_stats, steps, benchmark, accuracy, gates, warnings,
+          exit_code, reason, seconds) -> dict[str, Any]:
+    return _plain({
+        "version": optimizer.__version__,
+        "machine": _machine(),
+        "recipe": recipe.raw,
+        "input": input_stats,
+        "output": output_stats,
+        "steps": steps,
+        "benchmark": benchmark,
+        "accuracy": accuracy,
+        "gates": gates,
+        "warnings": warnings,
+        "exit_code": exit_code,
+        "reason": reason,
+        "seconds": round(seconds, 1),
+    })
+
+
+# -- formatting ------------------------------------------------------------------------------------
+
+def _fmt(value: Any, spec: str = ".3g", none: str = "–") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def comparison_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per model (input, output): size, MACs, p50, speedup, top-1, agreement."""
+    header = ["model", "size MB", "zipped MB", "params", "MACs (M)", "p50 ms", "speedup", "top-1",
+              "agreement"]
+    rows = []
+    bench = {(r["model"]): r for r in doc.get("benchmark", [])
+             if r.get("threads") == (doc["benchmark"][0]["threads"] if doc.get("benchmark") else None)
+             and r.get("batch") == doc["benchmark"][0].get("batch")}
+    accuracy = doc.get("accuracy") or {}
+    for label in ("input", "output"):
+        s = doc[label]
+        b = bench.get(label, {})
+        acc = accuracy.get(label) or {}
+        agreement = 1.0 if label == "input" and accuracy else acc.get("agreement")
+        macs = s.get("macs")
+        rows.append([label, f"{s['bytes'] / 1e6:.2f}", f"{s['bytes_zip'] / 1e6:.2f}", f"{s['params']:,}",
+                     _fmt(None if macs is None else macs / 1e6, ".1f"), _fmt(b.get("p50_ms"), ".2f"),
+                     _fmt(b.get("speedup"), ".2f") + ("x" if b.get("speedup") else ""),
+                     _fmt(acc.get("top1"), ".3f"), _fmt(agreement, ".3f")])
+    return header, rows
+
+
+def terminal_table(doc: dict[str, Any]) -> str:
+    header, rows = comparison_rows(doc)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    if doc.get("benchmark"):
+        b = doc["benchmark"][0]
+        out.append(f"(latency: {b['threads']} thread(s), batch {b['batch']}; "
+                   f"machine: {doc['machine'].get('cpu', '?')})")
+    return "\n".join(out)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    parts = [f"# deployopt report\n",
+             f"Result: **{'PASSED' if doc['exit_code'] == 0 else 'FAILED'}**"
+             + (f" — {doc['reason']}" if doc.get("reason") else ""),
+             f"\nMachine: {m.get('cpu')} · ISA {', '.join(m.get('isa', [])) or 'none'} · "
+             f"{m.get('cores')} cores · onnxruntime {m.get('onnxruntime')} · {m.get('os')}",
+             f"Total time: {doc['seconds']} s\n", "## Input vs output\n"]
+    header, rows = comparison_rows(doc)
+    parts.append(_table(header, rows))
+
+    if doc.get("steps"):
+        parts.append("\n## Steps\n")
+        step_rows = []
+        for s in doc["steps"]:
+            step_rows.append([s["pass"], s["status"], f"{s['seconds']:.1f}", "yes" if s["modified"] else "no",
+                              f"{s['before']['bytes'] / 1e6:.2f} → {s['after']['bytes'] / 1e6:.2f}",
+                              f"{s['before']['bytes_zip'] / 1e6:.2f} → {s['after']['bytes_zip'] / 1e6:.2f}",
+                              f"{sum(s['before']['ops'].values())} → {sum(s['after']['ops'].values())}",
+                              _macs_change(s)])
+        parts.append(_table(["pass", "status", "seconds", "modified", "MB", "zipped MB", "nodes", "MACs (M)"],
+                            step_rows))
+        for s in doc["steps"]:
+            if s["notes"]:
+                parts.append(f"\n**{s['pass']}**\n")
+                parts.extend(f"- {n}" for n in s["notes"])
+
+    if doc.get("benchmark"):
+        parts.append("\n## Latency (onnxruntime CPU, interleaved rounds)\n")
+        bench_rows = [[r["model"], str(r["threads"]), str(r["batch"]), _fmt(r.get("p50_ms"), ".2f"),
+                       _fmt(r.get("p90_ms"), ".2f"), _fmt(r.get("p99_ms"), ".2f"), _fmt(r.get("mean_ms"), ".2f"),
+                       _fmt(r.get("std_ms"), ".2f"), _fmt(r.get("throughput_ips"), ".1f"),
+                       _fmt(r.get("speedup"), ".2f") + _ci(r.get("speedup_ci"))]
+                      for r in doc["benchmark"]]
+        parts.append(_table(["model", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms",
+                             "images/s", "speedup (95% CI)"], bench_rows))
+
+    acc = doc.get("accuracy") or {}
+    if acc:
+        parts.append(f"\n## Accuracy on `{acc.get('dataset')}`\n")
+        rows = []
+        for label in ("input", "output"):
+            a = acc[label]
+            rows.append([label, _fmt(a.get("top1"), ".4f"), _fmt(a.get("top5"), ".4f"),
+                         _fmt(a.get("agreement"), ".4f"), _fmt(a.get("cosine"), ".5f"), str(a.get("n"))])
+        parts.append(_table(["model", "top-1", "top-5", "agreement", "cosine", "n"], rows))
+        parts.append(f"\nDrop ({acc.get('metric')}): {_fmt(acc.get('drop'), '.4f')}")
+
+    if doc.get("gates"):
+        parts.append("\n## Gates\n")
+        parts.append(_table(["gate", "limit", "value", "passed"],
+                            [[g["name"], _fmt(g["limit"], "g"), _fmt(g["value"], ".4g", "not measured"),
+                              "yes" if g["passed"] else "**no**"] for g in doc["gates"]]))
+    if doc.get("warnings"):
+        parts.append("\n## Warnings\n")
+        parts.extend(f"- {w}" for w in doc["warnings"])
+    return "\n".join(parts) + "\n"
+
+
+def _ci(ci: Any) -> str:
+    if not ci or ci[0] is None:
+        return ""
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _macs_change(step: dict[str, Any]) -> str:
+    a, b = step["before"].get("macs"), step["after"].get("macs")
+    if a is None or b is None:
+        return "–"
+    return f"{a / 1e6:.1f} → {b / 1e6:.1f}"
+
+
+def write(doc: dict[str, Any], out_dir: pathlib.Path) -> None:
+    """report.json then report.md, each written atomically."""
+    io.atomic_write_text(out_dir / "report.json", json.dumps(doc, indent=2) + "\n")
+    io.atomic_write_text(out_dir / "report.md", markdown(doc))

@@ -1,0 +1,6 @@
+"""deployopt passes: one module per pass; REGISTRY maps recipe names to pass classes.
+
+An explicit dict, no import magic: adding a pass means importing it here.
+"""
+
+REGISTRY: dict[str, type] = {}
