@@ -193,6 +193,12 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
         else:
             accuracy["metric"] = "agreement"
             accuracy["drop"] = 1.0 - acc_out["agreement"]
+    if "fidelity" in datasets:
+        from benchmarks.accuracy import evaluate
+
+        data = datasets["fidelity"]
+        fidelity = evaluate(output_path, data, reference_path=input_path, threads=settings.threads[0])
+        accuracy["fidelity"] = {"dataset": data.name, **fidelity}
     return bench_rows, accuracy, warnings
 
 

@@ -24,7 +24,10 @@ import yaml
 from optimizer.errors import UserError
 
 TOP_KEYS = ("model", "data", "passes", "benchmark", "gates", "seed")
-DATA_KEYS = ("calibration", "evaluation", "training")
+# calibration: passes that calibrate or reconstruct; evaluation: accuracy (labels) and agreement;
+# training: distillation (defaults to calibration); fidelity: an extra unlabeled set on which the
+# output's agreement with the input model is measured (e.g. many natural-photo crops).
+DATA_KEYS = ("calibration", "evaluation", "training", "fidelity")
 EXPORT_KEYS = ("export", "input_shape", "dynamic_batch", "weights", "opset", "pretrained", "kwargs",
                "tolerance")
 

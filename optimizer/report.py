@@ -90,11 +90,15 @@ def comparison_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
              if r.get("threads") == (doc["benchmark"][0]["threads"] if doc.get("benchmark") else None)
              and r.get("batch") == doc["benchmark"][0].get("batch")}
     accuracy = doc.get("accuracy") or {}
+    fidelity = accuracy.get("fidelity")
+    if fidelity:  # agreement on the (larger) fidelity set says more than on the labelled one
+        header[-1] = f"agreement ({fidelity['dataset']}, n={fidelity.get('n')})"
     for label in ("input", "output"):
         s = doc[label]
         b = bench.get(label, {})
         acc = accuracy.get(label) or {}
-        agreement = 1.0 if label == "input" and accuracy else acc.get("agreement")
+        # the input agrees with itself; the output's agreement is measured against the input
+        agreement = 1.0 if label == "input" and accuracy else (fidelity or acc).get("agreement")
         macs = s.get("macs")
         rows.append([label, f"{s['bytes'] / 1e6:.2f}", f"{s['bytes_zip'] / 1e6:.2f}", f"{s['params']:,}",
                      _fmt(None if macs is None else macs / 1e6, ".1f"), _fmt(b.get("p50_ms"), ".2f"),
@@ -162,6 +166,13 @@ def markdown(doc: dict[str, Any]) -> str:
                          _fmt(a.get("agreement"), ".4f"), _fmt(a.get("cosine"), ".5f"), str(a.get("n"))])
         parts.append(_table(["model", "top-1", "top-5", "agreement", "cosine", "n"], rows))
         parts.append(f"\nDrop ({acc.get('metric')}): {_fmt(acc.get('drop'), '.4f')}")
+        fid = acc.get("fidelity")
+        if fid:
+            parts.append(f"\nFidelity of the output to the input on `{fid['dataset']}` (n={fid.get('n')}): "
+                         f"top-1 agreement {_fmt(fid.get('agreement'), '.4f')} "
+                         f"(95% CI {_ci(fid.get('agreement_ci')).strip() or '–'}), "
+                         f"mean cosine {_fmt(fid.get('cosine'), '.5f')}, KL {_fmt(fid.get('kl'), '.2e')}, "
+                         f"max |diff| {_fmt(fid.get('max_abs_diff'), '.3g')}")
 
     if doc.get("gates"):
         parts.append("\n## Gates\n")

@@ -1,0 +1,150 @@
+"""End to end through the CLI: optimize a small trained model, report keys, gates, exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from sklearn.datasets import load_digits
+
+from optimizer.cli import main
+
+REPORT_KEYS = {"version", "machine", "recipe", "input", "output", "steps", "benchmark", "accuracy", "gates"}
+STATS_KEYS = {"path", "bytes", "bytes_zip", "params", "nonzero_params", "macs", "ops", "opset"}
+STEP_KEYS = {"pass", "params", "seconds", "modified", "before", "after", "notes"}
+BENCH_KEYS = {"model", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms",
+              "throughput_ips", "speedup"}
+
+
+class DigitsNet(torch.nn.Module):
+    """Conv-BN-ReLU x2 + GAP + Linear on 1x8x8 digits: BatchNorm left for cleanup to fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def _digits():
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]
+    return x, digits.target.astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A digits model trained for a few seconds, exported with BatchNorm, plus its data files."""
+    root = tmp_path_factory.mktemp("pipeline")
+    x, y = _digits()
+    torch.manual_seed(0)
+    net = DigitsNet()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
+    for _ in range(8):
+        for i in range(0, len(xt), 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
+            opt.step()
+    net.eval()
+    model = root / "digits.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(model), dynamo=False, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE)
+    np.savez(root / "eval.npz", x=x[1400:], y=y[1400:])
+    np.savez(root / "calib.npz", x=x[:200])
+    return root
+
+
+def _write_recipe(root, name="recipe.yaml", **changes):
+    recipe = {
+        "model": "digits.onnx",
+        "data": {"calibration": {"dataset": f"npz:{root / 'calib.npz'}"},
+                 "evaluation": {"dataset": f"npz:{root / 'eval.npz'}"}},
+        "passes": [{"cleanup": {}}],
+        "benchmark": {"threads": [1], "batch": [1], "warmup": 2, "runs": 20, "rounds": 2},
+        "gates": {"max_accuracy_drop": 0.0, "min_speedup": 0.5},
+    }
+    recipe.update(changes)
+    path = root / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_optimize_writes_model_and_report(workspace, capsys):
+    recipe = _write_recipe(workspace)
+    before = _digest(workspace / "digits.onnx")
+    out = workspace / "out"
+    assert main(["optimize", str(recipe), "-o", str(out)]) == 0
+    assert _digest(workspace / "digits.onnx") == before  # the input is never touched
+
+    doc = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(doc)
+    assert STATS_KEYS <= set(doc["input"]) and STATS_KEYS <= set(doc["output"])
+    assert {"cpu", "isa", "cores", "onnxruntime", "os"} <= set(doc["machine"])
+    step = doc["steps"][0]
+    assert STEP_KEYS <= set(step) and step["pass"] == "cleanup" and step["modified"] is True
+    assert step["before"]["ops"].get("BatchNormalization") == 2
+    assert "BatchNormalization" not in step["after"]["ops"]
+    assert {row["model"] for row in doc["benchmark"]} == {"input", "output"}
+    assert all(BENCH_KEYS <= set(row) for row in doc["benchmark"])
+    # cleanup is exact: same predictions on every held-out digit
+    assert doc["accuracy"]["output"]["agreement"] == 1.0
+    assert doc["accuracy"]["input"]["top1"] > 0.85
+    assert doc["accuracy"]["drop"] == pytest.approx(0.0, abs=1e-12)
+    assert [g["name"] for g in doc["gates"]] == ["max_accuracy_drop", "min_speedup"]
+    assert all(g["passed"] for g in doc["gates"])
+    onnx.checker.check_model(onnx.load(out / "model.onnx"), full_check=True)
+    md = (out / "report.md").read_text()
+    assert "## Steps" in md and "cleanup" in md and "## Gates" in md
+    table = capsys.readouterr().out
+    assert "input" in table and "output" in table and "speedup" in table
+
+
+def test_unmet_gate_exits_1_with_reason(workspace, capsys):
+    recipe = _write_recipe(workspace, "gate.yaml", gates={"max_size_mb": 0.000001})
+    out = workspace / "gate_out"
+    assert main(["optimize", str(recipe), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "gate max_size_mb not met" in err
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["exit_code"] == 1 and doc["gates"][0]["passed"] is False
+    assert (out / "model.onnx").exists()  # the result is still saved
+
+
+def test_set_override_and_invalid_recipe_exit_2(workspace, capsys):
+    recipe = _write_recipe(workspace, "bad.yaml", passes=[{"cleanup": {"fold_batchnorm": "yes"}}])
+    out = workspace / "bad_out"
+    assert main(["optimize", str(recipe), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "passes[0].cleanup.fold_batchnorm: expected bool" in err[0]
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["optimize", str(recipe), "-o", str(out), "--set", "passes[0].cleanup.fold_batchnorm=false",
+                 "--set", "benchmark.enabled=false", "--set", "gates.min_speedup=null"]) == 0
+
+
+def test_cli_process_errors_are_one_line(workspace, tmp_path):
+    bad = tmp_path / "random.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(2000))
+    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", "inspect", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deployopt: error:") and str(bad) in lines[0]
+    assert "Traceback" not in proc.stderr
