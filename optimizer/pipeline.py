@@ -99,13 +99,15 @@ def _export_input(spec: dict[str, Any], work_dir: pathlib.Path) -> pathlib.Path:
     return target
 
 
-def _open_datasets(recipe: Recipe, shape: list) -> dict[str, Any]:
+def _open_datasets(recipe: Recipe, shape: list, input_name: str) -> dict[str, Any]:
     from optimizer.data import open_dataset
 
     datasets = {}
+    base_dir = recipe.path.parent if recipe.path else None  # relative data paths follow the recipe
     for key, spec in recipe.data.items():
         try:
-            datasets[key] = open_dataset(spec, input_shape=shape, seed=recipe.seed)
+            datasets[key] = open_dataset(spec, input_shape=shape, seed=recipe.seed, input_name=input_name,
+                                         base_dir=base_dir)
         except UserError as e:
             raise UserError(f"data.{key}: {e}") from e
     return datasets
@@ -241,7 +243,7 @@ def run(recipe: Recipe, out_dir: str | pathlib.Path) -> RunResult:
         io.check_output_path(output_path, input_path=input_path)
         model = io.load(input_path)
         shape = input_shape(model)
-        datasets = _open_datasets(recipe, shape)
+        datasets = _open_datasets(recipe, shape, model.graph.inputs[0].name)
         _check_requirements(recipe, datasets)
 
         input_stats = stats.model_stats(model, path=str(input_path))
