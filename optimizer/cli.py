@@ -9,7 +9,10 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import pathlib
+import shutil
 import signal
 import sys
 import traceback
@@ -58,23 +61,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(subparsers)
     latency.add_parser(subparsers)
     accuracy.add_parser(subparsers)
-    for sub in subparsers.choices.values():  # allow --debug after the verb too
+    for verb, sub in subparsers.choices.items():
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                         help="show tracebacks on errors")
+                         help="show tracebacks on errors")  # allowed after the verb too
+        if verb in CONTAINED:
+            if not any("--timeout" in a.option_strings for a in sub._actions):
+                sub.add_argument("--timeout", type=_positive_seconds, default=None, metavar="S",
+                                 help="stop with exit 1 when the command runs longer than S seconds")
+            sub.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+# Verbs whose work runs onnx/onnxruntime C++ code on the user's model: run in a watched child.
+CONTAINED = ("optimize", "eval", "inspect")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: cleanup handlers run
     raise KeyboardInterrupt
 
 
+def _cleanup_staging(args) -> None:
+    """After a crashed or killed optimize child: remove its staged (never published) outputs."""
+    if getattr(args, "verb", None) == "optimize":
+        from optimizer.pipeline import STAGING_PREFIX
+
+        out_dir = pathlib.Path(args.output or pathlib.Path("runs") / pathlib.Path(args.recipe).stem)
+        for leftover in out_dir.glob(STAGING_PREFIX + "*") if out_dir.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _contained(args) -> int:
+    from optimizer.contain import run_contained
+
+    try:
+        return run_contained(args.func, args, verb=args.verb, timeout=getattr(args, "timeout", None))
+    except KeyboardInterrupt:
+        return 130  # the child was stopped and has already said so
+    finally:
+        _cleanup_staging(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verb in CONTAINED and not args.in_process:
+        return run_handler(_contained, args)
+    return run_handler(args.func, args)
+
+
+def run_handler(handler, args) -> int:
+    """Run a verb's handler and turn every outcome into an exit code and at most one line."""
     debug = getattr(args, "debug", False)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return int(args.func(args) or 0)
+        return int(handler(args) or 0)
     except DeployoptError as e:
         if debug:
             traceback.print_exc()
@@ -83,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deployopt: interrupted; no partial output was left", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `deployopt inspect m.onnx | head`: the reader left, nothing to say
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python's exit flush quiet
+        return 0
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             traceback.print_exc()

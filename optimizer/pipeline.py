@@ -14,7 +14,9 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -23,6 +25,7 @@ from typing import Any
 import onnx_ir as ir
 
 from optimizer import io, report, stats
+from optimizer.contain import report_status
 from optimizer.context import PassContext
 from optimizer.errors import DeployoptError, UserError, WorkFailed
 from optimizer.recipe import Recipe
@@ -56,6 +59,7 @@ class RunResult:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+    report_status(message)
 
 
 def input_shape(model: ir.Model) -> list[int | str | None]:
@@ -228,25 +232,45 @@ def _gate_reason(gate: dict[str, Any]) -> str:
     return f"gate {gate['name']} not met: {value} {relation} {gate['limit']:g}"
 
 
+STAGING_PREFIX = ".deployopt-staging-"
+
+
 def run(recipe: Recipe, out_dir: str | pathlib.Path) -> RunResult:
+    """Run the recipe; outputs are staged in a hidden folder inside ``out_dir`` and renamed into
+    place only at the end, so a crash or an interrupt leaves no partial files behind."""
     started = time.time()
     out_dir = _prepare_out_dir(pathlib.Path(out_dir))
-    output_path = out_dir / "model.onnx"
+    if not isinstance(recipe.model, dict):
+        io.check_output_path(out_dir / "model.onnx", input_path=recipe.model)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    try:
+        result = _run(recipe, out_dir, staging, started)
+        for name in ("input.onnx", "model.onnx", "report.json", "report.md"):
+            if (staging / name).exists():
+                os.replace(staging / name, out_dir / name)
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: float) -> RunResult:
+    output_path = staging / "model.onnx"
     with tempfile.TemporaryDirectory(prefix="deployopt-") as tmp:
         work_dir = pathlib.Path(tmp)
         if isinstance(recipe.model, dict):
             exported = _export_input(recipe.model, work_dir)
-            input_path = out_dir / "input.onnx"
+            input_path = staging / "input.onnx"
             io.save(io.load_proto(exported), input_path)
         else:
             input_path = pathlib.Path(recipe.model)
-        io.check_output_path(output_path, input_path=input_path)
         model = io.load(input_path)
         shape = input_shape(model)
         datasets = _open_datasets(recipe, shape, model.graph.inputs[0].name)
         _check_requirements(recipe, datasets)
 
         input_stats = stats.model_stats(model, path=str(input_path))
+        if isinstance(recipe.model, dict):  # report where the file will be, not the staging folder
+            input_stats["path"] = str(out_dir / "input.onnx")
         reference = io.load(input_path)  # an untouched copy for passes that compare against it
         base_ctx = PassContext(calibration=datasets.get("calibration"),
                                evaluation=datasets.get("evaluation"),
@@ -258,6 +282,7 @@ def run(recipe: Recipe, out_dir: str | pathlib.Path) -> RunResult:
 
         io.save(model, output_path, input_path=input_path)
         output_stats = stats.model_stats(io.load_proto(output_path), path=str(output_path))
+        output_stats["path"] = str(out_dir / "model.onnx")
         bench_rows, accuracy, warnings = _measure(recipe, input_path, output_path, datasets)
         gates = _evaluate_gates(recipe, output_stats, bench_rows, accuracy)
 
@@ -267,5 +292,5 @@ def run(recipe: Recipe, out_dir: str | pathlib.Path) -> RunResult:
                        steps=[s.to_json() for s in steps], benchmark=bench_rows, accuracy=accuracy,
                        gates=gates, warnings=warnings, exit_code=exit_code,
                        reason="; ".join(reasons) or None, seconds=time.time() - started)
-    report.write(doc, out_dir)
+    report.write(doc, staging)
     return RunResult(exit_code, doc["reason"], doc, out_dir)

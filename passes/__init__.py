@@ -3,4 +3,8 @@
 An explicit dict, no import magic: adding a pass means importing it here.
 """
 
-REGISTRY: dict[str, type] = {}
+from passes.cleanup import CleanupPass
+
+REGISTRY: dict[str, type] = {
+    "cleanup": CleanupPass,
+}

@@ -91,7 +91,7 @@ def test_optimize_writes_model_and_report(workspace, capsys):
     recipe = _write_recipe(workspace)
     before = _digest(workspace / "digits.onnx")
     out = workspace / "out"
-    assert main(["optimize", str(recipe), "-o", str(out)]) == 0
+    assert main(["optimize", str(recipe), "-o", str(out), "--in-process"]) == 0
     assert _digest(workspace / "digits.onnx") == before  # the input is never touched
 
     doc = json.loads((out / "report.json").read_text())
@@ -120,7 +120,7 @@ def test_optimize_writes_model_and_report(workspace, capsys):
 def test_unmet_gate_exits_1_with_reason(workspace, capsys):
     recipe = _write_recipe(workspace, "gate.yaml", gates={"max_size_mb": 0.000001})
     out = workspace / "gate_out"
-    assert main(["optimize", str(recipe), "-o", str(out)]) == 1
+    assert main(["optimize", str(recipe), "-o", str(out), "--in-process"]) == 1
     err = capsys.readouterr().err
     assert "gate max_size_mb not met" in err
     doc = json.loads((out / "report.json").read_text())
@@ -131,11 +131,11 @@ def test_unmet_gate_exits_1_with_reason(workspace, capsys):
 def test_set_override_and_invalid_recipe_exit_2(workspace, capsys):
     recipe = _write_recipe(workspace, "bad.yaml", passes=[{"cleanup": {"fold_batchnorm": "yes"}}])
     out = workspace / "bad_out"
-    assert main(["optimize", str(recipe), "-o", str(out)]) == 2
+    assert main(["optimize", str(recipe), "-o", str(out), "--in-process"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "passes[0].cleanup.fold_batchnorm: expected bool" in err[0]
     assert not out.exists() or not any(out.iterdir())
-    assert main(["optimize", str(recipe), "-o", str(out), "--set", "passes[0].cleanup.fold_batchnorm=false",
+    assert main(["optimize", str(recipe), "-o", str(out), "--in-process", "--set", "passes[0].cleanup.fold_batchnorm=false",
                  "--set", "benchmark.enabled=false", "--set", "gates.min_speedup=null"]) == 0
 
 

@@ -1,0 +1,315 @@
+"""Accuracy against labels and fidelity against a reference model, on onnxruntime CPU.
+
+For logits z (model) and r (reference), one row per sample, labels y:
+  top-k accuracy   mean[ y in the k largest z ]   (ties broken toward the lower class index,
+                   as argmax does)
+  agreement        mean[ argmax z == argmax r ]
+  cosine           mean[ z.r / (|z| |r|) ]        (1 when both rows are zero, 0 when one is)
+  max_abs_diff     max |z - r| over all elements
+  kl               mean[ KL(softmax(r) || softmax(z)) ] = mean[ sum p_r (log p_r - log p_z) ],
+                   computed with log-softmax in float64 so it stays finite
+Rates carry a Wilson score interval (95%: z = 1.96), which unlike p +- z sqrt(p(1-p)/n) stays
+inside [0, 1] and keeps its coverage on the small evaluation sets this tool is run with:
+  center = (p + z^2/2n) / (1 + z^2/n),  half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2).
+
+Evaluation streams the dataset in batches and accumulates sums, so memory does not grow with the
+number of samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+
+from benchmarks._model import (fits_sample, format_shape, input_specs, load_proto, one_line,
+                               open_data, output_specs, session_options)
+from optimizer.errors import UserError, WorkFailed
+
+# -- metrics on logits --------------------------------------------------------------------------
+
+
+def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
+    # Stable sort on -logits: equal logits keep index order, so k=1 is exactly argmax.
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return int((top == labels[:, None]).any(axis=1).sum())
+
+
+def topk_accuracy(logits, labels, k: int = 1) -> float:
+    """Fraction of rows whose label is among the k highest logits."""
+    logits, labels = _check_logits(logits), np.asarray(labels)
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels: shape {labels.shape} does not match {logits.shape[0]} rows")
+    if not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"k: {k} is outside [1, {logits.shape[1]}]")
+    return _topk_hits(logits, labels, k) / logits.shape[0]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate successes / n."""
+    if n <= 0:
+        raise ValueError(f"n: {n} trials, need at least 1")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes: {successes} is outside [0, {n}]")
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _check_logits(logits) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits: expected a non-empty [rows, classes] array, got shape "
+                         f"{logits.shape}")
+    return logits
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+class _FidelitySums:
+    """Running sums for fidelity over batches (so evaluation memory stays flat)."""
+
+    def __init__(self) -> None:
+        self.n = self.agree = 0
+        self.cosine = self.kl = 0.0
+        self.max_abs = 0.0
+
+    def add(self, z: np.ndarray, r: np.ndarray) -> None:
+        z, r = z.astype(np.float64), r.astype(np.float64)
+        self.n += len(z)
+        self.agree += int((z.argmax(axis=1) == r.argmax(axis=1)).sum())
+        nz, nr = np.linalg.norm(z, axis=1), np.linalg.norm(r, axis=1)
+        dot = (z * r).sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.where((nz > 0) & (nr > 0), dot / (nz * nr), np.where(nz == nr, 1.0, 0.0))
+        self.cosine += float(cos.sum())
+        self.max_abs = max(self.max_abs, float(np.abs(z - r).max()))
+        log_r, log_z = _log_softmax(r), _log_softmax(z)
+        self.kl += float((np.exp(log_r) * (log_r - log_z)).sum())
+
+    def result(self) -> dict:
+        return {"agreement": self.agree / self.n,
+                "agreement_ci": list(wilson_interval(self.agree, self.n)),
+                "cosine": self.cosine / self.n, "max_abs_diff": self.max_abs,
+                "kl": self.kl / self.n}
+
+
+def fidelity(logits, ref_logits) -> dict:
+    """{agreement, agreement_ci, cosine, max_abs_diff, kl} of ``logits`` vs ``ref_logits``."""
+    z, r = _check_logits(logits), _check_logits(ref_logits)
+    if z.shape != r.shape:
+        raise ValueError(f"logits: shape {z.shape} differs from the reference's {r.shape}")
+    sums = _FidelitySums()
+    sums.add(z, r)
+    return sums.result()
+
+
+# -- running a model over a dataset -------------------------------------------------------------
+
+class _Runner:
+    """One onnxruntime session over a single-input classifier, checked against the dataset."""
+
+    def __init__(self, path, dataset, threads: int, role: str):
+        import onnxruntime as ort
+
+        self.path = str(path)
+        proto = load_proto(path)
+        specs, out_spec = input_specs(proto), output_specs(proto)[0]
+        del proto
+        if len(specs) != 1:
+            raise UserError(f"{path}: {role} needs a single-input model, it has {len(specs)} "
+                            f"inputs ({', '.join(s.name for s in specs)})")
+        self.spec = spec = specs[0]
+        sample = tuple(dataset.sample_shape)
+        if not fits_sample(spec, sample):
+            raise UserError(f"{path}: input '{spec.name}' has shape {spec.shape_text()} but "
+                            f"dataset {dataset.name} gives samples of shape "
+                            f"{format_shape(sample)}")
+        if spec.dtype is None or spec.dtype.kind != "f":
+            raise UserError(f"{path}: input '{spec.name}' is {spec.dtype}; datasets give float "
+                            f"samples")
+        out_dims = out_spec.dims
+        # Refuse a non-logits output before loading when its rank is known (run time re-checks).
+        if out_dims is not None and (len(out_dims) < 2 or any(
+                isinstance(d, int) and d != 1 for d in out_dims[2:])):
+            raise UserError(f"{path}: output '{out_spec.name}' has shape {out_spec.shape_text()}; "
+                            f"eval needs 2-D logits [batch, classes]")
+        self.fixed_batch = spec.dims[0] if spec.dims and isinstance(spec.dims[0], int) else None
+        try:
+            self.session = ort.InferenceSession(self.path, session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise UserError(f"{path}: onnxruntime cannot load it ({one_line(e)})") from e
+        self.output = self.session.get_outputs()[0].name
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits [len(x), classes]; a fixed-batch model is fed in chunks (last one padded)."""
+        x = x.astype(self.spec.dtype, copy=False)
+        step = self.fixed_batch or len(x)
+        parts = []
+        for start in range(0, len(x), step):
+            chunk = x[start:start + step]
+            real = len(chunk)
+            if real < step:  # pad by repeating the last sample; the padded rows are dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, axis=0)])
+            try:
+                out = self.session.run([self.output], {self.spec.name: chunk})[0]
+            except Exception as e:
+                raise WorkFailed(f"{self.path}: onnxruntime failed on a batch of shape "
+                                 f"{format_shape(chunk.shape)} ({one_line(e)})") from e
+            parts.append(self._as_logits(out, len(chunk))[:real])
+        return np.concatenate(parts)
+
+    def _as_logits(self, out: np.ndarray, rows: int) -> np.ndarray:
+        # [N, C, 1, 1] heads (1x1 conv classifiers) are logits with trailing unit dims.
+        if out.ndim > 2 and all(d == 1 for d in out.shape[2:]):
+            out = out.reshape(out.shape[:2])
+        if out.ndim != 2 or out.shape[0] != rows:
+            raise UserError(f"{self.path}: output '{self.output}' has shape "
+                            f"{format_shape(out.shape)} for a batch of {rows}; eval needs 2-D "
+                            f"logits [batch, classes]")
+        return out
+
+
+def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, threads: int = 1,
+             progress: bool = True) -> dict:
+    """Top-1/top-5 of ``model_path`` on ``dataset`` (labels), and fidelity vs ``reference_path``.
+
+    Returns {model, dataset, n, classes, top1, top1_ci, top5, top5_ci, reference, agreement,
+    agreement_ci, cosine, max_abs_diff, kl, seconds}. top1/top5 are None on an unlabeled dataset;
+    top5 is also None with 5 classes or fewer (it would be trivially 1.0). The fidelity keys are
+    None without a reference. Intervals are Wilson 95% [low, high].
+    """
+    from tqdm import tqdm
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size: {batch_size!r} is not an integer >= 1")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"threads: {threads!r} is not an integer >= 1")
+    n_total = len(dataset)
+    if n_total == 0:
+        raise UserError(f"dataset {dataset.name}: no samples")
+    model = _Runner(model_path, dataset, threads, "eval")
+    ref = None if reference_path is None else _Runner(reference_path, dataset, threads,
+                                                      "the reference")
+    t0 = time.perf_counter()
+    n = top1 = top5 = 0
+    classes = None
+    sums = _FidelitySums() if ref is not None else None
+    bar = tqdm(total=n_total, desc="eval", unit="img", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for x, y in dataset.batches(batch_size):
+            z = model.logits(np.asarray(x))
+            if classes is None:
+                classes = z.shape[1]
+            if dataset.labeled and y is not None:
+                y = np.asarray(y, dtype=np.int64)
+                if y.min() < 0 or y.max() >= classes:
+                    raise UserError(f"dataset {dataset.name}: label {int(y.max())} is outside "
+                                    f"the {classes} classes of {model_path}'s output")
+                top1 += _topk_hits(z, y, 1)
+                if classes > 5:
+                    top5 += _topk_hits(z, y, 5)
+            if ref is not None:
+                r = ref.logits(np.asarray(x))
+                if r.shape != z.shape:
+                    raise UserError(f"{reference_path}: output shape {format_shape(r.shape)} "
+                                    f"differs from {model_path}'s {format_shape(z.shape)}")
+                sums.add(z, r)
+            n += len(z)
+            bar.update(len(z))
+    finally:
+        bar.close()
+    labeled = dataset.labeled
+    result = {
+        "model": str(model_path), "dataset": dataset.name, "n": n, "classes": classes,
+        "top1": top1 / n if labeled else None,
+        "top1_ci": list(wilson_interval(top1, n)) if labeled else None,
+        "top5": top5 / n if labeled and classes > 5 else None,
+        "top5_ci": list(wilson_interval(top5, n)) if labeled and classes > 5 else None,
+        "reference": None if reference_path is None else str(reference_path),
+        "agreement": None, "agreement_ci": None, "cosine": None, "max_abs_diff": None,
+        "kl": None,
+    }
+    if sums is not None:
+        result.update(sums.result())
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def format_result(result: dict) -> str:
+    """Human-readable summary of an evaluate() result."""
+    def pct(value, ci):
+        return f"{value:.2%} [{ci[0]:.2%}, {ci[1]:.2%}]"
+
+    lines = [f"{result['model']} on {result['dataset']}: {result['n']} samples, "
+             f"{result['classes']} classes"]
+    if result["top1"] is not None:
+        lines.append(f"top-1 {pct(result['top1'], result['top1_ci'])}"
+                     + (f"   top-5 {pct(result['top5'], result['top5_ci'])}"
+                        if result["top5"] is not None else "") + "   (Wilson 95%)")
+    if result["reference"] is not None:
+        lines.append(f"vs {result['reference']}: agreement "
+                     f"{pct(result['agreement'], result['agreement_ci'])}, cosine "
+                     f"{result['cosine']:.6f}, max |diff| {result['max_abs_diff']:.4g}, "
+                     f"KL {result['kl']:.3g}")
+    return "\n".join(lines) + "\n"
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval", help="accuracy and fidelity vs a reference model",
+        description="Top-1/top-5 of an ONNX classifier on a dataset (Wilson 95% intervals), and "
+                    "agreement, cosine, max abs difference and KL against a reference model.")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--data", required=True, metavar="SPEC",
+                   help="digits, mnist, imagenet-samples, photos, folder:PATH, npy:PATH, npz:PATH")
+    p.add_argument("--reference", metavar="REF.onnx", help="compare outputs with this model")
+    p.add_argument("--batch-size", default="32", help="samples per run (default 32)")
+    p.add_argument("--threads", default="1", help="intra-op threads (default 1)")
+    p.add_argument("--json", metavar="F", help="write the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def run_eval(args) -> int:
+    import json
+
+    from benchmarks._output import check_writable, write_text
+
+    values = {}
+    for flag, text in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+        try:
+            values[flag] = int(text)
+        except ValueError:
+            raise UserError(f"{flag}: {text!r} is not an integer") from None
+        if values[flag] < 1:
+            raise UserError(f"{flag}: {values[flag]} is not an integer >= 1")
+    out = check_writable(args.json, "--json") if args.json else None
+    specs = input_specs(load_proto(args.model))
+    if args.reference:
+        load_proto(args.reference)
+    dataset = open_data(args.data, specs)
+    if not dataset.labeled and not args.reference:
+        raise UserError(f"--data {args.data}: the dataset has no labels and no --reference was "
+                        f"given, so there is nothing to measure")
+    result = evaluate(args.model, dataset, reference_path=args.reference,
+                      batch_size=values["--batch-size"], threads=values["--threads"],
+                      progress=not args.no_progress)
+    sys.stdout.write(format_result(result))
+    if out is not None:
+        write_text(out, json.dumps(result, indent=2) + "\n")
+    return 0

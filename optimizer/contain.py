@@ -1,0 +1,115 @@
+"""Crash containment: run a CLI verb in a child process that cannot take the CLI down with it.
+
+onnxruntime and the onnx checker are C++: a hostile or broken model can make them abort,
+segfault or hang, which no ``try`` in Python can catch. The CLI therefore runs ``optimize``,
+``eval`` and ``inspect`` in a spawned child process and watches it:
+
+- the child exits normally: its exit code is the CLI's (it printed its own one-line error);
+- the child dies from a signal: ``WorkFailed("... crashed (SIGSEGV) during <step>")``, exit 1;
+- the child runs past ``--timeout``: it is killed, ``WorkFailed("... timed out ...")``, exit 1;
+- SIGINT/SIGTERM reach the CLI: the child is asked to stop (it cleans up), the CLI exits 130.
+
+The child's temporary files live under a folder the parent creates (``TMPDIR``) and always
+removes, so even a killed child leaves no temporary directories behind. The step in progress is
+reported through a small status file (see ``report_status``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pathlib
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from optimizer.errors import WorkFailed
+
+_STATUS_ENV = "DEPLOYOPT_STATUS_FILE"
+_GRACE_SECONDS = 10.0
+
+
+def report_status(text: str) -> None:
+    """Record the step in progress (no-op outside a contained child)."""
+    path = os.environ.get(_STATUS_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            pathlib.Path(path).write_text(text, encoding="utf-8")
+
+
+def _child(handler: Callable[[Any], int], args: Any) -> None:
+    from optimizer.cli import run_handler
+
+    os._exit(run_handler(handler, args))  # skip atexit/finalizers: the parent cleans up
+
+
+def _read_status(path: pathlib.Path) -> str:
+    with contextlib.suppress(OSError):
+        text = path.read_text(encoding="utf-8").strip()
+        if text:
+            return text
+    return "startup"
+
+
+def _stop(process: multiprocessing.Process) -> None:
+    """Ask politely (SIGTERM → KeyboardInterrupt in the child), then kill."""
+    if process.is_alive():
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(_GRACE_SECONDS)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def run_contained(handler: Callable[[Any], int], args: Any, *, verb: str, timeout: float | None) -> int:
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="deployopt-run-"))
+    status = scratch / "status"
+    child_tmp = scratch / "tmp"
+    child_tmp.mkdir()
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", _STATUS_ENV)}
+    os.environ["TMPDIR"] = str(child_tmp)  # the spawned child inherits the environment
+    os.environ[_STATUS_ENV] = str(status)
+    process = multiprocessing.get_context("spawn").Process(target=_child, args=(handler, args), daemon=True)
+    try:
+        process.start()
+        for key, value in saved.items():  # the parent keeps its own environment
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            process.join(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic())))
+            if not process.is_alive():
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                step = _read_status(status)
+                _stop(process)
+                raise WorkFailed(f"{verb} timed out after {timeout:g} s during {step}")
+        code = process.exitcode
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            raise WorkFailed(f"{verb} crashed ({name}) during {_read_status(status)}; "
+                             "onnxruntime or onnx aborted on this model")
+        return int(code or 0)
+    except KeyboardInterrupt:
+        _stop(process)
+        raise
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if process.is_alive():
+            process.kill()
+            process.join()
+        shutil.rmtree(scratch, ignore_errors=True)
