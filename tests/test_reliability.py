@@ -1,0 +1,259 @@
+"""Bad input over every verb: exit 2 (1 once work has started), one line on stderr naming the file
+and the cause, no traceback, inputs byte-identical afterwards, no partial output left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+from optimizer.cli import main
+
+
+class TinyResNet(torch.nn.Module):
+    """Conv-BN-ReLU, a residual block, GAP, Linear: small but shaped like the real ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU())
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.relu(y + self.block(y))
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    torch.manual_seed(0)
+    net = TinyResNet().eval()
+    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(root / "good.onnx"), dynamo=False,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 1, 8, 8), dtype=np.float32)
+    np.savez(root / "data.npz", x=x, y=rng.integers(0, 10, 64))
+    np.savez(root / "empty.npz", x=np.zeros((0, 1, 8, 8), np.float32))
+    np.savez(root / "wrong_shape.npz", x=rng.random((16, 3, 32, 32), dtype=np.float32))
+    bad = x.copy()
+    bad[5, 0, 3, 3] = np.nan
+    np.savez(root / "nan.npz", x=bad)
+    inf = x.copy()
+    inf[2, 0, 0, 0] = np.inf
+    np.savez(root / "inf.npz", x=inf)
+
+    good = (root / "good.onnx").read_bytes()
+    (root / "empty.onnx").write_bytes(b"")
+    (root / "random.onnx").write_bytes(rng.bytes(5000))
+    (root / "truncated.onnx").write_bytes(good[: len(good) * 2 // 3])
+    (root / "pickle.onnx").write_bytes(pickle.dumps({"state_dict": {"w": np.zeros(8)}}))
+    for name in ("ext", "noext"):  # onnx.save with external data mutates the proto: load it afresh
+        onnx.save(onnx.load(root / "good.onnx"), root / f"{name}.onnx", save_as_external_data=True,
+                  location=f"{name}.data", size_threshold=0)
+    (root / "noext.data").unlink()
+    escape = onnx.load(root / "ext.onnx", load_external_data=False)
+    for tensor in escape.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save(escape, root / "escape.onnx")
+    (root.parent / "outside.data").write_bytes((root / "ext.data").read_bytes())
+    return root
+
+
+BAD_MODELS = {
+    "empty.onnx": "empty file",
+    "random.onnx": "not an ONNX model",
+    "truncated.onnx": "truncated/corrupt protobuf",
+    "pickle.onnx": "not an ONNX model",
+    "noext.onnx": "external data file 'noext.data'",
+    "escape.onnx": "escapes the model's folder",
+}
+
+
+def _digests(root: pathlib.Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def _check_one_line(capsys, code, expected_code, *needles):
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.strip().splitlines() if line.strip()]
+    assert code == expected_code, captured.err
+    errors = [line for line in lines if line.startswith("deployopt: error:")]
+    assert len(errors) == 1, lines
+    assert "Traceback" not in captured.err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def _recipe(ws, name, **changes):
+    recipe = {"model": "good.onnx", "data": {"calibration": {"dataset": f"npz:{ws / 'data.npz'}"},
+                                             "evaluation": {"dataset": f"npz:{ws / 'data.npz'}"}},
+              "passes": [{"cleanup": {}}], "benchmark": {"enabled": False}}
+    recipe.update(changes)
+    path = ws / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("name, cause", BAD_MODELS.items())
+def test_inspect_eval_bench_refuse_bad_models(ws, capsys, name, cause):
+    before = _digests(ws)
+    path = str(ws / name)
+    _check_one_line(capsys, main(["inspect", path, "--in-process"]), 2, name, cause)
+    _check_one_line(capsys, main(["eval", path, "--data", f"npz:{ws / 'data.npz'}", "--in-process",
+                                  "--no-progress"]), 2, name)
+    _check_one_line(capsys, main(["bench", str(ws / "good.onnx"), path, "--runs", "2", "--rounds", "1",
+                                  "--no-progress"]), 2, name)
+    assert _digests(ws) == before
+
+
+@pytest.mark.parametrize("name, cause", BAD_MODELS.items())
+def test_optimize_refuses_bad_models(ws, capsys, name, cause):
+    recipe = _recipe(ws, f"r_{name}.yaml", model=name)
+    before = _digests(ws)
+    out = ws / f"out_{name}"
+    _check_one_line(capsys, main(["optimize", str(recipe), "-o", str(out), "--in-process"]), 2, name, cause)
+    assert _digests(ws) == before
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"passes": [{"clenup": {}}]}, "passes[0].clenup: unknown pass"),
+    ({"passes": [{"cleanup": {"fold_batchnorn": True}}]}, "passes[0].cleanup.fold_batchnorn: unknown key"),
+    ({"passes": [{"cleanup": {"fold_batchnorm": 3}}]}, "passes[0].cleanup.fold_batchnorm: expected bool"),
+    ({"benchmark": {"runs": 0}}, "benchmark.runs: 0 must be >= 1"),
+    ({"data": {"evaluation": {"dataset": "npz:missing.npz"}}}, "missing.npz"),
+    ({"data": {"evaluation": {"dataset": "npz:empty.npz"}}}, "empty"),
+    ({"data": {"evaluation": {"dataset": "npz:wrong_shape.npz"}}}, "3x32x32"),
+    ({"data": {"evaluation": {"dataset": "npz:nan.npz"}}}, "NaN or Inf"),
+    ({"data": {"evaluation": {"dataset": "npz:inf.npz"}}}, "NaN or Inf"),
+])
+def test_optimize_refuses_bad_recipes_and_data(ws, capsys, changes, needle):
+    recipe = _recipe(ws, "bad_recipe.yaml", **changes)
+    before = _digests(ws)
+    out = ws / "out_bad_recipe"
+    code = main(["optimize", str(recipe), "-o", str(out), "--in-process"])
+    captured = capsys.readouterr()
+    # NaN/Inf are found while batches stream: the work has started, so 1 is allowed there
+    assert code == 2 or (code == 1 and "NaN" in needle), captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("deployopt: error:")]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in captured.err, captured.err
+    assert _digests(ws) == before
+    assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
+    assert not out.exists() or [p for p in out.iterdir()] == []
+
+
+def test_optimize_refuses_output_equal_to_input(ws, capsys):
+    sub = ws / "same"
+    sub.mkdir(exist_ok=True)
+    (sub / "model.onnx").write_bytes((ws / "good.onnx").read_bytes())
+    recipe = _recipe(ws, "same.yaml", model="same/model.onnx")
+    before = _digests(sub)
+    _check_one_line(capsys, main(["optimize", str(recipe), "-o", str(sub), "--in-process"]), 2,
+                    "refusing to overwrite the input model")
+    assert _digests(sub) == before
+
+
+def test_optimize_refuses_unwritable_output(ws, capsys):
+    recipe = _recipe(ws, "unwritable.yaml")
+    blocker = ws / "a_file"
+    blocker.write_text("not a folder")
+    _check_one_line(capsys, main(["optimize", str(recipe), "-o", str(blocker / "out"), "--in-process"]), 2,
+                    "cannot create the output folder")
+    _check_one_line(capsys, main(["optimize", str(recipe), "-o", str(blocker), "--in-process"]), 2,
+                    "not a folder")
+
+
+def test_export_refusals(ws, capsys):
+    _check_one_line(capsys, main(["export", "no_such_model", "-o", str(ws / "x.onnx")]), 2, "no_such_model")
+    _check_one_line(capsys, main(["export", "seed_cnn", "-o", str(ws / "missing_dir" / "x.onnx")]), 2,
+                    "missing_dir")
+    _check_one_line(capsys, main(["export", "not_a_module_xyz:build", "-o", str(ws / "x.onnx")]), 2,
+                    "not_a_module_xyz")
+    assert not (ws / "x.onnx").exists()
+
+
+def test_bench_usage_errors(ws, capsys):
+    good = str(ws / "good.onnx")
+    _check_one_line(capsys, main(["bench", good, "--threads", "0", "--no-progress"]), 2, "threads")
+    _check_one_line(capsys, main(["bench", good, "--runs", "-1", "--no-progress"]), 2, "runs")
+
+
+def test_debug_shows_traceback(ws):
+    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", "inspect", str(ws / "random.onnx"), "--debug"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def _crash_hook(tmp: pathlib.Path, body: str) -> dict[str, str]:
+    """An env whose sitecustomize makes onnxruntime's InferenceSession misbehave in the child."""
+    (tmp / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('DEPLOYOPT_STATUS_FILE'):\n"  # only inside the contained child
+        "    import onnxruntime\n"
+        "    class _Boom(onnxruntime.InferenceSession):\n"
+        "        def __init__(self, *a, **k):\n"
+        f"            {body}\n"
+        "    onnxruntime.InferenceSession = _Boom\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{tmp}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("os.abort()", "crashed (SIGABRT)"),
+    ("import time; time.sleep(600)", "timed out after 20 s"),
+])
+def test_crash_and_hang_are_contained(ws, tmp_path, body, expected):
+    """onnxruntime aborting or hanging inside the work must not take the CLI down or hang it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    env = _crash_hook(hook, body)
+    recipe = _recipe(ws, "crash.yaml", benchmark={"enabled": False})
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", "optimize", str(recipe), "-o", str(out),
+                           "--timeout", "20"], capture_output=True, text=True, timeout=300, env=env)
+    assert time.monotonic() - start < 200
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("deployopt: error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or list(out.iterdir()) == []  # no partial output, no staging folder
+
+
+def test_sigterm_exits_130_without_partial_files(ws, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    env = _crash_hook(hook, "import time; time.sleep(600)")
+    recipe = _recipe(ws, "term.yaml", benchmark={"enabled": False})
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "optimizer.cli", "optimize", str(recipe), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
+        time.sleep(0.2)  # wait until the child has started staging
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not out.exists() or list(out.iterdir()) == []
+    leftovers = [p for p in pathlib.Path("/tmp").glob("deployopt-run-*") if p.stat().st_mtime > time.time() - 120]
+    assert leftovers == []
