@@ -82,7 +82,20 @@ def build(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
         raise UserError(f"unknown model '{name}' (valid: {', '.join(NAMES)}, or package.module:callable)")
     fn = REGISTRY[name]
     _check_kwargs(name, fn, kwargs)
-    return _seeded_call(fn, seed, kwargs)
+    for key in ("num_classes", "in_channels", "width", "image_size"):
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UserError(f"model '{name}': {key} must be a positive integer, got {value!r}")
+    if "width_mult" in kwargs and not (isinstance(kwargs["width_mult"], (int, float)) and kwargs["width_mult"] > 0):
+        raise UserError(f"model '{name}': width_mult must be a positive number, got {kwargs['width_mult']!r}")
+    try:
+        return _seeded_call(fn, seed, kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:  # a value the builder rejects
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise UserError(f"model '{name}': cannot build with {args}: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]}") from e
 
 
 def _import_callable(spec: str) -> Callable:

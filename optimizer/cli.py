@@ -49,14 +49,14 @@ def _optimize(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks import accuracy, latency
-    from optimizer import export, stats
+    from optimizer import export_cli, stats
 
     parser = argparse.ArgumentParser(
         prog="deployopt",
         description="Optimize ONNX vision models for CPU deployment and prove what each step bought.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    export.add_parser(subparsers)
+    export_cli.add_parser(subparsers)
     stats.add_parser(subparsers)
     _add_optimize(subparsers)
     latency.add_parser(subparsers)
