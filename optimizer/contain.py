@@ -22,6 +22,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,7 +45,7 @@ def report_status(text: str) -> None:
 def _child(handler: Callable[[Any], int], args: Any) -> None:
     from optimizer.cli import run_handler
 
-    os._exit(run_handler(handler, args))  # skip atexit/finalizers: the parent cleans up
+    sys.exit(run_handler(handler, args))
 
 
 def _read_status(path: pathlib.Path) -> str:
@@ -74,7 +75,7 @@ def run_contained(handler: Callable[[Any], int], args: Any, *, verb: str, timeou
     saved = {k: os.environ.get(k) for k in ("TMPDIR", _STATUS_ENV)}
     os.environ["TMPDIR"] = str(child_tmp)  # the spawned child inherits the environment
     os.environ[_STATUS_ENV] = str(status)
-    process = multiprocessing.get_context("spawn").Process(target=_child, args=(handler, args), daemon=True)
+    process = multiprocessing.get_context("spawn").Process(target=_child, args=(handler, args))  # not a daemon: it spawns workers
     try:
         process.start()
         for key, value in saved.items():  # the parent keeps its own environment

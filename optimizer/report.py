@@ -92,7 +92,7 @@ def comparison_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     accuracy = doc.get("accuracy") or {}
     fidelity = accuracy.get("fidelity")
     if fidelity:  # agreement on the (larger) fidelity set says more than on the labelled one
-        header[-1] = f"agreement ({fidelity['dataset']}, n={fidelity.get('n')})"
+        header[-1] = f"agreement (n={fidelity.get('n')})"
     for label in ("input", "output"):
         s = doc[label]
         b = bench.get(label, {})
