@@ -3,8 +3,10 @@
 An explicit dict, no import magic: adding a pass means importing it here.
 """
 
+from passes.channel_prune import ChannelPrunePass
 from passes.cleanup import CleanupPass
 
 REGISTRY: dict[str, type] = {
     "cleanup": CleanupPass,
+    "channel_prune": ChannelPrunePass,
 }

@@ -1,0 +1,349 @@
+"""Structured channel pruning: remove whole channels so Conv/Gemm layers get physically smaller.
+
+Zeroed weights do not make onnxruntime's dense kernels faster; fewer channels do. A Conv
+``W [C_out, C_in, kh, kw]`` costs ``N·C_out·H·W·C_in·kh·kw`` MACs, so keeping a fraction ``k`` of
+the channels between two convolutions cuts the second one's cost by ``k`` (input side) and the
+first one's by ``k`` (output side): interior layers cost about ``k²``.
+
+Steps (``passes.channel_groups`` finds what is tied to what):
+
+1. Channel groups: every set of tensors sharing one channel axis, through BatchNorm,
+   activations, depthwise convolutions, residual Adds and Concats, with the layers that produce
+   (sources) and consume (sinks) its channels. Groups containing anything that cannot be mapped
+   stay whole and are reported with the reason.
+2. Ranking, per group of ``C`` channels:
+   ``l1``/``l2``: ``s_c = Σ_sources ‖W_s[c]‖_p · |γ_c|/√(σ²_c + ε) / mean_c(…)`` — each source's
+   output-filter norm, scaled by the BatchNorm that follows it (what the channel really outputs),
+   normalised per source so residual groups weigh every producer equally;
+   ``activation``: ``s_c = Σ_sinks E[x_c²]·‖W_sink[:, c]‖²`` on calibration data, the energy the
+   channel carries into the layers that read it.
+3. Counts: ``n = min(C, max(min(C, min_channels), ⌈k·C / round_to⌉·round_to))``: never zero, never
+   more than ``C``; multiples of ``round_to`` keep the SIMD kernels' channel blocks full.
+   ``scope: layer`` applies it to each group; ``scope: global`` ranks the mean-normalised scores
+   of all groups together, keeps the top ``k·ΣC``, then rounds each group's count the same way.
+   The top-``n`` channels by score are kept (ties: lower index).
+4. Slicing: source output rows (and biases), BN parameters, depthwise filters (and ``group``),
+   per-channel constants, sink input columns (blocks of ``H·W`` columns after a Flatten), Concat
+   offsets, constant Reshape targets; then shapes are re-inferred. The model's inputs and outputs
+   keep their shapes.
+5. Reconstruction (``passes.channel_reconstruct``): each sink layer's weights and bias are
+   re-solved by ridge least squares so that, on calibration data, its output on the pruned
+   model's inputs matches the dense model's output.
+
+``exclude`` (fnmatch patterns on node names or weight names of Conv/Gemm/MatMul layers) keeps the
+output channels of matching layers, as Torch-Pruning's ``ignored_layers`` does: a group whose
+producers match stays whole. Their inputs may still shrink when their producers are pruned.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+import math
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_common
+
+from optimizer.errors import UserError
+from optimizer.stats import model_stats
+from passes import channel_reconstruct as recon
+from passes.base import DeployInPlacePass, check_choice, check_range
+from passes.channel_groups import ChannelGroup, attr_int, const_array, find_channel_groups
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _output_axis(node: ir.Node) -> int:
+    """Axis of the weight (input 1) that indexes the layer's output channels."""
+    if node.op_type == "Gemm":
+        return 0 if attr_int(node, "transB", 0) else 1
+    return 1 if node.op_type == "MatMul" else 0
+
+
+def _input_axis(node: ir.Node) -> int:
+    """Axis of the weight (input 1) that indexes the layer's input channels/columns."""
+    if node.op_type == "Gemm":
+        return 1 if attr_int(node, "transB", 0) else 0
+    return 0 if node.op_type == "MatMul" else 1
+
+
+def _rows(array: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1).astype(np.float64)
+
+
+def _expand(index: np.ndarray, block: int) -> np.ndarray:
+    return (index[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+
+
+@dataclasses.dataclass
+class ChannelPrunePass(DeployInPlacePass):
+    """Remove a ``keep`` complement of the channels of every prunable channel group."""
+
+    name: ClassVar[str] = "channel_prune"
+
+    keep: float = 0.5  # fraction of channels kept, in (0, 1]
+    scope: str = "layer"  # "layer": each group keeps `keep`; "global": ranked across groups
+    criterion: str = "l1"  # "l1" | "l2" (weight norms) | "activation" (calibration energy)
+    round_to: int = 8  # kept counts are multiples of this (or the whole group)
+    min_channels: int = 8  # never fewer than this many channels in a group (or the whole group)
+    reconstruct: bool | None = None  # None: when calibration data exists
+    ridge: float = 1e-3  # least-squares damping, relative to the mean input energy
+    samples: int = 256  # calibration samples for activation energy and reconstruction
+    exclude: list[str] = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+        check_choice("scope", self.scope, ("layer", "global"))
+        check_choice("criterion", self.criterion, ("l1", "l2", "activation"))
+        for field in ("round_to", "min_channels", "samples"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{field}: expected an integer, got {value!r}")
+            check_range(field, value, 1)
+        if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
+            raise UserError(f"reconstruct: expected true, false or null, got {self.reconstruct!r}")
+        check_range("ridge", self.ridge, 0.0)
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise UserError(f"exclude: expected a list of name patterns, got {self.exclude!r}")
+
+    # -- the pass --------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        data = self.context.calibration
+        if self.criterion == "activation" and data is None:
+            raise UserError("criterion: 'activation' ranks channels on calibration data, and "
+                            "there is none (set data.calibration in the recipe)")
+        if self.reconstruct is True and data is None:
+            raise UserError("reconstruct: true needs calibration data, and there is none "
+                            "(set data.calibration in the recipe)")
+        reconstruct = data is not None if self.reconstruct is None else self.reconstruct
+        self._check_patterns(model.graph)
+        if data is not None and (reconstruct or self.criterion == "activation"):
+            recon.check_data(model, data, "data.calibration")
+
+        ir_common.NameFixPass()(model)  # every value needs a name to be captured in onnxruntime
+        ir_common.TopologicalSortPass()(model)
+        ir_common.ShapeInferencePass()(model)
+        groups = find_channel_groups(model.graph)
+        excluded = self._excluded(groups)
+        candidates = [g for g in groups if not g.whole and not g.derived and g not in excluded]
+        for g in groups:
+            if g.whole:
+                self.note(f"group '{g.label}' ({g.channels} channels) left whole: {g.reasons[0]}")
+            elif g in excluded:
+                self.note(f"group '{g.label}' ({g.channels} channels) left whole: excluded by "
+                          f"pattern '{excluded[g]}'")
+        details = self.context.details
+        details["groups"] = []
+        if not candidates:
+            self.note("nothing prunable: no channel group can lose channels "
+                      f"({len(groups)} group(s) found, all left whole); the model is unchanged")
+            details["groups"] = [self._group_record(g, None, excluded) for g in groups]
+            return ir.passes.PassResult(model, modified=False)
+
+        scores = self._scores(model, candidates, data)
+        kept = self._select(candidates, scores)
+        for g in groups:  # Concat outputs follow their inputs
+            if g.derived and not g.whole and any(p.group in kept for p in g.parts):
+                kept[g] = np.concatenate([
+                    p.offset + (kept[p.group] if p.group in kept else np.arange(p.channels))
+                    for p in g.parts])
+        details["groups"] = [self._group_record(g, kept.get(g), excluded) for g in groups]
+        if not kept:
+            self.note(f"no channel removed: keep={self.keep} rounded to multiples of "
+                      f"{self.round_to} (min {self.min_channels}) keeps every group whole")
+            return ir.passes.PassResult(model, modified=False)
+
+        original = ir.to_proto(model) if reconstruct else None
+        details["macs_before"] = model_stats(model)["macs"]
+        self._slice(model, kept)
+        removed = sum(g.channels - len(i) for g, i in kept.items() if not g.derived)
+        total = sum(g.channels for g in candidates)
+        self.note(f"removed {removed} of {total} channels in {sum(not g.derived for g in kept)} "
+                  f"group(s) (keep={self.keep}, scope={self.scope}, criterion={self.criterion}, "
+                  f"round_to={self.round_to})")
+        if reconstruct:
+            self._reconstruct(original, model, kept, data)
+        elif data is None:
+            self.note("no reconstruction: layers reading pruned channels keep their sliced "
+                      "weights (reconstruction needs data.calibration)")
+        details["macs_after"] = model_stats(model)["macs"]
+        return ir.passes.PassResult(model, modified=True)
+
+    # -- exclusion -----------------------------------------------------------------------------
+    @staticmethod
+    def _names(node: ir.Node) -> list[str]:
+        names = [node.name] if node.name else []
+        if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].name:
+            names.append(node.inputs[1].name)
+        return names
+
+    def _check_patterns(self, graph: ir.Graph) -> None:
+        names = [n for node in graph if node.op_type in LAYER_OPS for n in self._names(node)]
+        for pattern in self.exclude:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise UserError(f"exclude: pattern '{pattern}' matches no Conv/Gemm/MatMul layer "
+                                "(by node or weight name)")
+
+    def _excluded(self, groups: list[ChannelGroup]) -> dict[ChannelGroup, str]:
+        found = {}
+        for g in groups:
+            for node in g.sources:
+                hit = next((p for p in self.exclude for n in self._names(node)
+                            if fnmatch.fnmatchcase(n, p)), None)
+                if hit is not None:
+                    found[g] = hit
+                    break
+        return found
+
+    # -- ranking ---------------------------------------------------------------------------------
+    def _scores(self, model: ir.Model, groups: list[ChannelGroup], data) -> dict[ChannelGroup, np.ndarray]:
+        if self.criterion == "activation":
+            return self._activation_scores(model, groups, data)
+        p = 1 if self.criterion == "l1" else 2
+        scores = {}
+        for g in groups:
+            total = np.zeros(g.channels)
+            for node in g.sources:
+                rows = _rows(const_array(node.inputs[1]), _output_axis(node))
+                norm = np.abs(rows).sum(1) if p == 1 else np.sqrt((rows * rows).sum(1))
+                norm = norm * self._bn_scale(node, g.channels)
+                mean = norm.mean()
+                total += norm / mean if mean > 0 else norm
+            scores[g] = total
+        return scores
+
+    @staticmethod
+    def _bn_scale(node: ir.Node, channels: int) -> np.ndarray:
+        """|γ|/√(σ² + ε) of a BatchNormalization reading only this layer's output, else 1."""
+        uses = node.outputs[0].uses()
+        if len(uses) != 1 or uses[0].node.op_type != "BatchNormalization" or uses[0].idx != 0:
+            return np.ones(channels)
+        bn = uses[0].node
+        eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
+        gamma, var = const_array(bn.inputs[1]), const_array(bn.inputs[4])
+        return np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+
+    def _activation_scores(self, model, groups, data) -> dict[ChannelGroup, np.ndarray]:
+        involved: list[ChannelGroup] = []
+        todo = list(groups)
+        while todo:  # the groups themselves and the Concat outputs they feed
+            g = todo.pop()
+            if g not in involved:
+                involved.append(g)
+                todo += [d for d, _ in g.concat_users]
+        names = sorted({s.node.inputs[0].name for g in involved for s in g.sinks})
+        energy = recon.mean_squares(model, names, data, self.samples, self.context.threads) if names else {}
+
+        cache: dict[ChannelGroup, np.ndarray] = {}
+
+        def raw(g: ChannelGroup) -> np.ndarray:
+            if g not in cache:
+                total = np.zeros(g.channels)
+                for sink in g.sinks:
+                    cols = _rows(const_array(sink.node.inputs[1]), _input_axis(sink.node))
+                    contribution = energy[sink.node.inputs[0].name] * (cols * cols).sum(1)
+                    total += contribution.reshape(g.channels, sink.block).sum(1)
+                for derived, offset in g.concat_users:
+                    total += raw(derived)[offset: offset + g.channels]
+                cache[g] = total
+            return cache[g]
+
+        return {g: raw(g) for g in groups}
+
+    # -- counts ------------------------------------------------------------------------------------
+    def _round(self, n: float, channels: int) -> int:
+        n = math.ceil(n - 1e-9)
+        n = -(-n // self.round_to) * self.round_to
+        return int(min(channels, max(n, min(channels, self.min_channels), 1)))
+
+    def _select(self, groups: list[ChannelGroup], scores: dict) -> dict[ChannelGroup, np.ndarray]:
+        if self.scope == "layer":
+            counts = {g: self._round(self.keep * g.channels, g.channels) for g in groups}
+        else:
+            normed = {g: s / s.mean() if s.mean() > 0 else np.ones_like(s) for g, s in scores.items()}
+            pooled = np.sort(np.concatenate(list(normed.values())))[::-1]
+            target = max(1, math.ceil(self.keep * len(pooled) - 1e-9))
+            threshold = pooled[target - 1]
+            counts = {g: self._round(int((normed[g] >= threshold).sum()), g.channels) for g in groups}
+        kept = {}
+        for g in groups:
+            if counts[g] < g.channels:
+                order = np.argsort(-scores[g], kind="stable")
+                kept[g] = np.sort(order[: counts[g]])
+        return kept
+
+    # -- slicing -----------------------------------------------------------------------------------
+    @staticmethod
+    def _slice(model: ir.Model, kept: dict[ChannelGroup, np.ndarray]) -> None:
+        graph = model.graph
+        cuts: dict[tuple[ir.Node, int], list[tuple[int, np.ndarray]]] = collections.defaultdict(list)
+        targets: dict[ir.Node, list[tuple[int, int]]] = collections.defaultdict(list)
+        for g, index in kept.items():
+            for s in g.slices:
+                cuts[(s.node, s.input_index)].append((s.axis, _expand(index, s.block)))
+            for fix in g.shape_fixes:
+                targets[fix.node].append((fix.position, len(index) * fix.block))
+            for node in g.depthwise:
+                node.attributes["group"] = ir.AttrInt64("group", len(index))
+        for (node, i), ops in cuts.items():
+            array = const_array(node.inputs[i])
+            for axis, index in ops:
+                array = np.take(array, index, axis=axis)
+            recon.set_input(graph, node, i, np.ascontiguousarray(array))
+        for node, fixes in targets.items():
+            array = const_array(node.inputs[1]).copy()
+            for position, size in fixes:
+                array[position] = size
+            recon.set_input(graph, node, 1, array)
+        # Shapes along the changed channel axes are stale: forget and re-infer them.
+        for g in kept:
+            for v in g.values + g.reshaped:
+                if not (v.is_graph_input() or v.is_graph_output()):
+                    v.shape = None
+        ir_common.ShapeInferencePass()(model)
+
+    # -- reconstruction ----------------------------------------------------------------------------
+    def _reconstruct(self, original, model: ir.Model, kept: dict[ChannelGroup, np.ndarray], data) -> None:
+        out_index = {node: index for g, index in kept.items() for node in g.sources}
+        layers, seen = [], set()
+        for g in kept:
+            for sink in g.sinks:
+                node = sink.node
+                if node in seen:
+                    continue
+                seen.add(node)
+                reason = recon.unsupported(node)
+                if reason:
+                    self.note(f"layer '{node.name}' not reconstructed: {reason}")
+                    continue
+                layers.append(recon.Layer(node, out_index.get(node)))
+        records = recon.reconstruct(original, model, layers, data, samples=self.samples,
+                                    ridge=self.ridge, seed=self.context.seed,
+                                    threads=self.context.threads)
+        self.context.details["reconstruction"] = records
+        for r in records:
+            if r.get("kept_sliced"):
+                self.note(f"layer '{r['layer']}' kept its sliced weights: least squares did not "
+                          f"lower its calibration error ({r['rel_error_sliced']:.3g})")
+        if records:
+            before = np.mean([r["rel_error_sliced"] for r in records])
+            after = np.mean([min(r["rel_error_sliced"], r["rel_error_reconstructed"]) for r in records])
+            self.note(f"reconstructed {len(records)} layer(s) on {min(self.samples, len(data))} "
+                      f"calibration samples: mean relative output error {before:.3g} -> {after:.3g}")
+
+    @staticmethod
+    def _group_record(g: ChannelGroup, index: np.ndarray | None, excluded: dict) -> dict:
+        record = {"layers": [n.name for n in g.sources], "kind": g.kinds, "channels": g.channels,
+                  "kept": g.channels if index is None else int(len(index))}
+        if g.whole:
+            record.update(status="whole", reason=g.reasons[0])
+        elif g in excluded:
+            record.update(status="excluded", reason=f"pattern '{excluded[g]}'")
+        elif g.derived:
+            record.update(status="concat", parts=[p.group.label if p.group else "constant" for p in g.parts])
+        else:
+            record["status"] = "pruned" if index is not None else "kept"
+        return record
