@@ -5,8 +5,10 @@ An explicit dict, no import magic: adding a pass means importing it here.
 
 from passes.channel_prune import ChannelPrunePass
 from passes.cleanup import CleanupPass
+from passes.prune import MagnitudePrunePass
 
 REGISTRY: dict[str, type] = {
     "cleanup": CleanupPass,
+    "prune": MagnitudePrunePass,
     "channel_prune": ChannelPrunePass,
 }
