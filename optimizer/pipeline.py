@@ -136,6 +136,8 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext,
     for i, p in enumerate(recipe.passes):
         ctx = base_ctx.for_step()
         p.context = ctx
+        guard = getattr(p, "min_step_speedup", None)
+        snapshot = ir.to_proto(model) if guard else None  # in-place passes mutate the model
         before = stats.model_stats(model)
         _log(f"[{i + 1}/{total}] {p.name} ...")
         start = time.perf_counter()
@@ -153,9 +155,17 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext,
             raise WorkFailed(f"passes[{i}].{p.name} failed: {type(e).__name__}: {cause}") from e
         seconds = time.perf_counter() - start
         model = result.model
+        status = "ok"
+        if guard and result.modified and not ctx.failure:
+            verdict = _step_guard(p.name, snapshot, model, guard, recipe, base_ctx.work_dir, i)
+            ctx.details["step_guard"] = verdict
+            if verdict["reverted"]:
+                ctx.note(verdict["message"])
+                _log(verdict["message"])
+                model, status = ir.from_proto(snapshot), "reverted"
         after = stats.model_stats(model)
-        record = StepRecord(p.name, p.params(), seconds, bool(result.modified), before, after,
-                            list(ctx.notes), dict(ctx.details))
+        record = StepRecord(p.name, p.params(), seconds, bool(result.modified) and status != "reverted",
+                            before, after, list(ctx.notes), dict(ctx.details), status)
         steps.append(record)
         _log(f"[{i + 1}/{total}] {p.name} done in {seconds:.1f} s: "
              f"{before['bytes'] / 1e6:.2f} MB -> {after['bytes'] / 1e6:.2f} MB"
@@ -164,6 +174,39 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext,
             record.status = "failed"
             return model, ctx.failure
     return model, None
+
+
+def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: Recipe,
+                work_dir: pathlib.Path, index: int) -> dict[str, Any]:
+    """Short interleaved benchmark of a step's input vs its output on the first thread setting.
+
+    The step is reverted only when it is slower with confidence: the whole 95% interval of its
+    speedup lies below ``limit``. On shared machines (±15-30% noise) a point estimate alone would
+    revert good steps at random.
+    """
+    from benchmarks import latency
+
+    step_in = work_dir / f"step{index}_input.onnx"
+    step_out = work_dir / f"step{index}_output.onnx"
+    io.save(before, step_in)
+    io.save(model, step_out)
+    threads = recipe.benchmark.threads[0]
+    result = latency.compare([step_in, step_out], labels=["step input", "step output"], threads=(threads,),
+                             batch=(1,), warmup=5, runs=max(20, recipe.benchmark.runs // 2), rounds=3,
+                             timeout=recipe.benchmark.timeout, seed=recipe.seed, progress=False)
+    rows = {row["model"]: row for row in result.rows}
+    out, inp = rows["step output"], rows["step input"]
+    if out.get("error") or inp.get("error"):
+        return {"limit": limit, "speedup": None, "reverted": False,
+                "message": f"{name} step guard not measured: {out.get('error') or inp.get('error')}"}
+    speedup, (low, high) = out["speedup"], out.get("speedup_ci") or (out["speedup"], out["speedup"])
+    reverted = high < limit
+    slower = f"{1 / speedup:.2f}x slower" if speedup < 1 else f"only {speedup:.2f}x faster"
+    message = (f"{name} reverted: {slower} than its input (p50 {out['p50_ms']:.2f} ms vs {inp['p50_ms']:.2f} ms, "
+               f"speedup 95% CI [{low:.2f}, {high:.2f}] below min_step_speedup {limit:g})")
+    return {"limit": limit, "speedup": speedup, "speedup_ci": [low, high], "p50_ms_input": inp["p50_ms"],
+            "p50_ms_output": out["p50_ms"], "threads": threads, "reverted": reverted,
+            "message": message if reverted else f"{name} kept: {speedup:.2f}x vs its input"}
 
 
 def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path,

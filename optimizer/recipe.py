@@ -137,7 +137,8 @@ def build_dataclass(cls: type, values: Any, where: str, extra_prefix: str = "") 
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if key not in fields:
-            allowed = ", ".join(fields) or "no settings"
+            allowed = ", ".join(list(fields) + (["min_step_speedup"] if hasattr(cls, "call") else [])) \
+                or "no settings"
             raise UserError(f"{where}.{key}: unknown key (allowed: {allowed})")
         hint = hints.get(key, Any)
         if key in ("threads", "batch") and isinstance(value, int) and not isinstance(value, bool):
@@ -259,6 +260,19 @@ def _validate_model(model: Any, base: pathlib.Path | None) -> str | dict[str, An
     raise UserError("model: missing; give a .onnx path or {export: NAME, input_shape: [...]}")
 
 
+# The step guard: a step whose output is slower than its input by this ratio is reverted.
+# Every pass accepts `min_step_speedup`; only quantize has it on by default (int8 that the CPU does
+# not fuse is slower than float, and that is the most common surprise with int8 tools).
+STEP_GUARD_DEFAULTS = {"quantize": 1.0}
+
+
+def _pop_step_guard(name: str, settings: dict[str, Any], where: str) -> float | None:
+    value = settings.pop("min_step_speedup", STEP_GUARD_DEFAULTS.get(name))
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+        raise UserError(f"{where}.min_step_speedup: expected a number > 0 or null, got {value!r}")
+    return None if value is None else float(value)
+
+
 def _build_passes(entries: Any) -> list[Any]:
     from passes import REGISTRY
 
@@ -275,7 +289,12 @@ def _build_passes(entries: Any) -> list[Any]:
         (name, settings), = entry.items()
         if name not in REGISTRY:
             raise UserError(f"passes[{i}].{name}: unknown pass (available: {', '.join(REGISTRY)})")
-        built.append(build_dataclass(REGISTRY[name], settings, f"passes[{i}].{name}"))
+        where = f"passes[{i}].{name}"
+        settings = dict(settings) if isinstance(settings, dict) else settings
+        guard = _pop_step_guard(name, settings, where) if isinstance(settings, dict) else None
+        step = build_dataclass(REGISTRY[name], settings, where)
+        step.min_step_speedup = guard  # read by the pipeline, not by the pass
+        built.append(step)
     return built
 
 

@@ -148,3 +148,65 @@ def test_cli_process_errors_are_one_line(workspace, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("deployopt: error:") and str(bad) in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def _make_slowdown_pass():
+    """A pass injected for the step-guard test: it adds ~20 M MACs whose result is multiplied by
+    zero, so the outputs are unchanged but the model is much slower (onnxruntime keeps x*0)."""
+    import dataclasses
+
+    import onnx_ir as ir
+
+    from passes.base import DeployInPlacePass
+
+    @dataclasses.dataclass
+    class _Slowdown(DeployInPlacePass):
+        name = "slowdown"
+        matmuls: int = 20
+
+        def call(self, model):
+            graph = model.graph
+            x, out = graph.inputs[0], graph.outputs[0]
+            def const(name, array):
+                value = ir.Value(name=name, const_value=ir.tensor(array))
+                graph.register_initializer(value)
+                return value
+            shape = const("slow_shape", np.array([-1, 64], np.int64))
+            reps = const("slow_reps", np.array([1, 16], np.int64))
+            weight = const("slow_w", np.full((1024, 1024), 1e-4, np.float32))
+            zero = const("slow_zero", np.zeros((1,), np.float32))
+            nodes = [ir.node("Reshape", [x, shape]), ]
+            nodes.append(ir.node("Tile", [nodes[-1].outputs[0], reps]))
+            for _ in range(self.matmuls):
+                nodes.append(ir.node("MatMul", [nodes[-1].outputs[0], weight]))
+            nodes.append(ir.node("ReduceSum", [nodes[-1].outputs[0]], attributes={"keepdims": 1}))
+            nodes.append(ir.node("Mul", [nodes[-1].outputs[0], zero]))
+            add = ir.node("Add", [out, nodes[-1].outputs[0]], name="slow_add")
+            nodes.append(add)
+            graph.extend(nodes)
+            new_out = add.outputs[0]
+            new_out.name, out.name = out.name, out.name + "_before_slowdown"
+            new_out.shape, new_out.type = out.shape, out.type
+            graph.outputs[0] = new_out
+            return ir.passes.PassResult(model, True)
+
+    return _Slowdown
+
+
+def test_step_guard_reverts_a_slower_step(workspace, monkeypatch, capsys):
+    import passes
+
+    monkeypatch.setitem(passes.REGISTRY, "slowdown", _make_slowdown_pass())
+    recipe = _write_recipe(workspace, "guard.yaml",
+                           passes=[{"cleanup": {}}, {"slowdown": {"min_step_speedup": 1.0}}],
+                           gates={"max_accuracy_drop": 0.0})
+    out = workspace / "guard_out"
+    assert main(["optimize", str(recipe), "-o", str(out), "--in-process"]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    step = doc["steps"][1]
+    assert step["pass"] == "slowdown" and step["status"] == "reverted" and step["modified"] is False
+    assert step["details"]["step_guard"]["reverted"] is True
+    assert any(n.startswith("slowdown reverted: ") and "slower than its input (p50" in n for n in step["notes"])
+    ops = doc["output"]["ops"]
+    assert "MatMul" not in ops and "Tile" not in ops  # the output is the step's input
+    assert "slowdown reverted" in (out / "report.md").read_text()

@@ -52,7 +52,7 @@ def test_valid_recipe_builds_passes_and_settings(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"passes": [{"nosuchpass": {}}]}, r"passes\[0\].nosuchpass: unknown pass \(available: .*fakeprune"),
     ({"passes": [{"fakeprune": {"sparsty": 0.3}}]},
-     r"passes\[0\].fakeprune.sparsty: unknown key \(allowed: sparsity, scope, exclude, reconstruct\)"),
+     r"passes\[0\].fakeprune.sparsty: unknown key \(allowed: sparsity, scope, exclude, reconstruct, min_step_speedup\)"),
     ({"passes": [{"fakeprune": {"sparsity": "high"}}]}, r"passes\[0\].fakeprune.sparsity: expected float, got 'high'"),
     ({"passes": [{"fakeprune": {"sparsity": 1.5}}]}, r"passes\[0\].fakeprune.sparsity: 1.5 is outside \[0, 1\)"),
     ({"passes": [{"fakeprune": {"scope": "globl"}}]},
