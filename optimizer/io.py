@@ -18,13 +18,28 @@ import os
 import pathlib
 import tempfile
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from optimizer.errors import UserError
 
+def _np_dtype_known(dtype: int) -> bool:
+    try:
+        onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        return True
+    except (KeyError, ValueError, TypeError):
+        return False
+
+
 _PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GB or more
+_ITEM_BITS = {dtype: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).itemsize * 8
+              for dtype in onnx.TensorProto.DataType.values()
+              if dtype not in (0, onnx.TensorProto.STRING) and _np_dtype_known(dtype)}
+for _name, _bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)):
+    if hasattr(onnx.TensorProto, _name):  # packed sub-byte types (numpy widens them to a byte)
+        _ITEM_BITS[getattr(onnx.TensorProto, _name)] = _bits
 
 
 def _one_line(exc: BaseException) -> str:
@@ -64,6 +79,33 @@ def _check_external_data(proto: onnx.ModelProto, path: pathlib.Path) -> None:
             )
 
 
+def _check_tensor_sizes(proto: onnx.ModelProto, path: pathlib.Path) -> None:
+    """Every stored tensor must hold exactly prod(dims) elements: the checker does not verify it."""
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        if tensor.data_type in (0, onnx.TensorProto.STRING) or tensor.data_type not in _ITEM_BITS:
+            continue
+        if tensor.HasField("raw_data"):
+            stored_bits = len(tensor.raw_data) * 8
+            if (count * _ITEM_BITS[tensor.data_type] + 7) // 8 * 8 != stored_bits:
+                raise UserError(f"{path}: tensor '{tensor.name}' stores {len(tensor.raw_data)} bytes, "
+                                f"its shape {list(tensor.dims)} needs {count * _ITEM_BITS[tensor.data_type] // 8}")
+        else:
+            field = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+            stored = len(getattr(tensor, field))
+            per_entry = 2 if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+            if _ITEM_BITS[tensor.data_type] < 8:  # packed 4-bit types: two values per entry
+                per_entry = 8 // _ITEM_BITS[tensor.data_type]
+                expected = (count + per_entry - 1) // per_entry
+            else:
+                expected = count * per_entry
+            if stored != expected:
+                raise UserError(f"{path}: tensor '{tensor.name}' stores {stored} values, its shape "
+                                f"{list(tensor.dims)} needs {expected}")
+
+
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     """Read, validate (full onnx.checker) and shape-infer a model; external data is loaded."""
     path = pathlib.Path(path)
@@ -89,6 +131,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot read external data: {_one_line(e)}") from e
+    _check_tensor_sizes(proto, path)
     try:
         if proto.ByteSize() < _PROTOBUF_LIMIT:
             onnx.checker.check_model(proto, full_check=True)

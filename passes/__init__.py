@@ -6,9 +6,11 @@ An explicit dict, no import magic: adding a pass means importing it here.
 from passes.channel_prune import ChannelPrunePass
 from passes.cleanup import CleanupPass
 from passes.prune import MagnitudePrunePass
+from passes.quantize import QuantizePass
 
 REGISTRY: dict[str, type] = {
     "cleanup": CleanupPass,
     "prune": MagnitudePrunePass,
     "channel_prune": ChannelPrunePass,
+    "quantize": QuantizePass,
 }

@@ -15,36 +15,16 @@ import time
 import numpy as np
 import onnx
 import pytest
-import torch
 import yaml
 
 from optimizer.cli import main
-
-
-class TinyResNet(torch.nn.Module):
-    """Conv-BN-ReLU, a residual block, GAP, Linear: small but shaped like the real ones."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
-                                        torch.nn.ReLU())
-        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
-        self.head = torch.nn.Linear(8, 10)
-
-    def forward(self, x):
-        y = self.stem(x)
-        y = torch.relu(y + self.block(y))
-        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+from tests._fixtures import export_tiny_resnet
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
-    torch.manual_seed(0)
-    net = TinyResNet().eval()
-    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(root / "good.onnx"), dynamo=False,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    export_tiny_resnet(root / "good.onnx")
     rng = np.random.default_rng(0)
     x = rng.random((64, 1, 8, 8), dtype=np.float32)
     np.savez(root / "data.npz", x=x, y=rng.integers(0, 10, 64))
