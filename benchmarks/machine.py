@@ -12,7 +12,7 @@ import platform
 import sys
 
 #: ISA flags (as spelled in /proc/cpuinfo) that change which onnxruntime CPU kernels run.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_int8")
+ISA_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "amx_int8")
 
 
 def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str]]:
