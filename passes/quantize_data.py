@@ -32,7 +32,7 @@ import onnxruntime as ort
 from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, TensorsData, create_calibrator
 
 from optimizer.data import Dataset
-from optimizer.errors import UserError
+from optimizer.errors import UserError, WorkFailed
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -137,6 +137,10 @@ def scan(dataset: Dataset | None, inputs: Sequence[InputSpec], field: str, limit
             break
     if count == 0:
         raise UserError(f"{field}: dataset '{dataset.name}' yielded no samples")
+    fixed = max((s.fixed_batch or 0) for s in inputs)
+    if fixed > count:
+        raise UserError(f"{field}: the model's input has a fixed batch of {fixed} but dataset "
+                        f"'{dataset.name}' gives only {count} samples")
     return count
 
 
@@ -147,7 +151,9 @@ def feeds(dataset: Dataset, inputs: Sequence[InputSpec], limit: int | None, batc
     fixed = [s.fixed_batch for s in inputs if s.fixed_batch]
     step = fixed[0] if fixed else batch_size
     count = 0
-    for x, y in dataset.batches(batch_size):
+    # read whole multiples of a fixed batch, so that every feed is complete
+    read = batch_size if not fixed else max(1, batch_size // step) * step
+    for x, y in dataset.batches(read):
         arrays = _as_arrays(x, inputs, "data")
         n = len(arrays[0]) if limit is None else min(len(arrays[0]), limit - count)
         for start in range(0, n - step + 1 if fixed else n, step):
@@ -243,6 +249,8 @@ def calibrate(model_path: pathlib.Path, work_dir: pathlib.Path, *, method: str, 
             calibrator.collect_data(_ChunkReader(chunk))
         ranges = calibrator.compute_data()
     del calibrator
+    if ranges is None or not len(ranges.data):
+        raise WorkFailed("calibration collected no tensor ranges (no calibration batch could be run)")
     return ranges
 
 
