@@ -48,7 +48,9 @@ def _outcome(result: dict) -> str:
     if result["code"] == 0:
         return "exit 0"
     err = result["stderr"]
-    if "internal error" in err or "Traceback" in err:
+    from tests.test_fuzz import PYTHON_BUG
+
+    if "internal error" in err or "Traceback" in err or PYTHON_BUG.search(err):
         return f"exit {result['code']} (uncaught exception)"
     return f"exit {result['code']} (clean error)"
 

@@ -126,6 +126,10 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
         raise UserError(f"{path}: not an ONNX model or truncated/corrupt protobuf ({_one_line(e)})") from e
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise UserError(f"{path}: not an ONNX model (no graph or IR version in the protobuf)")
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= newest:
+            raise UserError(f"{path}: opset {opset.version} is not a released ONNX opset (this onnx knows 1 to {newest})")
     _check_external_data(proto, path)
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
