@@ -41,12 +41,13 @@ class StepRecord:
     after: dict[str, Any]
     notes: list[str]
     details: dict[str, Any]
-    status: str = "ok"  # ok | failed (missed its tolerance; best model kept)
+    status: str = "ok"  # ok | failed (missed its tolerance; best model kept) | reverted (step guard)
+    accuracy: dict[str, Any] | None = None  # after this step, on data.evaluation, vs the input model
 
     def to_json(self) -> dict[str, Any]:
         return {"pass": self.name, "params": self.params, "seconds": round(self.seconds, 3),
                 "modified": self.modified, "status": self.status, "before": self.before,
-                "after": self.after, "notes": self.notes, "details": self.details}
+                "after": self.after, "accuracy": self.accuracy, "notes": self.notes, "details": self.details}
 
 
 @dataclasses.dataclass
@@ -130,8 +131,24 @@ def _check_requirements(recipe: Recipe, datasets: dict[str, Any]) -> None:
         raise UserError("gates.min_speedup: needs the benchmark (benchmark.enabled is false)")
 
 
-def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext,
-                steps: list[StepRecord]) -> tuple[ir.Model, str | None]:
+def _step_accuracy(model: ir.Model, index: int, input_path: pathlib.Path, ctx: PassContext) -> dict | None:
+    """What the step cost: top-1 (with labels) and agreement with the pipeline's input model on
+    the evaluation data, after this step. None without evaluation data."""
+    if ctx.evaluation is None:
+        return None
+    from benchmarks.accuracy import evaluate
+
+    path = ctx.work_dir / f"step{index}_eval.onnx"
+    io.save(model, path)
+    try:
+        result = evaluate(path, ctx.evaluation, reference_path=input_path, threads=ctx.threads, progress=False)
+    finally:
+        path.unlink(missing_ok=True)
+    return {k: result.get(k) for k in ("top1", "agreement", "cosine", "n")}
+
+
+def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: list[StepRecord],
+                input_path: pathlib.Path) -> tuple[ir.Model, str | None]:
     total = len(recipe.passes)
     for i, p in enumerate(recipe.passes):
         ctx = base_ctx.for_step()
@@ -166,10 +183,14 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext,
         after = stats.model_stats(model)
         record = StepRecord(p.name, p.params(), seconds, bool(result.modified) and status != "reverted",
                             before, after, list(ctx.notes), dict(ctx.details), status)
+        record.accuracy = _step_accuracy(model, i, input_path, base_ctx)
         steps.append(record)
-        _log(f"[{i + 1}/{total}] {p.name} done in {seconds:.1f} s: "
+        cost = record.accuracy or {}
+        _log(f"[{i + 1}/{total}] {p.name} {status} in {seconds:.1f} s: "
              f"{before['bytes'] / 1e6:.2f} MB -> {after['bytes'] / 1e6:.2f} MB"
-             + ("" if result.modified else " (unchanged)"))
+             + ("" if record.modified else " (unchanged)")
+             + (f", top-1 {cost['top1']:.3f}" if cost.get("top1") is not None else "")
+             + (f", agreement {cost['agreement']:.3f}" if cost.get("agreement") is not None else ""))
         if ctx.failure:
             record.status = "failed"
             return model, ctx.failure
@@ -321,7 +342,7 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
                                reference=reference, seed=recipe.seed, work_dir=work_dir,
                                threads=recipe.benchmark.threads[0])
         steps: list[StepRecord] = []
-        model, failure = _run_passes(recipe, model, base_ctx, steps)
+        model, failure = _run_passes(recipe, model, base_ctx, steps, input_path)
 
         io.save(model, output_path, input_path=input_path)
         output_stats = stats.model_stats(io.load_proto(output_path), path=str(output_path))

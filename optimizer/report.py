@@ -138,9 +138,11 @@ def markdown(doc: dict[str, Any]) -> str:
                               f"{s['before']['bytes'] / 1e6:.2f} → {s['after']['bytes'] / 1e6:.2f}",
                               f"{s['before']['bytes_zip'] / 1e6:.2f} → {s['after']['bytes_zip'] / 1e6:.2f}",
                               f"{sum(s['before']['ops'].values())} → {sum(s['after']['ops'].values())}",
-                              _macs_change(s)])
-        parts.append(_table(["pass", "status", "seconds", "modified", "MB", "zipped MB", "nodes", "MACs (M)"],
-                            step_rows))
+                              _macs_change(s), _fmt((s.get("accuracy") or {}).get("top1"), ".3f"),
+                              _fmt((s.get("accuracy") or {}).get("agreement"), ".3f")])
+        parts.append(_table(["pass", "status", "seconds", "modified", "MB", "zipped MB", "nodes", "MACs (M)",
+                             "top-1 after", "agreement after"], step_rows))
+        parts.append("\n(top-1 and agreement with the input model on the evaluation data, after each step)")
         for s in doc["steps"]:
             if s["notes"]:
                 parts.append(f"\n**{s['pass']}**\n")

@@ -100,6 +100,7 @@ def test_optimize_writes_model_and_report(workspace, capsys):
     assert {"cpu", "isa", "cores", "onnxruntime", "os"} <= set(doc["machine"])
     step = doc["steps"][0]
     assert STEP_KEYS <= set(step) and step["pass"] == "cleanup" and step["modified"] is True
+    assert step["accuracy"]["agreement"] == 1.0 and step["accuracy"]["n"] == 397  # cleanup costs nothing
     assert step["before"]["ops"].get("BatchNormalization") == 2
     assert "BatchNormalization" not in step["after"]["ops"]
     assert {row["model"] for row in doc["benchmark"]} == {"input", "output"}
