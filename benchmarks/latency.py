@@ -17,6 +17,8 @@ Method
   * A CV above 10% is reported as a warning (in the result and on stderr).
 Session settings (recorded in every result): intra-op threads as given, inter-op 1,
 ORT_SEQUENTIAL, graph optimization ORT_ENABLE_ALL unless told otherwise.
+``deployopt bench --profile`` then profiles each model per node (``benchmarks.profile``) at the
+first thread count and batch size and prints its most expensive nodes and op types.
 """
 
 from __future__ import annotations
@@ -549,8 +551,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="F", help="write the table as Markdown")
     p.add_argument("--plot", metavar="F.png", help="write the latency distribution plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="after the latency table, profile each model per node with onnxruntime's "
+                        "profiler (first --threads and --batch value) and print its most "
+                        "expensive nodes and op types")
+    p.add_argument("--top", default=None, metavar="N",
+                   help="with --profile: how many nodes and op types to print (default 10)")
     p.set_defaults(func=run_bench)
     return p
+
+
+def _profiles(result: BenchResult, args, threads: int, batch: int, top: int, runs: int,
+              warmup: int, shapes: dict, data, seed: int, timeout) -> tuple[list, list[str]]:
+    """``bench --profile``: profile every model whose latency row at (threads, batch) succeeded,
+    print each profile's top nodes and op types; return (profiles, one-line failures)."""
+    from benchmarks.profile import profile_model
+
+    ok = {r["model"] for r in result.rows
+          if r["threads"] == threads and r["batch"] == batch and r["error"] is None}
+    profiles, errors = [], []
+    for model in result.models:
+        if model["label"] not in ok:
+            continue  # its latency row already says why it failed
+        try:
+            prof = profile_model(model["path"], threads=threads, batch=batch, runs=runs,
+                                 warmup=warmup, shapes=shapes, seed=seed, data=data,
+                                 optimization_level=args.opt_level, timeout=timeout,
+                                 label=model["label"])
+        except WorkFailed as e:
+            errors.append(f"{model['label']}: {one_line(e)}")
+            print(f"\nprofile of {model['label']}: FAILED: {one_line(e)}")
+            continue
+        profiles.append(prof)
+        sys.stdout.write("\n" + prof.to_text(top))
+    return profiles, errors
 
 
 def run_bench(args) -> int:
@@ -568,6 +602,13 @@ def run_bench(args) -> int:
                    timeout=timeout, prefix="--")
     shapes = _shape_args(args.shape)
     labels = args.labels.split(",") if args.labels else None
+    profile = getattr(args, "profile", False)
+    top_text = getattr(args, "top", None)
+    if top_text is not None and not profile:
+        raise UserError("--top: only used with --profile")
+    top = _int("--top", top_text) if top_text is not None else 10
+    if top < 1:
+        raise UserError(f"--top: {top} is not an integer >= 1")
     from benchmarks._output import check_writable, plot_latency, write_text
 
     outputs = {flag: check_writable(path, flag) for flag, path in
@@ -583,14 +624,23 @@ def run_bench(args) -> int:
                      timeout=timeout, progress=not args.no_progress,
                      optimization_level=args.opt_level)
     sys.stdout.write(result.to_text())
+    profiles, profile_errors = (_profiles(result, args, threads[0], batch[0], top, runs, warmup,
+                                          shapes, data, seed, timeout) if profile else ([], []))
     if "--json" in outputs:
-        write_text(outputs["--json"], result.to_json())
+        payload = result.to_dict()
+        if profile:
+            payload["profiles"] = [p.to_dict() for p in profiles]
+        write_text(outputs["--json"], json.dumps(payload, indent=2) + "\n")
     if "--csv" in outputs:
         write_text(outputs["--csv"], result.to_csv())
     if "--markdown" in outputs:
-        write_text(outputs["--markdown"], result.to_markdown())
+        write_text(outputs["--markdown"], "\n".join([result.to_markdown(),
+                                                     *(p.to_markdown(top) for p in profiles)]))
     if "--plot" in outputs:
         plot_latency(result.rows, outputs["--plot"])
+    if profile_errors:
+        raise WorkFailed(f"{len(profile_errors)} of {len(result.models)} profiles failed; "
+                         f"{profile_errors[0]}")
     failed = [r for r in result.rows if r["error"] is not None]
     if failed:
         first = failed[0]
