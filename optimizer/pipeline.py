@@ -231,9 +231,10 @@ def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: R
 
 
 def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path,
-             datasets: dict[str, Any]) -> tuple[list[dict], dict[str, Any], list[str]]:
+             datasets: dict[str, Any]) -> tuple[list[dict], dict[str, Any], list[str], dict[str, Any]]:
     bench_rows: list[dict] = []
     warnings: list[str] = []
+    profiles: dict[str, Any] = {}
     settings = recipe.benchmark
     if settings.enabled:
         from benchmarks import latency
@@ -247,6 +248,7 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
         failed = [row for row in bench_rows if row.get("error")]
         if failed:
             raise WorkFailed(f"benchmark of {failed[0]['model']} failed: {failed[0]['error']}")
+        profiles = _profiles(recipe, input_path, output_path, warnings)
     accuracy: dict[str, Any] = {}
     if "evaluation" in datasets:
         from benchmarks.accuracy import evaluate
@@ -269,7 +271,26 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
         data = datasets["fidelity"]
         fidelity = evaluate(output_path, data, reference_path=input_path, threads=settings.threads[0])
         accuracy["fidelity"] = {"dataset": data.name, **fidelity}
-    return bench_rows, accuracy, warnings
+    return bench_rows, accuracy, warnings, profiles
+
+
+def _profiles(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path,
+              warnings: list[str]) -> dict[str, Any]:
+    """Where the time goes in the input and the output model: the 10 most expensive nodes."""
+    from benchmarks.profile import profile_model
+
+    profiles = {}
+    for label, path in (("input", input_path), ("output", output_path)):
+        try:
+            profile = profile_model(path, threads=recipe.benchmark.threads[0], runs=20, warmup=5,
+                                    seed=recipe.seed, label=label, timeout=recipe.benchmark.timeout or 600.0)
+        except DeployoptError as e:  # the latency numbers stand without it; say why it is missing
+            warnings.append(f"profile of {label} not available: {e}")
+            continue
+        data = profile.to_dict()
+        data["rows"] = data["rows"][:10]
+        profiles[label] = {"summary": data, "markdown": profile.to_markdown(10)}
+    return profiles
 
 
 def _evaluate_gates(recipe: Recipe, output_stats: dict, bench_rows: list[dict],
@@ -347,14 +368,14 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
         io.save(model, output_path, input_path=input_path)
         output_stats = stats.model_stats(io.load_proto(output_path), path=str(output_path))
         output_stats["path"] = str(out_dir / "model.onnx")
-        bench_rows, accuracy, warnings = _measure(recipe, input_path, output_path, datasets)
+        bench_rows, accuracy, warnings, profiles = _measure(recipe, input_path, output_path, datasets)
         gates = _evaluate_gates(recipe, output_stats, bench_rows, accuracy)
 
     reasons = ([failure] if failure else []) + [_gate_reason(g) for g in gates if not g["passed"]]
     exit_code = 1 if reasons else 0
     doc = report.build(recipe=recipe, input_stats=input_stats, output_stats=output_stats,
                        steps=[s.to_json() for s in steps], benchmark=bench_rows, accuracy=accuracy,
-                       gates=gates, warnings=warnings, exit_code=exit_code,
+                       gates=gates, warnings=warnings, exit_code=exit_code, profiles=profiles,
                        reason="; ".join(reasons) or None, seconds=time.time() - started)
-    report.write(doc, staging)
+    report.write(doc, staging, {k: v["markdown"] for k, v in profiles.items()})
     return RunResult(exit_code, doc["reason"], doc, out_dir)

@@ -47,7 +47,7 @@ def _plain(value: Any) -> Any:
 
 
 def build(*, recipe, input_stats, output_stats, steps, benchmark, accuracy, gates, warnings,
-          exit_code, reason, seconds) -> dict[str, Any]:
+          exit_code, reason, seconds, profiles=None) -> dict[str, Any]:
     return _plain({
         "version": optimizer.__version__,
         "machine": _machine(),
@@ -58,6 +58,7 @@ def build(*, recipe, input_stats, output_stats, steps, benchmark, accuracy, gate
         "benchmark": benchmark,
         "accuracy": accuracy,
         "gates": gates,
+        "profile": {k: v["summary"] for k, v in (profiles or {}).items()},
         "warnings": warnings,
         "exit_code": exit_code,
         "reason": reason,
@@ -119,7 +120,7 @@ def terminal_table(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def markdown(doc: dict[str, Any]) -> str:
+def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None) -> str:
     m = doc["machine"]
     parts = [f"# deployopt report\n",
              f"Result: **{'PASSED' if doc['exit_code'] == 0 else 'FAILED'}**"
@@ -157,6 +158,12 @@ def markdown(doc: dict[str, Any]) -> str:
                       for r in doc["benchmark"]]
         parts.append(_table(["model", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms",
                              "images/s", "speedup (95% CI)"], bench_rows))
+
+    if profile_markdown:
+        parts.append("\n## Where the time goes (onnxruntime profiler, 10 most expensive nodes)\n")
+        for label in ("input", "output"):
+            if label in profile_markdown:
+                parts.append(profile_markdown[label] + "\n")
 
     acc = doc.get("accuracy") or {}
     if acc:
@@ -200,7 +207,7 @@ def _macs_change(step: dict[str, Any]) -> str:
     return f"{a / 1e6:.1f} → {b / 1e6:.1f}"
 
 
-def write(doc: dict[str, Any], out_dir: pathlib.Path) -> None:
+def write(doc: dict[str, Any], out_dir: pathlib.Path, profile_markdown: dict[str, str] | None = None) -> None:
     """report.json then report.md, each written atomically."""
     io.atomic_write_text(out_dir / "report.json", json.dumps(doc, indent=2) + "\n")
-    io.atomic_write_text(out_dir / "report.md", markdown(doc))
+    io.atomic_write_text(out_dir / "report.md", markdown(doc, profile_markdown))

@@ -114,6 +114,8 @@ def test_optimize_writes_model_and_report(workspace, capsys):
     onnx.checker.check_model(onnx.load(out / "model.onnx"), full_check=True)
     md = (out / "report.md").read_text()
     assert "## Steps" in md and "cleanup" in md and "## Gates" in md
+    assert "## Where the time goes" in md
+    assert {"input", "output"} <= set(doc["profile"]) and doc["profile"]["output"]["rows"]
     table = capsys.readouterr().out
     assert "input" in table and "output" in table and "speedup" in table
 
