@@ -190,7 +190,7 @@ def test_evaluate_refuses_bad_settings_and_files(trained, tmp_path):
 
 def test_cli_eval_json(trained, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    rc = cli_main(["eval", trained["model"], "--data", "digits?split=test", "--reference",
+    rc = cli_main(["eval", "--in-process", trained["model"], "--data", "digits?split=test", "--reference",
                    trained["reference"], "--json", str(out), "--no-progress"])
     assert rc == 0
     res = json.loads(out.read_text())
@@ -203,15 +203,15 @@ def test_cli_eval_json(trained, tmp_path, capsys):
 def test_cli_eval_bad_input_exit_2(trained, capsys):
     rgb = _gemm_model(trained["dir"] / "rgb.onnx", np.zeros((10, 192)), np.zeros(10),
                       input_shape=("N", 3, 8, 8))
-    assert cli_main(["eval", rgb, "--data", "digits", "--no-progress"]) == 2
+    assert cli_main(["eval", "--in-process", rgb, "--data", "digits", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "deployopt: error: --data digits: samples are 1x8x8 but model input 'x' expects 3x8x8"]
     unlabeled = trained["dir"] / "unlabeled.npz"
     np.savez(unlabeled, x=trained["x"][:4])  # no y, and no --reference: nothing to measure
-    assert cli_main(["eval", trained["model"], "--data", f"npz:{unlabeled}",
+    assert cli_main(["eval", "--in-process", trained["model"], "--data", f"npz:{unlabeled}",
                      "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no labels and no --reference" in err[0]
-    assert cli_main(["eval", trained["model"], "--data", "digits", "--batch-size", "0"]) == 2
+    assert cli_main(["eval", "--in-process", trained["model"], "--data", "digits", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "deployopt: error: --batch-size: 0 is not an integer >= 1"]

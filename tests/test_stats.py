@@ -191,7 +191,7 @@ def test_ir_model_and_proto_agree():
 def test_inspect_json(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(_small_model(("N", 3, 8, 8)), path)
-    assert cli.main(["inspect", str(path), "--json"]) == 0
+    assert cli.main(["inspect", "--in-process", str(path), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert DESIGN_KEYS <= set(stats)
     assert {"ir_version", "inputs", "outputs", "layers", "quantized_ops", "notes"} <= set(stats)
@@ -202,7 +202,7 @@ def test_inspect_json(tmp_path, capsys):
 def test_inspect_text(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     onnx.save(_small_model(), path)
-    assert cli.main(["inspect", str(path)]) == 0
+    assert cli.main(["inspect", "--in-process", str(path)]) == 0
     text = capsys.readouterr().out
     assert text == format_stats(model_stats(onnx.load(path), path=str(path))) + "\n"
     assert "inputs       x: float32 [1, 3, 8, 8]" in text
@@ -219,7 +219,7 @@ def test_inspect_refuses_bad_files(tmp_path, capsys, content, message):
     path = tmp_path / "bad.onnx"
     if content is not None:
         path.write_bytes(content)
-    assert cli.main(["inspect", str(path)]) == 2
+    assert cli.main(["inspect", "--in-process", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"deployopt: error: {path}: {message}") and "\n" not in err
 
