@@ -122,6 +122,8 @@ def _check_requirements(recipe: Recipe, datasets: dict[str, Any]) -> None:
     for i, p in enumerate(recipe.passes):
         if getattr(p, "needs_calibration", False) and "calibration" not in datasets:
             raise UserError(f"passes[{i}].{p.name}: needs data.calibration in the recipe")
+        if getattr(p, "needs_training", False) and not ({"training", "calibration"} & set(datasets)):
+            raise UserError(f"passes[{i}].{p.name}: needs data.training (or data.calibration) in the recipe")
         if getattr(p, "needs_evaluation", False) and "evaluation" not in datasets:
             raise UserError(f"passes[{i}].{p.name}: needs data.evaluation in the recipe")
     gates = recipe.gates

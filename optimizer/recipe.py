@@ -273,7 +273,7 @@ def _pop_step_guard(name: str, settings: dict[str, Any], where: str) -> float | 
     return None if value is None else float(value)
 
 
-def _build_passes(entries: Any) -> list[Any]:
+def _build_passes(entries: Any, base: pathlib.Path | None = None) -> list[Any]:
     from passes import REGISTRY
 
     if entries is None:
@@ -292,6 +292,9 @@ def _build_passes(entries: Any) -> list[Any]:
         where = f"passes[{i}].{name}"
         settings = dict(settings) if isinstance(settings, dict) else settings
         guard = _pop_step_guard(name, settings, where) if isinstance(settings, dict) else None
+        student = settings.get("student") if isinstance(settings, dict) else None
+        if isinstance(student, dict) and isinstance(student.get("onnx"), str) and base is not None:
+            settings["student"] = {**student, "onnx": str(base / student["onnx"])}  # relative to the recipe
         step = build_dataclass(REGISTRY[name], settings, where)
         step.min_step_speedup = guard  # read by the pipeline, not by the pass
         built.append(step)
@@ -313,7 +316,7 @@ def from_mapping(raw: Any, path: pathlib.Path | None = None) -> Recipe:
         path=path,
         model=_validate_model(raw.get("model"), base),
         data=_validate_data(raw.get("data"), base),
-        passes=_build_passes(raw.get("passes")),
+        passes=_build_passes(raw.get("passes"), base),
         benchmark=build_dataclass(BenchmarkSettings, dict(raw.get("benchmark") or {}), "benchmark"),
         gates=build_dataclass(Gates, dict(raw.get("gates") or {}), "gates"),
         seed=seed,
