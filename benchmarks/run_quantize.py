@@ -261,6 +261,16 @@ def _markdown(command: str, stamp: dict, arch_results: dict, accuracy: dict | No
     return "\n".join(lines)
 
 
+def latency_page(text: str) -> str:
+    """benchmarks/results/latency.md (issue 3's published table): the machine stamp, the command and
+    the latency section of quantize.md, from the same run."""
+    head, _, rest = text.partition("## Latency")
+    table = rest.split("\n## ", 1)[0]
+    head = head.replace("# Static int8 quantization: fp32 vs quantize_static defaults vs deployopt",
+                        "# Latency on this CPU: fp32 vs onnxruntime quantize_static defaults vs deployopt", 1)
+    return head + "## Latency" + table.rstrip() + "\n\nMore (fused kernels, accuracy, calibration memory): quantize.md\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2")
@@ -298,6 +308,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     text += "\n" + NOTES
     out.write_text(text)
+    (out.parent / "latency.md").write_text(latency_page(text))
     print(text)
     return 0
 
