@@ -21,6 +21,7 @@ from models.efficientnet import efficientnet_lite0
 from models.mobilenet import mobilenet_v2
 from models.resnet import resnet18
 from models.small import digits_cnn, resnet_mnist, seed_cnn, student_cifar, student_mnist
+from models.vision_zoo import gated_cnn, mobilenet_v3_small, ocr_crnn, prelu_facenet
 from models.weights import load_weights
 from optimizer.errors import UserError
 
@@ -33,6 +34,10 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "student_mnist": student_mnist,
     "student_cifar": student_cifar,
     "digits_cnn": digits_cnn,
+    "mobilenet_v3_small": mobilenet_v3_small,
+    "prelu_facenet": prelu_facenet,
+    "gated_cnn": gated_cnn,
+    "ocr_crnn": ocr_crnn,
 }
 NAMES: tuple[str, ...] = tuple(REGISTRY)
 

@@ -17,6 +17,12 @@ without re-calibrating. With ``max_accuracy_drop`` the quantized model is evalua
 tensors are ranked by SQNR (passes.quantize_report) and the nodes around the k worst go back to
 float, k found by doubling then bisection within ``max_trials``. The best model is always returned;
 a missed tolerance sets ``context.failure`` (the pipeline saves the model and exits 1).
+
+With ``latency_aware`` (the default) the result is then timed against the float model on this
+CPU, and where int8 costs more than it saves (conversions around ops without int8 kernels, small
+convolutions) nodes go back to float, chosen by a minimum cut over per-node profiles and confirmed
+by interleaved timing (passes.quantize_latency); when no int8 configuration is faster the float
+model is returned unchanged. Every trial is in ``details['latency_trials']``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from optimizer.errors import UserError, WorkFailed
 from passes import quantize_data as qdata
+from passes import quantize_latency as qlat
 from passes import quantize_report as qreport
 from passes.base import DeployFunctionalPass, check_choice, check_range
 
@@ -55,6 +62,8 @@ SQNR_BATCH = 4
 #: does not fuse Q/DQ at all.
 PER_CHANNEL_OPSET = 13
 MIN_OPSET = 11
+#: The float model as given to quantize_static's pre-processing (in the pass's private folder).
+FLOAT_FILE = "float.onnx"
 
 
 def _vnni(isa: list[str]) -> bool:
@@ -114,7 +123,13 @@ class QuantizePass(DeployFunctionalPass):
     batch_size: int = 8
     max_accuracy_drop: float | None = None  # None: no evaluation, no fallback
     relative: bool = False  # max_accuracy_drop relative to the float model's score
-    max_trials: int = 8  # quantize+evaluate rounds the fallback may spend
+    max_trials: int = 8  # quantize+evaluate rounds the fallback may spend, and as many timed latency trials
+    latency_aware: bool = True  # time int8 against float here; keep int8 only where it is faster
+    latency_min_ms: float = 0.1  # float models faster than this are left to the pipeline's step guard
+    latency_budget_s: float = 60.0  # wall time the latency search may spend on new trials
+    #: What the latency search measures (onnxruntime in this process); tests put synthetic timings here.
+    probe: qlat.LatencyProbe = dataclasses.field(default_factory=qlat.LatencyProbe, init=False,
+                                                 repr=False, compare=False)
 
     def validate(self) -> None:
         check_choice("calibration", self.calibration, tuple(qdata.METHODS))
@@ -124,7 +139,7 @@ class QuantizePass(DeployFunctionalPass):
         if self.activation_type == "int8" and self.weight_type == "uint8":
             raise UserError("weight_type: 'uint8' with activation_type 'int8' is not supported by "
                             "onnxruntime (use int8 weights)")
-        for field in ("per_channel", "symmetric_activations", "symmetric_weights", "relative"):
+        for field in ("per_channel", "symmetric_activations", "symmetric_weights", "relative", "latency_aware"):
             if not isinstance(getattr(self, field), bool):
                 raise UserError(f"{field}: expected true or false, got {getattr(self, field)!r}")
         if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
@@ -147,6 +162,8 @@ class QuantizePass(DeployFunctionalPass):
             check_range(field, value, low, high)
         if self.max_accuracy_drop is not None:
             check_range("max_accuracy_drop", self.max_accuracy_drop, 0, 1)
+        check_range("latency_min_ms", self.latency_min_ms, 0)
+        check_range("latency_budget_s", self.latency_budget_s, 0, low_open=True)
 
     # -- the pass -------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -166,6 +183,8 @@ class QuantizePass(DeployFunctionalPass):
             if ctx.evaluation is None:
                 raise UserError("data.evaluation: max_accuracy_drop needs an evaluation dataset")
             qdata.scan(ctx.evaluation, inputs, "data.evaluation", None, self.batch_size)
+        elif self.latency_aware and ctx.evaluation is not None:  # the latency trials' agreement check
+            qdata.scan(ctx.evaluation, inputs, "data.evaluation", qlat.AGREEMENT_SAMPLES, self.batch_size)
         reduce_range, why = (self.reduce_range, "set in the recipe") if self.reduce_range is not None \
             else auto_reduce_range()
         if reduce_range and self.reduce_range is None:
@@ -199,14 +218,26 @@ class QuantizePass(DeployFunctionalPass):
             best = quantize([], tmp / "trial0.onnx")
             sqnr = timed("sqnr", self._sqnr, pre_path, best, inputs, tmp)
             fallback: dict[str, str] = {}
-            if self.max_accuracy_drop is not None:
-                best, fallback = timed("fallback", self._fallback, pre_path, pre_proto, best, sqnr,
-                                       inputs, tmp, quantize, excluded)
+            scorer = self._scorer(pre_path, inputs) if self.max_accuracy_drop is not None else None
+            if scorer is not None:
+                best, fallback = timed("fallback", self._fallback, pre_proto, best, sqnr, tmp,
+                                       quantize, excluded, scorer)
+            ctx.details["ort_optimized"] = timed("ort_kernels", qreport.ort_kernels, best, tmp, ctx.threads)
+            latency: dict[str, str] = {}
+            if self.latency_aware and ctx.failure is not None:
+                self.note("latency-aware: not run, the accuracy tolerance is not met")
+            elif self.latency_aware:
+                best, latency = timed("latency", self._latency, pre_path, pre_proto, best, inputs, tmp,
+                                      quantize, list(fallback), scorer)
+            if best is None:  # no int8 configuration was faster: the float model, unchanged
+                self._summarize(time.perf_counter() - start)
+                return ir.passes.PassResult(ir.from_proto(proto), False)
             best_proto = onnx.load(str(best))
-            reasons = {**{n: "excluded by exclude_nodes" for n in excluded}, **fallback}
+            reasons = {**{n: "excluded by exclude_nodes" for n in excluded}, **fallback, **latency}
             ctx.details.update(qreport.node_accounting(
                 pre_proto, best_proto, op_types=self._op_types(), excluded=reasons))
-            ctx.details["ort_optimized"] = timed("ort_kernels", qreport.ort_kernels, best, tmp, ctx.threads)
+            if latency:
+                ctx.details["ort_optimized"] = timed("ort_kernels", qreport.ort_kernels, best, tmp, ctx.threads)
             result = ir.from_proto(best_proto)
         self._summarize(time.perf_counter() - start)
         return ir.passes.PassResult(result, True)
@@ -238,7 +269,7 @@ class QuantizePass(DeployFunctionalPass):
                 else "onnxruntime fuses Q/DQ only from opset 11"
             self.note(f"opset upgraded from {opset} to {target} ({need})")
         self.context.details["opset"] = {"input": opset, "quantized": max(opset, target)}
-        src, pre = tmp / "float.onnx", tmp / "preprocessed.onnx"
+        src, pre = tmp / FLOAT_FILE, tmp / "preprocessed.onnx"
         onnx.save(proto, str(src))
         try:
             quant_pre_process(str(src), str(pre))
@@ -247,6 +278,13 @@ class QuantizePass(DeployFunctionalPass):
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             self.note(f"symbolic shape inference skipped ({type(e).__name__}); onnx shape inference used")
             self.context.details["preprocess"] = "onnx shape inference, onnxruntime basic optimization"
+        pre_proto = onnx.load(str(pre))
+        if any(not n.name for n in pre_proto.graph.node):
+            # Inlined function bodies (HardSwish -> HardSigmoid, Mul) come out unnamed; nodes_to_exclude
+            # and the per-node profile need names.
+            work = ir.from_proto(pre_proto)
+            NameFixPass()(work)
+            onnx.save(ir.to_proto(work), str(pre))
         return pre
 
     def _resolve_excludes(self, pre_proto: onnx.ModelProto) -> list[str]:
@@ -323,12 +361,11 @@ class QuantizePass(DeployFunctionalPass):
         self.context.details["worst_sqnr"] = ranked[:10]
         return ranked
 
-    def _fallback(self, pre_path, pre_proto, trial0: pathlib.Path, ranked: list[dict], inputs,
-                  tmp: pathlib.Path, quantize: Callable[[list[str], pathlib.Path], pathlib.Path],
-                  user_excluded: list[str]):
-        """Meet max_accuracy_drop by returning the nodes around the worst-SQNR tensors to float."""
+    def _scorer(self, pre_path: pathlib.Path, inputs
+                ) -> tuple[str, float, Callable[[pathlib.Path], tuple[float, float]]]:
+        """(metric, float model's score, score(path) -> (value, drop)) on data.evaluation: top-1
+        with labels, else top-1 agreement with the float model; drop relative when ``relative``."""
         ctx = self.context
-        tol = float(self.max_accuracy_drop)
         reference, labels = qdata.predict(qdata.session(pre_path, ctx.threads),
                                           qdata.feeds(ctx.evaluation, inputs, None, self.batch_size))
         metric = "top1" if labels is not None else "agreement"
@@ -340,6 +377,16 @@ class QuantizePass(DeployFunctionalPass):
             value = float(np.mean(preds == (labels if labels is not None else reference)))
             drop = base - value
             return value, (drop / base if self.relative and base > 0 else drop)
+
+        return metric, base, score
+
+    def _fallback(self, pre_proto, trial0: pathlib.Path, ranked: list[dict], tmp: pathlib.Path,
+                  quantize: Callable[[list[str], pathlib.Path], pathlib.Path], user_excluded: list[str],
+                  scorer):
+        """Meet max_accuracy_drop by returning the nodes around the worst-SQNR tensors to float."""
+        ctx = self.context
+        tol = float(self.max_accuracy_drop)
+        metric, base, score = scorer
 
         # Cumulative node sets: unit k = nodes that carry a Q/DQ pair on the k-th worst tensor.
         units, seen = [], set(user_excluded)
@@ -403,10 +450,74 @@ class QuantizePass(DeployFunctionalPass):
             self.note(ctx.failure)
         return paths[chosen], reasons
 
+    def _latency(self, pre_path: pathlib.Path, pre_proto: onnx.ModelProto, best: pathlib.Path, inputs,
+                 tmp: pathlib.Path, quantize: Callable[[list[str], pathlib.Path], pathlib.Path],
+                 fallback: list[str], scorer) -> tuple[pathlib.Path | None, dict[str, str]]:
+        """Time ``best`` against the float model and search for a faster int8 configuration
+        (passes.quantize_latency). Returns the chosen model (None: the float model) and the nodes
+        it returned to float for latency, with the reason."""
+        ctx = self.context
+        best_proto = onnx.load(str(best))
+        capable = qreport.int8_nodes(pre_proto, best_proto, op_types=self._op_types())
+        fixed = max((s.fixed_batch or 1) for s in inputs)
+        feed = next(qdata.feeds(ctx.calibration, inputs, fixed, fixed))[0]  # one sample (or one fixed batch)
+        # The float reference is the model as given (constants lifted, opset raised), not the
+        # pre-processed one: onnxruntime's pre-processing inlines HardSwish into HardSigmoid + Mul,
+        # which the float runtime would otherwise fuse into the convolution before it.
+        outcome = qlat.search(
+            float_path=tmp / FLOAT_FILE, trial0=best, pre_proto=pre_proto, qdq0_proto=best_proto, capable=capable,
+            feeds=feed, threads=ctx.threads, probe=self.probe,
+            quantize=lambda nodes, path: quantize([*fallback, *nodes], path),
+            check=self._latency_check(pre_path, inputs, best, scorer),
+            internal_unfused=qlat.internal_unfused(ctx.details["ort_optimized"], best_proto),
+            max_trials=self.max_trials, budget_s=self.latency_budget_s, min_ms=self.latency_min_ms, tmp=tmp)
+        ctx.details["latency_aware"] = outcome.summary
+        ctx.details["latency_trials"] = outcome.trials
+        self.note(outcome.note)
+        if outcome.path is None:
+            ctx.details["first_quantization_ort_optimized"] = ctx.details.pop("ort_optimized")
+            return None, {}
+        chosen = outcome.summary["chosen_trial"]
+        return outcome.path, {n: f"latency: int8 was slower here (latency trial {chosen})" for n in outcome.excluded}
+
+    def _latency_check(self, pre_path: pathlib.Path, inputs, first: pathlib.Path, scorer):
+        """The accuracy rule of a latency trial: max_accuracy_drop when set (same scoring as the
+        fallback), else top-1 agreement with the float model at most AGREEMENT_SLACK below the
+        first quantization's, on up to AGREEMENT_SAMPLES samples of data.evaluation (else
+        data.calibration)."""
+        ctx = self.context
+        if scorer is not None:
+            metric, _, score = scorer
+            tol = float(self.max_accuracy_drop)
+
+            def check(path: pathlib.Path) -> dict:
+                value, drop = score(path)
+                return {metric: round(value, 5), "drop": round(drop, 5), "met": drop <= tol + 1e-12}
+            return check
+
+        data = ctx.evaluation if ctx.evaluation is not None else ctx.calibration
+
+        def top1(path: pathlib.Path) -> np.ndarray:
+            stream = qdata.feeds(data, inputs, qlat.AGREEMENT_SAMPLES, self.batch_size)
+            return qlat.top1(qdata.session(path, ctx.threads), (feed for feed, _ in stream))
+
+        reference = top1(pre_path)
+        floor: list[float] = []
+
+        def check(path: pathlib.Path) -> dict:
+            value = qlat.agreement(reference, top1(path))
+            if path == first:
+                floor.append(value - qlat.AGREEMENT_SLACK)
+            return {"agreement": round(value, 5), "data": data.name,
+                    "met": bool(value >= floor[0] - 1e-12)}
+        return check
+
     def _summarize(self, seconds: float) -> None:
         d = self.context.details
         d["seconds"] = round(seconds, 3)
         d["peak_rss_mb"] = round(qdata.peak_rss_mb(), 1)
+        if "ort_optimized" not in d:  # the float model was returned; the latency note says why
+            return
         ort_opt = d["ort_optimized"]
         self.note(f"{sum(d['int8_ops'].values())} nodes int8, {sum(d['float_ops'].values())} float; "
                   f"onnxruntime fused {ort_opt['fused_int8_total']} int8 kernels, "

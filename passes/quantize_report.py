@@ -56,6 +56,23 @@ def _by_name(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {n.name: n for n in proto.graph.node}
 
 
+def int8_nodes(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *, op_types: Iterable[str]) -> list[str]:
+    """Names of the float model's nodes that run int8 in the QDQ model (node_accounting's rule),
+    plus the Relu/Clip nodes the quantizer folded into an int8 producer's output range."""
+    op_types = set(op_types)
+    dq_outputs = {o for n in qdq_proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    initializers = {t.name for t in qdq_proto.graph.initializer}
+    present, names = set(), []
+    for node in qdq_proto.graph.node:
+        present.add(node.name)
+        activations = [i for i in node.input if i and i not in initializers]
+        if (node.op_type not in QDQ_OPS and activations and all(i in dq_outputs for i in activations)
+                and node.op_type in QUANTIZABLE and node.op_type in op_types):
+            names.append(node.name)
+    folded = [n.name for n in float_proto.graph.node if n.name not in present and n.op_type in ("Relu", "Clip")]
+    return names + folded
+
+
 def node_accounting(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *,
                     op_types: Iterable[str], excluded: dict[str, str]) -> dict:
     """Int8 and float nodes of the QDQ model, with a reason for every node left float.

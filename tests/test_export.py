@@ -78,7 +78,13 @@ def exported_efficientnet(tmp_path_factory):
                    tmp_path_factory)
 
 
-@pytest.fixture(scope="module", params=models.NAMES)
+# The reference classifiers (one global pool, [batch, classes] output). The latency-study models
+# of models/vision_zoo.py are exported by benchmarks/run_latency_aware.py and its tests.
+REFERENCE_NAMES = ("seed_cnn", "resnet18", "mobilenet_v2", "efficientnet_lite0", "resnet_mnist",
+                   "student_mnist", "student_cifar", "digits_cnn")
+
+
+@pytest.fixture(scope="module", params=REFERENCE_NAMES)
 def exported(request, tmp_path_factory):
     """(name, torch module, ExportResult, folder) for each reference model."""
     name = request.param
@@ -306,7 +312,8 @@ def test_cli_weights_and_input_shape(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["nope"], "unknown model 'nope' (valid: seed_cnn, resnet18, mobilenet_v2, efficientnet_lite0, "
-               "resnet_mnist, student_mnist, student_cifar, digits_cnn, or package.module:callable)"),
+               "resnet_mnist, student_mnist, student_cifar, digits_cnn, mobilenet_v3_small, prelu_facenet, "
+               "gated_cnn, ocr_crnn, or package.module:callable)"),
     (["digits_cnn", "--input-shape", "1,a,8"],
      "--input-shape: '1,a,8' is not a comma-separated list of integers (e.g. 1,3,224,224)"),
     (["digits_cnn", "--input-shape", "1,-1,8,8"],

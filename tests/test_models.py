@@ -118,6 +118,10 @@ EXPECTED = {  # name: (default_input_shape, num_classes)
     "student_mnist": ((1, 1, 28, 28), 10),
     "student_cifar": ((1, 3, 32, 32), 10),
     "digits_cnn": ((1, 1, 8, 8), 10),
+    "mobilenet_v3_small": ((1, 3, 224, 224), 1000),
+    "prelu_facenet": ((1, 3, 96, 96), 2),
+    "gated_cnn": ((1, 1, 64, 64), 10),
+    "ocr_crnn": ((1, 1, 32, 128), 10),
 }
 
 
@@ -133,7 +137,8 @@ def test_build_shapes_and_attributes(name):
     assert model.default_input_shape == shape and model.num_classes == classes
     with torch.no_grad():
         out = model(torch.zeros((2,) + shape[1:], device="meta"))
-    assert out.shape == (2, classes)
+    # ocr_crnn reads a line of 4 characters: one row of class scores per character
+    assert out.shape == ((2, 4, classes) if name == "ocr_crnn" else (2, classes))
 
 
 @pytest.mark.parametrize("name", ["seed_cnn", "resnet18", "resnet_mnist", "student_mnist", "student_cifar",
@@ -207,7 +212,7 @@ def test_seeded_init_is_deterministic_and_leaves_global_rng_alone():
 
 def test_global_pooling_is_adaptive_avg_pool():
     for name in models.NAMES:
-        if name == "seed_cnn":
+        if name in ("seed_cnn", "ocr_crnn"):  # no global pool: seed_cnn flattens, ocr_crnn reads a sequence
             continue
         pools = [m for m in models.build(name).modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
         assert len(pools) == 1 and pools[0].output_size in (1, (1, 1)), name
@@ -256,7 +261,8 @@ def test_unknown_name_lists_valid_names():
     with pytest.raises(UserError) as e:
         models.build("resnet50")
     assert str(e.value) == ("unknown model 'resnet50' (valid: seed_cnn, resnet18, mobilenet_v2, efficientnet_lite0, "
-                            "resnet_mnist, student_mnist, student_cifar, digits_cnn, or package.module:callable)")
+                            "resnet_mnist, student_mnist, student_cifar, digits_cnn, mobilenet_v3_small, prelu_facenet, "
+                            "gated_cnn, ocr_crnn, or package.module:callable)")
     with pytest.raises(UserError, match=r"^unknown model 'resnet50' \(valid: seed_cnn, "):
         models.resolve("resnet50")
 
