@@ -183,6 +183,7 @@ def test_recipe_layer_builds_the_pass():
 @pytest.mark.parametrize("fields, message", [
     ({"student": "nope"}, "student: unknown model 'nope' (valid: seed_cnn, resnet18, mobilenet_v2, "
                           "efficientnet_lite0, resnet_mnist, student_mnist, student_cifar, digits_cnn, "
+                          "mobilenet_v3_small, prelu_facenet, gated_cnn, ocr_crnn, "
                           "or package.module:callable, or {onnx: PATH})"),
     ({"student": None}, "student: required (a models/ name, package.module:callable or {onnx: PATH})"),
     ({"student": "digits_cnn", "epochs": 0}, "epochs: 0 is outside [1, inf]"),
