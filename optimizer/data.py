@@ -53,6 +53,8 @@ naming both shapes.
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import functools
 import importlib.util
@@ -100,8 +102,8 @@ DEFAULT_PRESET = {"digits": "digits", "mnist": "mnist", "imagenet-samples": "ima
 _NAMES_HELP = "digits, mnist, imagenet-samples, photos, folder:PATH, npy:PATH, npz:PATH"
 
 
-class Dataset:
-    """Base class: subclasses implement ``__len__`` and ``batches``."""
+class Dataset(abc.ABC):
+    """Abstract base: subclasses implement ``__len__`` and ``batches``."""
 
     name: str = "dataset"
     labeled: bool = False
@@ -109,11 +111,13 @@ class Dataset:
     num_classes: int | None = None
     class_names: list[str] | None = None
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of samples."""
 
+    @abc.abstractmethod
     def batches(self, batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        raise NotImplementedError
+        """Yield ``(x float32 [b, *sample_shape], y int64 [b] | None)`` in a fixed order."""
 
 
 class ArrayDataset(Dataset):
