@@ -31,3 +31,16 @@ def export_tiny_resnet(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
                       input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     return path
+
+
+def train_classifier(net: torch.nn.Module, x, y, *, epochs: int, lr: float = 3e-3, batch: int = 64) -> None:
+    """Adam + cross-entropy over shuffled mini-batches of numpy arrays (uses torch's global RNG)."""
+    opt = torch.optim.Adam(net.parameters(), lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
+            opt.step()

@@ -21,6 +21,7 @@ from optimizer.data import ArrayDataset, Dataset
 from optimizer.errors import UserError
 from passes import quantize_data as qdata
 from passes.quantize import QuantizePass
+from tests._fixtures import train_classifier
 
 N_TRAIN = 1400
 
@@ -39,15 +40,7 @@ def _train(x, y, seed=0) -> nn.Module:
     net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
                         nn.Flatten(), nn.Linear(32 * 16, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xt, yt = torch.from_numpy(x[:N_TRAIN]), torch.from_numpy(y[:N_TRAIN])
-    for _ in range(15):
-        perm = torch.randperm(N_TRAIN)
-        for i in range(0, N_TRAIN, 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
+    train_classifier(net, x[:N_TRAIN], y[:N_TRAIN], epochs=15)
     return net.eval()
 
 

@@ -21,6 +21,7 @@ from optimizer.context import PassContext
 from optimizer.data import ArrayDataset
 from passes import quantize_latency as qlat
 from passes.quantize import QuantizePass
+from tests._fixtures import train_classifier
 
 N_TRAIN = 1400
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -58,15 +59,7 @@ def gated_proto(digits):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = GatedDigits()
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    xt, yt = torch.from_numpy(x[:N_TRAIN]), torch.from_numpy(y[:N_TRAIN])
-    for _ in range(12):
-        perm = torch.randperm(N_TRAIN)
-        for i in range(0, N_TRAIN, 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
+    train_classifier(net, x[:N_TRAIN], y[:N_TRAIN], epochs=12)
     net.eval()
     with torch.no_grad():
         assert (net(torch.from_numpy(x[N_TRAIN:])).argmax(1).numpy() == y[N_TRAIN:]).mean() > 0.9
