@@ -13,7 +13,9 @@ Flow: constants lifted to initializers and nodes named (onnx_ir passes), opset r
 quantizer needs it, ``quant_pre_process`` (shape inference + onnxruntime basic optimization, which
 keeps node names), calibration streamed chunk by chunk (passes.quantize_data), QDQ insertion by
 ``quantize_static`` reading the ranges from a calibration cache, so fallback trials re-quantize
-without re-calibrating. With ``max_accuracy_drop`` the quantized model is evaluated; if it misses,
+without re-calibrating, then the int8 weights and int32 biases of every quantized model refined
+against float statistics of the calibration data (passes.quantize_refine: GPTQ rounding and
+bias correction; the graph and scales stay as onnxruntime made them). With ``max_accuracy_drop`` the quantized model is evaluated; if it misses,
 tensors are ranked by SQNR (passes.quantize_report) and the nodes around the k worst go back to
 float, k found by doubling then bisection within ``max_trials``. The best model is always returned;
 a missed tolerance sets ``context.failure`` (the pipeline saves the model and exits 1).
@@ -49,6 +51,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from optimizer.errors import UserError, WorkFailed
 from passes import quantize_data as qdata
 from passes import quantize_latency as qlat
+from passes import quantize_refine as qrefine
 from passes import quantize_report as qreport
 from passes.base import DeployFunctionalPass, check_choice, check_range
 
@@ -121,6 +124,9 @@ class QuantizePass(DeployFunctionalPass):
     exclude_nodes: list[str] = dataclasses.field(default_factory=list)  # names or regexes
     samples: int = 256  # calibration samples used (at most)
     batch_size: int = 8
+    rounding: str = "gptq"  # gptq (error-compensating, passes.quantize_refine) | nearest (onnxruntime's)
+    bias_correction: bool = True  # remove the output-mean shift the int8 weights cause
+    refine_samples: int = 64  # calibration samples whose float statistics drive both
     max_accuracy_drop: float | None = None  # None: no evaluation, no fallback
     relative: bool = False  # max_accuracy_drop relative to the float model's score
     max_trials: int = 8  # quantize+evaluate rounds the fallback may spend, and as many timed latency trials
@@ -134,12 +140,14 @@ class QuantizePass(DeployFunctionalPass):
     def validate(self) -> None:
         check_choice("calibration", self.calibration, tuple(qdata.METHODS))
         check_range("percentile", self.percentile, 0, 100, low_open=True)
+        check_choice("rounding", self.rounding, ("gptq", "nearest"))
         check_choice("activation_type", self.activation_type, tuple(_TYPES))
         check_choice("weight_type", self.weight_type, ("int8", "uint8"))
         if self.activation_type == "int8" and self.weight_type == "uint8":
             raise UserError("weight_type: 'uint8' with activation_type 'int8' is not supported by "
                             "onnxruntime (use int8 weights)")
-        for field in ("per_channel", "symmetric_activations", "symmetric_weights", "relative", "latency_aware"):
+        for field in ("per_channel", "symmetric_activations", "symmetric_weights", "relative", "latency_aware",
+                      "bias_correction"):
             if not isinstance(getattr(self, field), bool):
                 raise UserError(f"{field}: expected true or false, got {getattr(self, field)!r}")
         if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
@@ -155,7 +163,8 @@ class QuantizePass(DeployFunctionalPass):
                 re.compile(pattern)
             except (re.error, TypeError) as e:
                 raise UserError(f"exclude_nodes: {pattern!r} is not a node name or regex ({e})") from e
-        for field, low, high in (("samples", 1, None), ("batch_size", 1, 4096), ("max_trials", 1, 64)):
+        for field, low, high in (("samples", 1, None), ("batch_size", 1, 4096), ("max_trials", 1, 64),
+                                 ("refine_samples", 1, None)):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"{field}: expected an integer, got {value!r}")
@@ -211,8 +220,12 @@ class QuantizePass(DeployFunctionalPass):
             excluded = self._resolve_excludes(pre_proto)
             cache = timed("calibration", self._calibrate, pre_path, inputs, tmp, n_cal)
 
+            refiner = self._refiner(pre_path, inputs, reduce_range)
+
             def quantize(fallback: list[str], path: pathlib.Path) -> pathlib.Path:
                 timed("quantize", self._quantize, pre_path, path, cache, [*excluded, *fallback], reduce_range)
+                if refiner is not None:
+                    ctx.details["refinement"] = timed("refine", refiner, path)
                 return path
 
             best = quantize([], tmp / "trial0.onnx")
@@ -342,6 +355,15 @@ class QuantizePass(DeployFunctionalPass):
         except Exception as e:
             raise WorkFailed(f"onnxruntime quantize_static failed: {type(e).__name__}: "
                              f"{' '.join(str(e).split())[:300]}") from e
+
+    def _refiner(self, pre_path: pathlib.Path, inputs, reduce_range: bool) -> qrefine.Refiner | None:
+        if self.rounding == "nearest" and not self.bias_correction:
+            return None
+        return qrefine.Refiner(
+            pre_path, self.context.calibration, inputs, samples=min(self.refine_samples, self.samples),
+            batch_size=self.batch_size, threads=self.context.threads, rounding=self.rounding,
+            bias_correction=self.bias_correction, damp=qrefine.DAMP, reduce_range=reduce_range,
+            symmetric=self.symmetric_weights)
 
     def _sqnr_feeds(self, inputs) -> Iterator[dict[str, np.ndarray]]:
         data = self.context.evaluation if self.context.evaluation is not None else self.context.calibration
@@ -523,6 +545,12 @@ class QuantizePass(DeployFunctionalPass):
                   f"onnxruntime fused {ort_opt['fused_int8_total']} int8 kernels, "
                   f"{ort_opt['unfused_quantize_linear']} QuantizeLinear / "
                   f"{ort_opt['unfused_dequantize_linear']} DequantizeLinear left unfused")
+        r = d.get("refinement")
+        if r and r.get("layers_gptq", 0) + r.get("biases_corrected", 0):
+            self.note(f"weights refined on {r['samples']} calibration samples: {r['layers_gptq']} layers "
+                      f"rounded by GPTQ ({r['layers_nearest']} to nearest), {r['biases_corrected']} biases "
+                      f"corrected; GPTQ layers' output error from int8 weights "
+                      f"{r['weight_output_error_reduction_db']:.1f} dB below round-to-nearest (mean)")
         for entry in d["float_nodes"][:20]:
             self.note(f"float: {entry['node']} ({entry['op_type']}): {entry['reason']}")
         if len(d["float_nodes"]) > 20:

@@ -1,0 +1,152 @@
+"""Weight refinement after QDQ insertion (passes.quantize_refine): GPTQ rounding and bias
+correction change only the integer weights and biases, and bring the int8 model closer to fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from sklearn.datasets import load_digits
+from torch import nn
+
+from optimizer.context import PassContext
+from optimizer.data import ArrayDataset
+from optimizer.errors import UserError
+from passes import quantize_refine as qrefine
+from passes.quantize import QuantizePass
+from tests._fixtures import train_classifier
+
+
+def _grid(q, s, z):
+    return s[:, :, None] * (q - z[:, :, None])
+
+
+def test_gptq_cuts_output_error_on_held_out_inputs_and_stays_on_the_grid():
+    """Correlated inputs (32 features driven by 8 sources plus 10% noise, like neighbouring pixels of
+    a patch): GPTQ's output error E‖ΔW x‖² on inputs it never saw is at least 2x below
+    round-to-nearest, and every weight is an integer in range."""
+    rng = np.random.default_rng(0)
+    g, r, k = 2, 16, 32
+    w = rng.normal(size=(g, r, k))
+    mix = rng.normal(size=(g, k, 8))
+
+    def inputs(n):
+        return np.einsum("gkl,gnl->gnk", mix, rng.normal(size=(g, n, 8))) + 0.1 * rng.normal(size=(g, n, k))
+    fit, held = inputs(4000), inputs(4000)
+    hessian = np.einsum("gnk,gnl->gkl", fit, fit) / fit.shape[1]
+    scale = np.abs(w).max(axis=2) / 127
+    zero = np.zeros_like(scale)
+    q = qrefine.gptq(w, scale, zero, -127, 127, hessian, damp=0.01)
+    nearest = np.clip(np.round(w / scale[:, :, None]), -127, 127)
+    assert np.array_equal(q, np.round(q)) and q.min() >= -127 and q.max() <= 127
+
+    def error(qq):
+        return float(np.sum(np.einsum("grk,gnk->gnr", _grid(qq, scale, zero) - w, held) ** 2))
+    assert error(q) < 0.5 * error(nearest)
+
+
+def test_gptq_with_an_identity_hessian_is_round_to_nearest():
+    """Uncorrelated inputs of equal energy: no column can absorb another's error, so GPTQ must
+    reduce to plain rounding (a check of the update's algebra)."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(1, 8, 16))
+    scale, zero = np.abs(w).max(axis=2) / 127, np.zeros((1, 8))
+    q = qrefine.gptq(w, scale, zero, -127, 127, np.eye(16)[None], damp=0.0)
+    assert np.array_equal(q, np.clip(np.round(w / scale[:, :, None]), -127, 127))
+
+
+# -- on a trained model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_model():
+    """A trained digits CNN with a depthwise layer (the case refinement is for), exported to ONNX."""
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU6(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
+                        nn.Conv2d(16, 24, 1), nn.ReLU6(),
+                        nn.Flatten(), nn.Linear(24 * 64, 10))
+    train_classifier(net, x[:1400], y[:1400], epochs=15)
+    import io
+    buf = io.BytesIO()
+    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue()), x, y
+
+
+def _quantize(proto, x, **settings):
+    p = QuantizePass(latency_aware=False, **settings)
+    p.context = PassContext(calibration=ArrayDataset(x[:256]))
+    return ir.to_proto(p(ir.from_proto(proto)).model), p.context.details
+
+
+def _logits(proto, x):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def test_refinement_changes_only_integer_values_and_brings_int8_closer_to_fp32(digits_model):
+    proto, x, _ = digits_model
+    plain, _ = _quantize(proto, x, rounding="nearest", bias_correction=False)
+    refined, details = _quantize(proto, x)
+    # The same graph, scales and zero points: only int8 weights and int32 biases differ.
+    assert [(n.op_type, n.name, list(n.input)) for n in plain.graph.node] == \
+        [(n.op_type, n.name, list(n.input)) for n in refined.graph.node]
+    a = {t.name: numpy_helper.to_array(t) for t in plain.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in refined.graph.initializer}
+    changed = {k for k in a if not np.array_equal(a[k], b[k])}
+    assert changed and all(a[k].dtype in (np.int8, np.int32) for k in changed)
+    assert all(np.array_equal(a[k], b[k]) for k in a if a[k].dtype == np.float32)
+    r = details["refinement"]
+    assert r["layers_gptq"] == 3 and r["layers_nearest"] == 1  # the Gemm: 64 samples < 1,536 inputs
+    assert r["biases_corrected"] == 4 and r["weight_output_error_reduction_db"] > 1.0
+    # On held-out digits the refined model is closer to fp32 (logit MSE).
+    held = x[1400:]
+    ref = _logits(proto, held)
+    mse_plain = np.mean((_logits(plain, held) - ref) ** 2)
+    mse_refined = np.mean((_logits(refined, held) - ref) ** 2)
+    assert mse_refined < 0.99 * mse_plain  # activations dominate here; EfficientNet: benchmarks/results/quantize.md
+
+
+def test_bias_correction_removes_the_mean_shift_of_the_weights(digits_model):
+    """With round-to-nearest weights, bias correction alone makes the mean of every corrected
+    layer's output over the calibration samples equal to fp32's up to activation quantization."""
+    proto, x, _ = digits_model
+    plain, _ = _quantize(proto, x, rounding="nearest", bias_correction=False)
+    corrected, details = _quantize(proto, x, rounding="nearest")
+    assert details["refinement"]["layers_gptq"] == 0 and details["refinement"]["biases_corrected"] == 4
+    ref = _logits(proto, x[:64])
+    shift_plain = np.abs((_logits(plain, x[:64]) - ref).mean(0)).mean()
+    shift_corrected = np.abs((_logits(corrected, x[:64]) - ref).mean(0)).mean()
+    assert shift_corrected < 0.7 * shift_plain
+
+
+def test_refinement_off_leaves_onnxruntime_rounding(digits_model):
+    proto, x, _ = digits_model
+    q, details = _quantize(proto, x, rounding="nearest", bias_correction=False)
+    assert "refinement" not in details
+    init = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    w = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for name, value in w.items():
+        if value.ndim == 4 and name + "_quantized" in init:
+            s = init[name + "_scale"].reshape(-1, 1, 1, 1)
+            assert np.array_equal(init[name + "_quantized"], np.clip(np.round(value / s), -127, 127))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"rounding": "adaround"}, "rounding: 'adaround' is not one of gptq, nearest"),
+    ({"bias_correction": "yes"}, "bias_correction: expected true or false, got 'yes'"),
+    ({"refine_samples": 0}, "refine_samples: 0 is outside [1, inf]"),
+])
+def test_bad_refinement_settings(settings, message):
+    with pytest.raises(UserError) as e:
+        QuantizePass(**settings)
+    assert str(e.value).startswith(message)
