@@ -17,9 +17,11 @@ model on calibration data we keep, per layer and group, ``H = E[x xᵀ]`` and ``
    through the inverse Hessian: ``w[j>i] -= e · U[i, j>i] / U[i, i]``, with ``U`` the upper
    Cholesky factor of ``(H + λI)⁻¹``, ``λ`` = ``damp`` x mean(diag H). Columns go in order of
    decreasing ``diag H`` (the inputs with most energy are rounded first, while the most columns
-   remain to absorb their error). A layer with fewer data rows than columns (a classifier on
-   pooled features with 64 samples) is rounded to nearest: its ``H`` is rank-deficient and the
-   compensation would fit the calibration samples instead of the distribution.
+   remain to absorb their error). Statistics use up to ``POSITIONS`` output positions per sample.
+   Two kinds of layer are rounded to nearest instead: one with fewer data rows than columns (a
+   classifier on pooled features with 64 samples: its ``H`` is rank-deficient and the
+   compensation would fit the calibration samples, not the distribution), and one wider than
+   ``MAX_COLUMNS`` (``K²`` memory and time; its errors average over many inputs anyway).
 2. Bias correction (Nagel et al. 2019, "Data-Free Quantization", section 4.2, empirical form):
    whatever the rounding, the output mean moves by ``E[Δy] = ΔW m``; it is removed from the
    int32 bias: ``b_q -= round(ΔW m / s_b)``. Using the mean patch ``m`` (not per-channel means)
@@ -46,13 +48,22 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
-from passes._lstsq import conv_pads, conv_patches
+from passes._lstsq import conv_output_size, conv_pads, conv_patches
 from passes import quantize_data as qdata
 
 #: Ops whose weight (input 1) refinement handles.
 REFINABLE = ("Conv", "Gemm", "MatMul")
 #: GPTQ's damping λ / mean(diag H), the paper's default.
 DAMP = 0.01
+#: Output positions per sample whose patches enter the statistics (drawn at random, seed 0):
+#: 64 samples x 256 positions is 16k rows, plenty for K <= MAX_COLUMNS, and early high-resolution
+#: layers (112x112 = 12,544 positions) stop dominating the time.
+POSITIONS = 256
+#: Widest layer (columns K = C_in/group x kh x kw) GPTQ rounds: its statistics take K² memory and
+#: rows x K² time (ResNet-18's 3x3 convolutions on 512 channels, K = 4,608: 170 MB each and most
+#: of a minute). Wider layers are rounded to nearest and bias-corrected; their errors average over
+#: many inputs anyway.
+MAX_COLUMNS = 2048
 #: Columns per lazy batch of the GPTQ update (the trailing update is one matrix product).
 BLOCK = 128
 
@@ -72,15 +83,16 @@ class Layer:
 
 @dataclasses.dataclass
 class Stats:
-    """Sums over data rows: ``gram = Σ x xᵀ`` (G, K, K), ``total = Σ x`` (G, K), ``rows``."""
+    """Sums over data rows: ``gram = Σ x xᵀ`` (G, K, K; None above ``MAX_COLUMNS``), ``total = Σ x``
+    (G, K), ``rows``."""
 
-    gram: np.ndarray
+    gram: np.ndarray | None
     total: np.ndarray
     rows: int = 0
 
     @property
-    def hessian(self) -> np.ndarray:
-        return self.gram / max(self.rows, 1)
+    def hessian(self) -> np.ndarray | None:
+        return None if self.gram is None else self.gram / max(self.rows, 1)
 
     @property
     def mean(self) -> np.ndarray:
@@ -125,19 +137,27 @@ def find_layers(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto) -> tup
     return layers, skipped
 
 
-def _patches(x: np.ndarray, layer: Layer) -> np.ndarray:
-    """The layer's input rows for one sample: (G, rows, K)."""
+def _patches(x: np.ndarray, layer: Layer, rng: np.random.Generator) -> np.ndarray:
+    """The layer's input rows for one sample, at most ``POSITIONS`` of them: (G, rows, K)."""
     if layer.op_type != "Conv":
-        return x.reshape(1, -1, layer.weight.shape[2])
+        rows = x.reshape(1, -1, layer.weight.shape[2])
+        return rows[:, _subset(rows.shape[1], rng)]
     kernel = tuple(layer.weight_shape[2:])
     strides = tuple(layer.attrs.get("strides", (1, 1)))
     dilations = tuple(layer.attrs.get("dilations", (1, 1)))
     pads = conv_pads("NOTSET", layer.attrs.get("pads"), x.shape[2:], kernel, strides, dilations)
     group = int(layer.attrs.get("group", 1))
-    if kernel == (1, 1) and strides == (1, 1) and not any(pads):  # pointwise: a view, no copy
-        return x.reshape(group, x.shape[1] // group, -1).transpose(0, 2, 1)
-    return conv_patches(x, kernel, strides=strides, pads=pads, dilations=dilations,
-                        group=group)
+    if kernel == (1, 1) and strides == (1, 1) and not any(pads):  # pointwise: no im2col
+        flat = x.reshape(group, x.shape[1] // group, -1)
+        return flat[:, :, _subset(flat.shape[2], rng)].transpose(0, 2, 1)
+    out_h, out_w = conv_output_size(x.shape[2:], kernel, strides, pads, dilations)
+    return conv_patches(x, kernel, strides=strides, pads=pads, dilations=dilations, group=group,
+                        positions=_subset(out_h * out_w, rng))
+
+
+def _subset(n: int, rng: np.random.Generator) -> np.ndarray:
+    """All of ``n`` output positions, or ``POSITIONS`` of them drawn without replacement."""
+    return np.arange(n) if n <= POSITIONS else np.sort(rng.choice(n, POSITIONS, replace=False))
 
 
 def collect(float_path: pathlib.Path, layers: list[Layer], feeds: Iterable[dict[str, np.ndarray]],
@@ -153,17 +173,21 @@ def collect(float_path: pathlib.Path, layers: list[Layer], feeds: Iterable[dict[
     tmp = pathlib.Path(float_path).with_name("refine-capture.onnx")
     onnx.save(proto, str(tmp))
     sess = qdata.session(tmp, threads)
-    stats = {layer.node: Stats(np.zeros((layer.weight.shape[0],) + (layer.weight.shape[2],) * 2),
-                               np.zeros((layer.weight.shape[0], layer.weight.shape[2])))
-             for layer in layers}
+    stats = {}
+    for layer in layers:
+        g, _, k = layer.weight.shape
+        # Layers too wide for GPTQ keep only the mean (bias correction): no K x K memory or time.
+        stats[layer.node] = Stats(np.zeros((g, k, k)) if k <= MAX_COLUMNS else None, np.zeros((g, k)))
+    rng = np.random.default_rng(0)
     for feed in feeds:
         values = dict(zip(names, sess.run(names, feed)))
         for layer in layers:
             x = np.asarray(values[layer.input], dtype=np.float32)
             for i in range(len(x)):  # per sample: im2col of a batch can take gigabytes
-                p = _patches(x[i:i + 1], layer)
+                p = _patches(x[i:i + 1], layer, rng)
                 s = stats[layer.node]
-                s.gram += np.matmul(p.transpose(0, 2, 1), p)  # float32 BLAS, float64 sums
+                if s.gram is not None:
+                    s.gram += np.matmul(p.transpose(0, 2, 1), p)  # float32 BLAS, float64 sums
                 s.total += p.sum(axis=1, dtype=np.float64)
                 s.rows += p.shape[1]
     tmp.unlink(missing_ok=True)
@@ -208,6 +232,51 @@ def _output_error(delta: np.ndarray, hessian: np.ndarray) -> float:
     return float(np.sum(np.matmul(delta, hessian) * delta))
 
 
+def _correct_bias(proto: onnx.ModelProto, node: onnx.NodeProto, shift: np.ndarray, init: dict,
+                  producer: dict) -> bool:
+    """Subtract ``shift`` from the node's int32 bias (``b_q -= round(shift / s_b)``). A Conv or Gemm
+    without a bias gets one, in the QDQ form onnxruntime fuses: int32 values with scale
+    ``s_x · s_w`` and zero point 0 behind a DequantizeLinear."""
+    bdq = producer.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if bdq is not None:
+        if bdq.op_type != "DequantizeLinear" or bdq.input[0] not in init:
+            return False
+        b_tensor = init[bdq.input[0]]
+        b = numpy_helper.to_array(b_tensor).astype(np.int64)
+        b_scale = numpy_helper.to_array(init[bdq.input[1]]).astype(np.float64)
+        fixed = np.clip(b - np.round(shift / b_scale), *_INT32)
+        b_tensor.CopyFrom(numpy_helper.from_array(fixed.astype(np.int32), b_tensor.name))
+        return True
+    xdq, wdq = producer.get(node.input[0]), producer.get(node.input[1])
+    if node.op_type == "MatMul" or xdq is None or xdq.op_type != "DequantizeLinear" \
+            or any(v not in init for v in (xdq.input[1], wdq.input[1])) \
+            or (node.op_type == "Gemm" and _attrs(node).get("beta", 1.0) != 1.0):
+        return False
+    s_x = numpy_helper.to_array(init[xdq.input[1]]).astype(np.float64)
+    s_w = numpy_helper.to_array(init[wdq.input[1]]).astype(np.float64)
+    b_scale = np.broadcast_to(s_x * s_w, shift.shape).astype(np.float32)
+    values = np.clip(np.round(-shift / b_scale), *_INT32).astype(np.int32)
+    base = f"{node.name}_bias_correction"
+    tensors = [numpy_helper.from_array(values, base + "_quantized"),
+               numpy_helper.from_array(b_scale, base + "_scale"),
+               numpy_helper.from_array(np.zeros(shift.shape, np.int32), base + "_zero_point")]
+    proto.graph.initializer.extend(tensors)
+    init.update({t.name: t for t in tensors})
+    dq = helper.make_node("DequantizeLinear", [t.name for t in tensors], [base], name=base + "_DequantizeLinear",
+                          axis=0)
+    index = next(i for i, n in enumerate(proto.graph.node) if n.name == node.name)
+    proto.graph.node.insert(index, dq)
+    node = proto.graph.node[index + 1]  # the message in the list (insert shifted it)
+    if len(node.input) < 3:
+        node.input.append(base)
+    else:
+        node.input[2] = base
+    return True
+
+
+_INT32 = (np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+
+
 def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats], *, rounding: str,
            bias_correction: bool, damp: float, reduce_range: bool, symmetric: bool) -> dict:
     """Rewrite the int8 weights (``rounding == 'gptq'``) and int32 biases (``bias_correction``)
@@ -236,8 +305,8 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
         st = stats[layer.node]
         hessian = st.hessian
         delta = scale[:, :, None] * (rows - zero[:, :, None]) - layer.weight
-        error_nearest = _output_error(delta, hessian)
-        if rounding == "gptq" and st.rows >= k:
+        if rounding == "gptq" and hessian is not None and st.rows >= k:
+            error_nearest = _output_error(delta, hessian)
             qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(q_tensor.data_type, reduce_range, symmetric))
             rows = gptq(layer.weight, scale, zero, qmin, qmax, hessian, damp)
             delta = scale[:, :, None] * (rows - zero[:, :, None]) - layer.weight
@@ -250,16 +319,10 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
                 gains.append(10 * np.log10(error_nearest / error_refined))
         else:
             nearest_layers.append(layer.node)
-        if bias_correction and len(node.input) > 2 and (bdq := producer.get(node.input[2])) is not None \
-                and bdq.op_type == "DequantizeLinear" and bdq.input[0] in init:
+        if bias_correction:
             shift = np.einsum("grk,gk->gr", delta, st.mean).reshape(-1)  # E[Δy] per output
-            b_tensor = init[bdq.input[0]]
-            b = numpy_helper.to_array(b_tensor).astype(np.int64)
-            b_scale = numpy_helper.to_array(init[bdq.input[1]]).astype(np.float64)
-            info = np.iinfo(numpy_helper.to_array(b_tensor).dtype)
-            fixed = np.clip(b - np.round(shift / b_scale), info.min, info.max)
-            b_tensor.CopyFrom(numpy_helper.from_array(fixed.astype(info.dtype), b_tensor.name))
-            corrected += 1
+            if _correct_bias(proto, node, shift, init, producer):
+                corrected += 1
     onnx.save(proto, str(qdq_path))
     return {"rounding": rounding, "bias_correction": bias_correction,
             "layers_gptq": len(gptq_layers), "layers_nearest": len(nearest_layers),

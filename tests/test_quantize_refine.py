@@ -150,3 +150,51 @@ def test_bad_refinement_settings(settings, message):
     with pytest.raises(UserError) as e:
         QuantizePass(**settings)
     assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("settings, low, high", [
+    ({"reduce_range": True}, -64, 64),
+    ({"per_channel": False}, -127, 127),
+    ({"symmetric_weights": False}, -128, 127),
+    ({"weight_type": "uint8", "symmetric_weights": False}, 0, 255),
+])
+def test_refined_weights_stay_in_the_quantizer_range(digits_model, settings, low, high):
+    """GPTQ rounds on the grid onnxruntime chose (its scale, zero point and integer range), for
+    every weight format, and the model still agrees with fp32."""
+    proto, x, _ = digits_model
+    q, details = _quantize(proto, x, **settings)
+    assert details["refinement"]["layers_gptq"] == 3
+    producer = {o: n for n in q.graph.node for o in n.output}
+    init = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    weights = [init[producer[n.input[1]].input[0]] for n in q.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert weights and all(w.min() >= low and w.max() <= high for w in weights)
+    held = x[1400:]
+    assert np.mean(_logits(q, held).argmax(1) == _logits(proto, held).argmax(1)) >= 0.97
+
+
+def test_bias_free_convolutions_get_a_fused_int32_bias(digits_model, tmp_path):
+    """Conv without bias (conv + BatchNorm exports, bias=False layers): bias correction adds an int32
+    bias in the form onnxruntime fuses, so the int8 kernel count is unchanged."""
+    from passes.quantize_report import ort_kernels
+
+    proto, x, _ = digits_model
+    bias_free = onnx.ModelProto()
+    bias_free.CopyFrom(proto)
+    for node in bias_free.graph.node:
+        if node.op_type == "Conv":
+            del node.input[2:]
+    plain, _ = _quantize(bias_free, x, rounding="nearest", bias_correction=False)
+    corrected, details = _quantize(bias_free, x, rounding="nearest")
+    assert details["refinement"]["biases_corrected"] == 4  # 3 new Conv biases + the Gemm's own
+    convs = [n for n in corrected.graph.node if n.op_type == "Conv"]
+    assert all(len(n.input) == 3 and n.input[2].endswith("_bias_correction") for n in convs)
+    kernels = {}
+    for label, model in (("plain", plain), ("corrected", corrected)):
+        onnx.save(model, tmp_path / f"{label}.onnx")
+        kernels[label] = ort_kernels(tmp_path / f"{label}.onnx", tmp_path, 1)
+    assert kernels["corrected"]["fused_int8"] == kernels["plain"]["fused_int8"]
+    assert kernels["corrected"]["unfused_dequantize_linear"] == kernels["plain"]["unfused_dequantize_linear"]
+    ref = _logits(bias_free, x[:64])
+    shift = {label: np.abs((_logits(m, x[:64]) - ref).mean(0)).mean() for label, m in
+             (("plain", plain), ("corrected", corrected))}
+    assert shift["corrected"] < 0.7 * shift["plain"]
