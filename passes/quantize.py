@@ -15,9 +15,10 @@ keeps node names), calibration streamed chunk by chunk (passes.quantize_data), Q
 ``quantize_static`` reading the ranges from a calibration cache, so fallback trials re-quantize
 without re-calibrating, then the int8 weights and int32 biases of every quantized model refined
 against float statistics of the calibration data (passes.quantize_refine: GPTQ rounding and
-bias correction; the graph and scales stay as onnxruntime made them). With ``max_accuracy_drop`` the quantized model is evaluated; if it misses,
-tensors are ranked by SQNR (passes.quantize_report) and the nodes around the k worst go back to
-float, k found by doubling then bisection within ``max_trials``. The best model is always returned;
+bias correction; the graph and scales stay as onnxruntime made them). With
+``max_accuracy_drop`` the quantized model is evaluated; if it misses, tensors are ranked by SQNR
+(passes.quantize_report) and the nodes around the k worst go back to float, k found by doubling
+then bisection within ``max_trials``. The best model is always returned;
 a missed tolerance sets ``context.failure`` (the pipeline saves the model and exits 1).
 
 With ``latency_aware`` (the default) the result is then timed against the float model on this
@@ -221,11 +222,12 @@ class QuantizePass(DeployFunctionalPass):
             cache = timed("calibration", self._calibrate, pre_path, inputs, tmp, n_cal)
 
             refiner = self._refiner(pre_path, inputs, reduce_range)
+            refinements: dict[pathlib.Path, dict] = {}
 
             def quantize(fallback: list[str], path: pathlib.Path) -> pathlib.Path:
                 timed("quantize", self._quantize, pre_path, path, cache, [*excluded, *fallback], reduce_range)
                 if refiner is not None:
-                    ctx.details["refinement"] = timed("refine", refiner, path)
+                    refinements[path] = timed("refine", refiner, path)
                 return path
 
             best = quantize([], tmp / "trial0.onnx")
@@ -246,6 +248,8 @@ class QuantizePass(DeployFunctionalPass):
                 self._summarize(time.perf_counter() - start)
                 return ir.passes.PassResult(ir.from_proto(proto), False)
             best_proto = onnx.load(str(best))
+            if best in refinements:  # the refinement of the model returned
+                ctx.details["refinement"] = refinements[best]
             reasons = {**{n: "excluded by exclude_nodes" for n in excluded}, **fallback, **latency}
             ctx.details.update(qreport.node_accounting(
                 pre_proto, best_proto, op_types=self._op_types(), excluded=reasons))
