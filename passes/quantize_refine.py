@@ -230,6 +230,17 @@ def gptq(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qma
     return out
 
 
+def _gptq_unfit(rounding: str, stats: Stats, columns: int) -> str | None:
+    """Why a layer is rounded to nearest rather than by GPTQ (None: GPTQ applies)."""
+    if rounding != "gptq":
+        return "rounding: nearest"
+    if stats.gram is None:
+        return f"{columns} columns > {MAX_COLUMNS} (MAX_COLUMNS)"
+    if stats.rows < columns:
+        return f"{stats.rows} data rows < {columns} columns"
+    return None
+
+
 def _output_error(delta: np.ndarray, hessian: np.ndarray) -> float:
     """``Σ_rows Δw H Δwᵀ`` summed over groups."""
     return float(np.sum(np.matmul(delta, hessian) * delta))
@@ -289,7 +300,7 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
     producer = {o: n for n in proto.graph.node for o in n.output}
     nodes = {n.name: n for n in proto.graph.node}
     gains = []
-    gptq_layers, nearest_layers, corrected = [], [], 0
+    gptq_layers, nearest, corrected = [], {}, 0
     for layer in layers:
         node = nodes.get(layer.node)
         if node is None or producer.get(node.input[1]) is None:
@@ -308,19 +319,19 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
         st = stats[layer.node]
         hessian = st.hessian
         delta = scale[:, :, None] * (rows - zero[:, :, None]) - layer.weight
-        refined = None
-        if rounding == "gptq" and hessian is not None and st.rows >= k:
+        refined, why = None, _gptq_unfit(rounding, st, k)
+        if why is None:
             qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(q_tensor.data_type, reduce_range, symmetric))
             try:
                 refined = gptq(layer.weight, scale, zero, qmin, qmax, hessian, damp)
-            except np.linalg.LinAlgError:  # H + λI not positive definite in floating point
-                refined = None
+            except np.linalg.LinAlgError:
+                why = "H + λI is not positive definite in floating point"
         if refined is not None:
             error_nearest = _output_error(delta, hessian)
             refined_delta = scale[:, :, None] * (refined - zero[:, :, None]) - layer.weight
             error_refined = _output_error(refined_delta, hessian)
             if error_refined >= error_nearest:  # never worse than nearest on the calibration data
-                refined = None
+                refined, why = None, "GPTQ was not better than nearest on the calibration data"
         if refined is not None:
             delta = refined_delta
             new = refined.reshape(r * g, k)
@@ -330,15 +341,15 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
             if error_refined > 0:
                 gains.append(10 * np.log10(error_nearest / error_refined))
         else:
-            nearest_layers.append(layer.node)
+            nearest[layer.node] = why
         if bias_correction:
             shift = np.einsum("grk,gk->gr", delta, st.mean).reshape(-1)  # E[Δy] per output
             if _correct_bias(proto, node, shift, init, producer):
                 corrected += 1
     onnx.save(proto, str(qdq_path))
     return {"rounding": rounding, "bias_correction": bias_correction,
-            "layers_gptq": len(gptq_layers), "layers_nearest": len(nearest_layers),
-            "biases_corrected": corrected,
+            "layers_gptq": len(gptq_layers), "layers_nearest": len(nearest),
+            "nearest": nearest if rounding == "gptq" else {}, "biases_corrected": corrected,
             # E‖ΔW x‖² on the calibration data, round-to-nearest over GPTQ, mean over GPTQ layers
             "weight_output_error_reduction_db": round(float(np.mean(gains)), 2) if gains else 0.0}
 

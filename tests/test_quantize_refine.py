@@ -198,3 +198,9 @@ def test_bias_free_convolutions_get_a_fused_int32_bias(digits_model, tmp_path):
     shift = {label: np.abs((_logits(m, x[:64]) - ref).mean(0)).mean() for label, m in
              (("plain", plain), ("corrected", corrected))}
     assert shift["corrected"] < 0.7 * shift["plain"]
+
+
+def test_layers_left_to_nearest_say_why(digits_model):
+    proto, x, _ = digits_model
+    _, details = _quantize(proto, x)
+    assert list(details["refinement"]["nearest"].values()) == ["64 data rows < 1536 columns"]
