@@ -16,9 +16,10 @@ keeps node names), calibration streamed chunk by chunk (passes.quantize_data), Q
 without re-calibrating, then the int8 weights and int32 biases of every quantized model refined
 against float statistics of the calibration data (passes.quantize_refine: GPTQ rounding and
 bias correction; the graph and scales stay as onnxruntime made them). With
-``max_accuracy_drop`` the quantized model is evaluated; if it misses, tensors are ranked by SQNR
-(passes.quantize_report) and the nodes around the k worst go back to float, k found by doubling
-then bisection within ``max_trials``. The best model is always returned;
+``max_accuracy_drop`` the quantized model is evaluated; if it misses, activation tensors are
+ranked by the output error their quantization adds (passes.quantize_sensitivity; ``fallback_rank:
+sqnr`` ranks by local SQNR, passes.quantize_report, instead) and the nodes around the k first go
+back to float, k found by doubling then bisection within ``max_trials``. The best model is always returned;
 a missed tolerance sets ``context.failure`` (the pipeline saves the model and exits 1).
 
 With ``latency_aware`` (the default) the result is then timed against the float model on this
@@ -54,12 +55,13 @@ from passes import quantize_data as qdata
 from passes import quantize_latency as qlat
 from passes import quantize_refine as qrefine
 from passes import quantize_report as qreport
+from passes import quantize_sensitivity as qsens
 from passes.base import DeployFunctionalPass, check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-#: Samples for the per-tensor SQNR ranking (report and fallback); a handful is enough to rank.
+#: Samples for the per-tensor SQNR and output-sensitivity rankings (report and fallback).
 SQNR_SAMPLES = 32
 SQNR_BATCH = 4
 #: QDQ per-channel weights need DequantizeLinear's ``axis`` (opset 13); below 11 onnxruntime
@@ -130,6 +132,7 @@ class QuantizePass(DeployFunctionalPass):
     refine_samples: int = 64  # calibration samples whose float statistics drive both
     max_accuracy_drop: float | None = None  # None: no evaluation, no fallback
     relative: bool = False  # max_accuracy_drop relative to the float model's score
+    fallback_rank: str = "sensitivity"  # sensitivity (output error each tensor adds) | sqnr (local)
     max_trials: int = 8  # quantize+evaluate rounds the fallback may spend, and as many timed latency trials
     latency_aware: bool = True  # time int8 against float here; keep int8 only where it is faster
     latency_min_ms: float = 0.1  # float models faster than this are left to the pipeline's step guard
@@ -142,6 +145,7 @@ class QuantizePass(DeployFunctionalPass):
         check_choice("calibration", self.calibration, tuple(qdata.METHODS))
         check_range("percentile", self.percentile, 0, 100, low_open=True)
         check_choice("rounding", self.rounding, ("gptq", "nearest"))
+        check_choice("fallback_rank", self.fallback_rank, ("sensitivity", "sqnr"))
         check_choice("activation_type", self.activation_type, tuple(_TYPES))
         check_choice("weight_type", self.weight_type, ("int8", "uint8"))
         if self.activation_type == "int8" and self.weight_type == "uint8":
@@ -235,7 +239,9 @@ class QuantizePass(DeployFunctionalPass):
             fallback: dict[str, str] = {}
             scorer = self._scorer(pre_path, inputs) if self.max_accuracy_drop is not None else None
             if scorer is not None:
-                best, fallback = timed("fallback", self._fallback, pre_proto, best, sqnr, tmp,
+                trial0 = best
+                best, fallback = timed("fallback", self._fallback, pre_proto, best,
+                                       lambda: self._fallback_order(sqnr, pre_path, trial0, inputs), tmp,
                                        quantize, excluded, scorer)
             ctx.details["ort_optimized"] = timed("ort_kernels", qreport.ort_kernels, best, tmp, ctx.threads)
             latency: dict[str, str] = {}
@@ -369,7 +375,8 @@ class QuantizePass(DeployFunctionalPass):
             bias_correction=self.bias_correction, damp=qrefine.DAMP, reduce_range=reduce_range,
             symmetric=self.symmetric_weights)
 
-    def _sqnr_feeds(self, inputs) -> Iterator[dict[str, np.ndarray]]:
+    def _sample_feeds(self, inputs) -> Iterator[dict[str, np.ndarray]]:
+        """Up to SQNR_SAMPLES samples of data.evaluation (else data.calibration), small batches."""
         data = self.context.evaluation if self.context.evaluation is not None else self.context.calibration
         # Small batches: both augmented models return every intermediate tensor of the batch.
         for feed, _ in qdata.feeds(data, inputs, SQNR_SAMPLES, min(self.batch_size, SQNR_BATCH)):
@@ -378,7 +385,7 @@ class QuantizePass(DeployFunctionalPass):
     def _sqnr(self, pre_path: pathlib.Path, qdq_path: pathlib.Path, inputs, tmp: pathlib.Path) -> list[dict]:
         """All quantized tensors ranked worst first; the ten worst go into the report."""
         threads = self.context.threads
-        acts = qreport.tensor_sqnr(pre_path, qdq_path, tmp, self._sqnr_feeds(inputs), threads)
+        acts = qreport.tensor_sqnr(pre_path, qdq_path, tmp, self._sample_feeds(inputs), threads)
         weights = qreport.weight_sqnr(pre_path, qdq_path)
         ranked = [{"tensor": k, "kind": "activation", **v} for k, v in acts.items()]
         ranked += [{"tensor": k, "kind": "weight", "sqnr_db": v} for k, v in weights.items()]
@@ -386,6 +393,28 @@ class QuantizePass(DeployFunctionalPass):
         ranked.sort(key=lambda r: min(r["sqnr_db"], r.get("channel_sqnr_db", r["sqnr_db"])))
         self.context.details["worst_sqnr"] = ranked[:10]
         return ranked
+
+    def _fallback_order(self, ranked: list[dict], pre_path: pathlib.Path, trial0: pathlib.Path,
+                        inputs) -> list[dict]:
+        """The fallback's order: with ``fallback_rank: sensitivity``, activation tensors whose
+        quantization adds output error, most first (passes.quantize_sensitivity), then the rest
+        in SQNR order; with ``sqnr``, worst SQNR first."""
+        if self.fallback_rank == "sqnr":
+            return ranked
+        feeds = list(self._sample_feeds(inputs))
+        t0 = time.perf_counter()
+        sensitivity = qsens.tensor_sensitivity(pre_path, trial0, feeds, self.context.threads)
+        total = sum(v for v in sensitivity.values() if v > 0) or 1.0
+        top = sorted((t for t, v in sensitivity.items() if v > 0), key=lambda t: -sensitivity[t])
+        self.context.details["sensitivity"] = {
+            "samples": sum(len(next(iter(f.values()))) for f in feeds), "tensors": len(sensitivity),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "top": [{"tensor": t, "output_error_removed": float(f"{sensitivity[t]:.4g}"),
+                     "share": round(sensitivity[t] / total, 4)} for t in top[:10]]}
+        by_tensor = {r["tensor"]: r for r in ranked}
+        first = [{**by_tensor.get(t, {"tensor": t, "kind": "activation"}), "sensitivity": sensitivity[t]}
+                 for t in top]
+        return first + [r for r in ranked if r["tensor"] not in set(top)]
 
     def _scorer(self, pre_path: pathlib.Path, inputs
                 ) -> tuple[str, float, Callable[[pathlib.Path], tuple[float, float]]]:
@@ -406,23 +435,16 @@ class QuantizePass(DeployFunctionalPass):
 
         return metric, base, score
 
-    def _fallback(self, pre_proto, trial0: pathlib.Path, ranked: list[dict], tmp: pathlib.Path,
+    def _fallback(self, pre_proto, trial0: pathlib.Path, ranked: Callable[[], list[dict]], tmp: pathlib.Path,
                   quantize: Callable[[list[str], pathlib.Path], pathlib.Path], user_excluded: list[str],
                   scorer):
-        """Meet max_accuracy_drop by returning the nodes around the worst-SQNR tensors to float."""
+        """Meet max_accuracy_drop by returning the nodes around the first tensors of ``ranked()``
+        (most damaging first) to float."""
         ctx = self.context
         tol = float(self.max_accuracy_drop)
         metric, base, score = scorer
 
-        # Cumulative node sets: unit k = nodes that carry a Q/DQ pair on the k-th worst tensor.
-        units, seen = [], set(user_excluded)
-        for entry in ranked:
-            nodes = [n for n in qreport.tensor_nodes(pre_proto, entry["tensor"])
-                     if n not in seen]
-            if nodes:
-                seen.update(nodes)
-                units.append((entry, nodes))
-
+        units: list[tuple[dict, list[str]]] = []
         trials: list[dict] = []
         paths: dict[int, pathlib.Path] = {}
 
@@ -438,15 +460,27 @@ class QuantizePass(DeployFunctionalPass):
             return trials[-1]["met"]
 
         lo, hi = -1, None  # lo: largest k known to fail; hi: smallest k known to meet
-        k = 0
-        while len(trials) < self.max_trials:
-            if run(k):
-                hi = k
-                break
-            lo = k
-            if k >= len(units):
-                break
-            k = min(len(units), max(1, 2 * k))
+        if run(0):
+            hi = 0
+        else:
+            lo = 0
+            # Cumulative node sets: unit k = nodes that carry a Q/DQ pair on the k-th tensor of
+            # the ranking (ranked only now: the sensitivity ranking costs a pass per tensor).
+            seen = set(user_excluded)
+            for entry in ranked():
+                nodes = [n for n in qreport.tensor_nodes(pre_proto, entry["tensor"]) if n not in seen]
+                if nodes:
+                    seen.update(nodes)
+                    units.append((entry, nodes))
+            k = 1
+            while units and len(trials) < self.max_trials:
+                if run(k):
+                    hi = k
+                    break
+                lo = k
+                if k >= len(units):
+                    break
+                k = min(len(units), 2 * k)
         while hi is not None and hi - lo > 1 and len(trials) < self.max_trials:
             mid = (lo + hi) // 2
             if run(mid):
@@ -459,7 +493,9 @@ class QuantizePass(DeployFunctionalPass):
         reasons = {}
         for entry, unit in units[:chosen]:
             for n in unit:
-                reasons[n] = f"fallback: tensor '{entry['tensor']}' SQNR {entry['sqnr_db']} dB"
+                reasons[n] = (f"fallback: tensor '{entry['tensor']}' output sensitivity {entry['sensitivity']:.3g}"
+                              if "sensitivity" in entry else
+                              f"fallback: tensor '{entry['tensor']}' SQNR {entry.get('sqnr_db')} dB")
         best = by_k[chosen]
         ctx.details["fallback"] = {
             "max_accuracy_drop": tol, "relative": self.relative, "metric": metric,
@@ -468,7 +504,8 @@ class QuantizePass(DeployFunctionalPass):
             "nodes_to_float": nodes}
         if best["met"]:
             if chosen:
-                self.note(f"fallback: {len(nodes)} nodes returned to float around the {chosen} worst-SQNR "
+                how = "most output-sensitive" if self.fallback_rank == "sensitivity" else "worst-SQNR"
+                self.note(f"fallback: {len(nodes)} nodes returned to float around the {chosen} {how} "
                           f"tensors; drop {best['drop']:.4f} <= {tol} after {len(trials)} trials")
         else:
             ctx.failure = (f"quantize: max_accuracy_drop not met after {len(trials)} trials: best drop "

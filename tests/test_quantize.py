@@ -306,10 +306,12 @@ def test_no_vnni_uses_reduce_range_and_warns(float_proto, digits, monkeypatch):
 
 
 # -- fallback -------------------------------------------------------------------------------------
-def test_fallback_returns_outlier_nodes_to_float_and_meets_tolerance(outlier_proto, digits):
+@pytest.mark.parametrize("rank, reason", [("sensitivity", "output sensitivity"), ("sqnr", "SQNR")])
+def test_fallback_returns_outlier_nodes_to_float_and_meets_tolerance(outlier_proto, digits, rank, reason):
     x, y = digits
     evaluation = ArrayDataset(x[N_TRAIN:], y[N_TRAIN:], name="digits-test")
-    q, ctx = _quantize(outlier_proto, ArrayDataset(x[:256]), evaluation, max_accuracy_drop=0.01)
+    q, ctx = _quantize(outlier_proto, ArrayDataset(x[:256]), evaluation, max_accuracy_drop=0.01,
+                       fallback_rank=rank)
     fb = ctx.details["fallback"]
     assert fb["trials"][0]["drop"] > 0.05  # plain quantization misses 1 pt by far
     assert fb["met"] and ctx.failure is None
@@ -318,7 +320,10 @@ def test_fallback_returns_outlier_nodes_to_float_and_meets_tolerance(outlier_pro
     assert set(fb["nodes_to_float"]) == {"/0/Conv", "/1/Relu", "/2/Conv"}
     assert ctx.details["worst_sqnr"][0]["tensor"] == "/1/Relu_output_0"
     floats = {e["node"]: e["reason"] for e in ctx.details["float_nodes"]}
-    assert floats["/2/Conv"].startswith("fallback: tensor '/1/Relu_output_0' SQNR")
+    assert floats["/2/Conv"].startswith(f"fallback: tensor '/1/Relu_output_0' {reason}")
+    if rank == "sensitivity":  # the outlier tensor carries most of the int8 output error
+        top = ctx.details["sensitivity"]["top"][0]
+        assert top["tensor"] == "/1/Relu_output_0" and top["share"] > 0.5
     conv2 = next(n for n in q.graph.node if n.name == "/2/Conv")
     assert _initializers(q)[conv2.input[1]].dtype == np.float32  # weights stayed float
     assert ctx.details["int8_ops"] == {"Gemm": 1}
@@ -450,3 +455,32 @@ def test_dynamic_spatial_dims_stay_dynamic(digits):
         # 10% relative L2: four random channels share one uint8 activation scale, the weak ones
         # get few steps (the trained fixtures above are held to 5%)
         assert out.shape == ref.shape and np.linalg.norm(out - ref) <= 0.10 * np.linalg.norm(ref)
+
+
+def test_sensitivity_probe_keeps_the_folded_relu(float_proto, digits, tmp_path):
+    """Removing the Q/DQ pair of a tensor whose Relu the quantizer folded into its range must put the
+    clamp back (else the probe measures a different function); the probe's output is then closer
+    to fp32 than the quantized model's."""
+    from passes import quantize_sensitivity as qsens
+    from passes.quantize_report import activation_bounds
+
+    x, _ = digits
+    q, _ = _quantize(float_proto, ArrayDataset(x[:128]), latency_aware=False)
+    folded = activation_bounds(float_proto, skip={n.name for n in q.graph.node})
+    assert "/1/Relu_output_0" in folded  # the Relu after conv1 was folded
+    quant, dqs = qsens._pairs(q)["/1/Relu_output_0"]
+    probe = qsens._without(q, "/1/Relu_output_0", quant, dqs, folded["/1/Relu_output_0"])
+    clip = next(n for n in probe.graph.node if n.op_type == "Clip")
+    probe.graph.output.append(helper.make_empty_tensor_value_info(clip.output[0]))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    logits, clipped = sess.run(None, {"input": x[N_TRAIN:]})
+    assert clipped.min() >= 0
+    ref = _run(float_proto, x[N_TRAIN:])
+    assert np.mean((logits - ref) ** 2) < np.mean((_run(q, x[N_TRAIN:]) - ref) ** 2)
+    onnx.save(float_proto, tmp_path / "float.onnx")
+    onnx.save(q, tmp_path / "q.onnx")
+    feeds = [{"input": x[i:i + 8]} for i in range(N_TRAIN, N_TRAIN + 32, 8)]
+    sensitivity = qsens.tensor_sensitivity(tmp_path / "float.onnx", tmp_path / "q.onnx", feeds, 1)
+    assert sensitivity["/1/Relu_output_0"] > 0
