@@ -1,0 +1,124 @@
+"""Published numbers for the quantize pass's accuracy fallback: tensors ranked by the output error
+their quantization adds (``fallback_rank: sensitivity``, the default) vs by local SQNR.
+
+    .venv/bin/python -m benchmarks.run_fallback [--tolerance 0.02] [--runs 30] [--rounds 3]
+        [--out benchmarks/results/fallback.md]
+
+EfficientNet-Lite0 with its real ImageNet weights (1x3x224x224, exported as ``make demo`` does),
+quantized by ``QuantizePass(max_accuracy_drop=TOLERANCE, fallback_rank=...)`` with the demo
+recipe's calibration data ('photos' split test). The tolerance is on top-1 agreement with fp32
+over the first 200 crops of 'photos' split train (``data.evaluation``); fidelity is then measured
+on the other 240 crops of that split, which the fallback never saw. Latency: fp32 and both
+results timed by ``benchmarks.latency.compare`` (separate workers, interleaved rounds, 1 thread).
+Writes the table with the machine stamp and the command, and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import machine  # noqa: E402
+from benchmarks.run_quantize import _Subset  # noqa: E402
+from optimizer.data import open_dataset  # noqa: E402
+
+SHAPE = (1, 3, 224, 224)
+EVALUATION = 200  # crops of 'photos' split train the tolerance is checked on; the rest are held out
+RANKS = ("sensitivity", "sqnr")
+
+
+def _data():
+    spec = {"dataset": "photos", "preprocess": "efficientnet-lite"}
+    calibration = open_dataset({**spec, "split": "test"}, input_shape=SHAPE)
+    train = open_dataset({**spec, "split": "train"}, input_shape=SHAPE)
+    evaluation = _Subset(train, lambda i: i < EVALUATION, name=f"photos split train, first {EVALUATION}")
+    held_out = _Subset(train, lambda i: i >= EVALUATION, name=f"photos split train, after {EVALUATION}")
+    return calibration, evaluation, held_out
+
+
+def _quantize(fp32: pathlib.Path, rank: str, tolerance: float, data, tmp: pathlib.Path) -> tuple[pathlib.Path, dict]:
+    from optimizer import io
+    from optimizer.context import PassContext
+    from passes.quantize import QuantizePass
+
+    calibration, evaluation, _ = data
+    p = QuantizePass(max_accuracy_drop=tolerance, fallback_rank=rank)
+    p.context = PassContext(calibration=calibration, evaluation=evaluation, work_dir=tmp)
+    out = tmp / f"int8-{rank}.onnx"
+    io.save(p(io.load(fp32)).model, out)
+    return out, p.context.details
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tolerance", type=float, default=0.02)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fallback.md"))
+    args = ap.parse_args(argv)
+    command = "python -m benchmarks.run_fallback " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    import models
+    from benchmarks.accuracy import evaluate
+    from benchmarks.latency import compare
+    from optimizer.export import export_model
+
+    data = _data()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="run_fallback-") as name:
+        tmp = pathlib.Path(name)
+        fp32 = tmp / "efficientnet_lite0.onnx"
+        export_model(models.build("efficientnet_lite0", pretrained=True), fp32, SHAPE)
+        results = {}
+        for rank in RANKS:
+            print(f"[{rank}] quantize with fallback", file=sys.stderr)
+            results[rank] = _quantize(fp32, rank, args.tolerance, data, tmp)
+        print("latency", file=sys.stderr)
+        bench = compare([fp32, *(results[r][0] for r in RANKS)], labels=["fp32", *RANKS], threads=(1,),
+                        batch=(1,), warmup=5, runs=args.runs, rounds=args.rounds, progress=False)
+        speed = {r["model"]: r for r in bench.rows}
+        for rank in RANKS:
+            path, details = results[rank]
+            fid = evaluate(path, data[2], reference_path=fp32, progress=False)
+            fb = details.get("fallback", {})
+            chosen = fb.get("trials", [{}])[fb.get("chosen_trial", 0)] if fb else {}
+            latency = details.get("latency_aware", {})
+            rows.append({"rank": rank, "met": fb.get("met"), "fallback_nodes": len(fb.get("nodes_to_float", [])),
+                         "eval_agreement": chosen.get("agreement"), "trials": len(fb.get("trials", [])),
+                         "latency_result": latency.get("result", "-"),
+                         "float_nodes": len(details.get("float_nodes", [])) if "float_nodes" in details else "all",
+                         "speedup": speed[rank]["speedup"], "ci": speed[rank]["speedup_ci"],
+                         "agreement": fid["agreement"], "agreement_ci": fid["agreement_ci"], "n": fid["n"],
+                         "kl": fid["kl"], "fallback_s": details.get("timings_s", {}).get("fallback", 0.0)})
+    lines = ["# Accuracy fallback: ranked by output sensitivity vs by SQNR", "",
+             f"Machine: {machine.stamp_line(machine.stamp())}", "", f"Command: `{command.strip()}`", "",
+             f"EfficientNet-Lite0 (real ImageNet weights), `QuantizePass(max_accuracy_drop={args.tolerance})` on "
+             f"top-1 agreement with fp32 over {EVALUATION} crops ('photos' split train); calibration on 'photos' "
+             "split test. Fidelity on the other crops of split train, which the fallback never saw. Latency at "
+             "1 thread, batch 1, interleaved rounds; speedup = p50(fp32) / p50(model). 'float model' means the "
+             "latency-aware step found no int8 configuration faster than fp32 and returned the float model.", "",
+             "| fallback_rank | tolerance met | nodes returned to float by the fallback | trials | fallback s | "
+             "final model | speedup vs fp32 [95% CI] | held-out agreement [95% CI] | KL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        final = "float model" if r["latency_result"] == "float" else f"int8, {r['float_nodes']} float nodes"
+        lines.append(f"| {r['rank']} | {'yes' if r['met'] else 'no'} | {r['fallback_nodes']} | {r['trials']} | "
+                     f"{r['fallback_s']:.0f} | {final} | {r['speedup']:.2f}x [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | "
+                     f"{r['agreement'] * 100:.1f}% of {r['n']} [{r['agreement_ci'][0] * 100:.1f}, "
+                     f"{r['agreement_ci'][1] * 100:.1f}] | {r['kl']:.2e} |")
+    text = "\n".join(lines) + "\n"
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
