@@ -19,8 +19,8 @@ bias correction; the graph and scales stay as onnxruntime made them). With
 ``max_accuracy_drop`` the quantized model is evaluated; if it misses, activation tensors are
 ranked by the output error their quantization adds (passes.quantize_sensitivity; ``fallback_rank:
 sqnr`` ranks by local SQNR, passes.quantize_report, instead) and the nodes around the k first go
-back to float, k found by doubling then bisection within ``max_trials``. The best model is always returned;
-a missed tolerance sets ``context.failure`` (the pipeline saves the model and exits 1).
+back to float, k found by doubling then bisection within ``max_trials``. The best model is always
+returned; a missed tolerance sets ``context.failure`` (the pipeline saves the model and exits 1).
 
 With ``latency_aware`` (the default) the result is then timed against the float model on this
 CPU, and where int8 costs more than it saves (conversions around ops without int8 kernels, small
@@ -414,7 +414,8 @@ class QuantizePass(DeployFunctionalPass):
         by_tensor = {r["tensor"]: r for r in ranked}
         first = [{**by_tensor.get(t, {"tensor": t, "kind": "activation"}), "sensitivity": sensitivity[t]}
                  for t in top]
-        return first + [r for r in ranked if r["tensor"] not in set(top)]
+        placed = set(top)
+        return first + [r for r in ranked if r["tensor"] not in placed]
 
     def _scorer(self, pre_path: pathlib.Path, inputs
                 ) -> tuple[str, float, Callable[[pathlib.Path], tuple[float, float]]]:
