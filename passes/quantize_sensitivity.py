@@ -33,7 +33,7 @@ import onnx
 from onnx import helper
 
 from passes.quantize_data import session
-from passes.quantize_report import activation_bounds
+from passes.quantize_report import folded_activations
 
 
 def _outputs(path: pathlib.Path, feeds: Sequence[dict[str, np.ndarray]], threads: int) -> list[np.ndarray]:
@@ -100,7 +100,7 @@ def tensor_sensitivity(float_path: pathlib.Path, qdq_path: pathlib.Path,
     reference = _outputs(float_path, feeds, threads)
     base = _error(_outputs(qdq_path, feeds, threads), reference)
     probe = pathlib.Path(qdq_path).with_name("sensitivity-probe.onnx")
-    folded = activation_bounds(float_proto, skip={n.name for n in qdq.graph.node})
+    folded = folded_activations(float_proto, qdq)
     graph_outputs = {o.name for o in qdq.graph.output}
     result = {}
     for tensor, (q, dqs) in _pairs(qdq).items():
