@@ -8,11 +8,9 @@ FOOLBOX := foolbox==3.3.4
 
 .PHONY: demo test clean
 
-# editable_mode=compat puts the checkout on sys.path through a .pth file: the default finder hook
-# comes after sys.path, where onnxruntime.transformers' own 'optimizer' module would win.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[data,test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[data,test]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(FOOLBOX)
 	touch $(STAMP)
 

@@ -30,10 +30,10 @@ import time
 
 import numpy as np
 
-from benchmarks import latency, machine
-from benchmarks._model import input_specs, load_proto, session_options
-from benchmarks._output import write_text
-from benchmarks._worker import Worker, time_runs
+from deployopt.measure import latency, machine
+from deployopt.measure.model_io import input_specs, load_proto, session_options
+from deployopt.measure.output import write_text
+from deployopt.measure.worker import Worker, time_runs
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "harness.md"
 
@@ -42,8 +42,8 @@ def export_resnet18(folder: pathlib.Path, size: int) -> str:
     """ResNet-18 (seeded random init: latency does not depend on the weights) at 1x3xSxS."""
     import torch
 
-    from models import build
-    from optimizer.export import export_model
+    from deployopt.models import build
+    from deployopt.models.export import export_model
 
     torch.manual_seed(0)
     path = folder / f"resnet18_{size}.onnx"

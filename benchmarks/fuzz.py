@@ -113,7 +113,7 @@ def make_mutant(seed_bytes: bytes, index: int) -> tuple[bytes, str]:
 
 
 def _call(argv: list[str]) -> dict:
-    from optimizer.cli import main
+    from deployopt.cli import main
 
     err = io.StringIO()
     out = io.StringIO()
@@ -170,7 +170,7 @@ def _contained_replay(model: pathlib.Path, recipe: pathlib.Path, out: pathlib.Pa
     record = {}
     for verb, argv in (("inspect", ["inspect", str(model)]),
                        ("optimize", ["optimize", str(recipe), "-o", str(out), "--timeout", "300"])):
-        proc = subprocess.run([sys.executable, "-m", "optimizer.cli", *argv], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "deployopt.cli", *argv], capture_output=True, text=True,
                               timeout=600)
         record[verb] = {"code": proc.returncode, "stderr": proc.stderr[-2000:]}
     return record

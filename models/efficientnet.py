@@ -38,7 +38,7 @@ import math
 import torch
 from torch import nn
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels)
 _BLOCKS = (
@@ -190,7 +190,7 @@ def efficientnet_lite0(num_classes: int = 1000, in_channels: int = 3, image_size
         )
     model = EfficientNetLite(num_classes, in_channels, image_size, dropout)
     if pretrained:
-        from models.weights import load_weights
+        from deployopt.models.weights import load_weights
 
         load_weights(model, pretrained_weights_path())
     return model

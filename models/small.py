@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.resnet import BasicBlock, init_weights
+from deployopt.models.resnet import BasicBlock, init_weights
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:

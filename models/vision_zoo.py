@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.mobilenet import make_divisible
-from models.resnet import init_weights
+from deployopt.models.mobilenet import make_divisible
+from deployopt.models.resnet import init_weights
 
 
 def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,

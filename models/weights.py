@@ -17,7 +17,7 @@ import pickle
 import torch
 from torch import nn
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 

@@ -17,7 +17,7 @@ import signal
 import sys
 import traceback
 
-from optimizer.errors import DeployoptError
+from deployopt.core.errors import DeployoptError
 
 
 def _add_optimize(subparsers) -> None:
@@ -34,8 +34,8 @@ def _add_optimize(subparsers) -> None:
 
 
 def _optimize(args) -> int:
-    from optimizer import pipeline, report
-    from optimizer.recipe import load_recipe
+    from deployopt import pipeline, report
+    from deployopt.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     out_dir = pathlib.Path(args.output or pathlib.Path("runs") / pathlib.Path(args.recipe).stem)
@@ -48,8 +48,9 @@ def _optimize(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks import accuracy, latency
-    from optimizer import export_cli, stats
+    from deployopt.measure import accuracy, latency
+    from deployopt import export_cli
+    from deployopt.core import stats
 
     parser = argparse.ArgumentParser(
         prog="deployopt",
@@ -93,7 +94,7 @@ def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: cleanup han
 def _cleanup_staging(args) -> None:
     """After a crashed or killed optimize child: remove its staged (never published) outputs."""
     if getattr(args, "verb", None) == "optimize":
-        from optimizer.pipeline import STAGING_PREFIX
+        from deployopt.pipeline import STAGING_PREFIX
 
         out_dir = pathlib.Path(args.output or pathlib.Path("runs") / pathlib.Path(args.recipe).stem)
         for leftover in out_dir.glob(STAGING_PREFIX + "*") if out_dir.is_dir() else []:
@@ -101,7 +102,7 @@ def _cleanup_staging(args) -> None:
 
 
 def _contained(args) -> int:
-    from optimizer.contain import run_contained
+    from deployopt.contain import run_contained
 
     try:
         return run_contained(args.func, args, verb=args.verb, timeout=getattr(args, "timeout", None))

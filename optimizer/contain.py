@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from optimizer.errors import WorkFailed
+from deployopt.core.errors import WorkFailed
 
 _STATUS_ENV = "DEPLOYOPT_STATUS_FILE"
 _GRACE_SECONDS = 10.0
@@ -43,7 +43,7 @@ def report_status(text: str) -> None:
 
 
 def _child(handler: Callable[[Any], int], args: Any) -> None:
-    from optimizer.cli import run_handler
+    from deployopt.cli import run_handler
 
     sys.exit(run_handler(handler, args))
 

@@ -1,4 +1,4 @@
-"""The `deployopt export` verb: argument parsing here, the work in optimizer.export.
+"""The `deployopt export` verb: argument parsing here, the work in deployopt.models.export.
 
 Kept apart so that building the CLI parser does not import torch (seconds of start-up for
 `inspect`, `bench` and `eval`, which never need it).
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
+from deployopt.models import EXPORTERS
 
-EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -35,14 +35,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _takes_pretrained(spec: str) -> bool:
-    import models
+    from deployopt import models
 
     return spec in models.REGISTRY and models.accepts(spec, "pretrained")
 
 
 def handle(args: argparse.Namespace) -> int:
-    import models  # torch model code is only imported by the verbs that need it
-    from optimizer.export import export_model, parse_input_shape
+    from deployopt import models  # torch model code is only imported by the verbs that need it
+    from deployopt.models.export import export_model, parse_input_shape
 
     kwargs = {}
     if args.pretrained or (args.pretrained is False and _takes_pretrained(args.model)):

@@ -24,11 +24,12 @@ from typing import Any
 
 import onnx_ir as ir
 
-from optimizer import io, report, stats
-from optimizer.contain import report_status
-from optimizer.context import PassContext
-from optimizer.errors import DeployoptError, UserError, WorkFailed
-from optimizer.recipe import Recipe
+from deployopt import report
+from deployopt.core import io, stats
+from deployopt.contain import report_status
+from deployopt.passes.context import PassContext
+from deployopt.core.errors import DeployoptError, UserError, WorkFailed
+from deployopt.recipe import Recipe
 
 
 @dataclasses.dataclass
@@ -87,8 +88,8 @@ def _prepare_out_dir(out_dir: pathlib.Path) -> pathlib.Path:
 
 
 def _export_input(spec: dict[str, Any], work_dir: pathlib.Path) -> pathlib.Path:
-    import models
-    from optimizer.export import export_model
+    from deployopt import models
+    from deployopt.models.export import export_model
 
     kwargs = dict(spec.get("kwargs") or {})
     if "pretrained" in spec:
@@ -105,7 +106,7 @@ def _export_input(spec: dict[str, Any], work_dir: pathlib.Path) -> pathlib.Path:
 
 
 def _open_datasets(recipe: Recipe, shape: list, input_name: str) -> dict[str, Any]:
-    from optimizer.data import open_dataset
+    from deployopt.core.data import open_dataset
 
     datasets = {}
     base_dir = recipe.path.parent if recipe.path else None  # relative data paths follow the recipe
@@ -138,7 +139,7 @@ def _step_accuracy(model: ir.Model, index: int, input_path: pathlib.Path, ctx: P
     the evaluation data, after this step. None without evaluation data."""
     if ctx.evaluation is None:
         return None
-    from benchmarks.accuracy import evaluate
+    from deployopt.measure.accuracy import evaluate
 
     path = ctx.work_dir / f"step{index}_eval.onnx"
     io.save(model, path)
@@ -207,7 +208,7 @@ def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: R
     speedup lies below ``limit``. On shared machines (±15-30% noise) a point estimate alone would
     revert good steps at random.
     """
-    from benchmarks import latency
+    from deployopt.measure import latency
 
     step_in = work_dir / f"step{index}_input.onnx"
     step_out = work_dir / f"step{index}_output.onnx"
@@ -239,7 +240,7 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
     profiles: dict[str, Any] = {}
     settings = recipe.benchmark
     if settings.enabled:
-        from benchmarks import latency
+        from deployopt.measure import latency
 
         result = latency.compare([input_path, output_path], labels=["input", "output"],
                                  threads=tuple(settings.threads), batch=tuple(settings.batch),
@@ -253,7 +254,7 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
         profiles = _profiles(recipe, input_path, output_path, warnings)
     accuracy: dict[str, Any] = {}
     if "evaluation" in datasets:
-        from benchmarks.accuracy import evaluate
+        from deployopt.measure.accuracy import evaluate
 
         data = datasets["evaluation"]
         threads = settings.threads[0]
@@ -268,7 +269,7 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
             accuracy["metric"] = "agreement"
             accuracy["drop"] = 1.0 - acc_out["agreement"]
     if "fidelity" in datasets:
-        from benchmarks.accuracy import evaluate
+        from deployopt.measure.accuracy import evaluate
 
         data = datasets["fidelity"]
         fidelity = evaluate(output_path, data, reference_path=input_path, threads=settings.threads[0])
@@ -279,7 +280,7 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
 def _profiles(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path,
               warnings: list[str]) -> dict[str, Any]:
     """Where the time goes in the input and the output model: the 10 most expensive nodes."""
-    from benchmarks.profile import profile_model
+    from deployopt.measure.profile import profile_model
 
     profiles = {}
     for label, path in (("input", input_path), ("output", output_path)):

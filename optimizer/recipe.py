@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 TOP_KEYS = ("model", "data", "passes", "benchmark", "gates", "seed")
 # calibration: passes that calibrate or reconstruct; evaluation: accuracy (labels) and agreement;
@@ -221,7 +221,7 @@ def _validate_data(data: Any, base: pathlib.Path | None) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"data: expected a mapping with keys {', '.join(DATA_KEYS)}")
-    from optimizer import data as data_module
+    from deployopt.core import data as data_module
 
     for key, spec in data.items():
         if key not in DATA_KEYS:
@@ -274,7 +274,7 @@ def _pop_step_guard(name: str, settings: dict[str, Any], where: str) -> float | 
 
 
 def _build_passes(entries: Any, base: pathlib.Path | None = None) -> list[Any]:
-    from passes import REGISTRY
+    from deployopt.passes import REGISTRY
 
     if entries is None:
         return []

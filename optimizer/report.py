@@ -19,12 +19,12 @@ import math
 import pathlib
 from typing import Any
 
-import optimizer
-from optimizer import io
+import deployopt
+from deployopt.core import io
 
 
 def _machine() -> dict[str, Any]:
-    from benchmarks.machine import stamp
+    from deployopt.measure.machine import stamp
 
     return stamp()
 
@@ -49,7 +49,7 @@ def _plain(value: Any) -> Any:
 def build(*, recipe, input_stats, output_stats, steps, benchmark, accuracy, gates, warnings,
           exit_code, reason, seconds, profiles=None) -> dict[str, Any]:
     return _plain({
-        "version": optimizer.__version__,
+        "version": deployopt.__version__,
         "machine": _machine(),
         "recipe": recipe.raw,
         "input": input_stats,

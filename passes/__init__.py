@@ -3,11 +3,11 @@
 An explicit dict, no import magic: adding a pass means importing it here.
 """
 
-from passes.channel_prune import ChannelPrunePass
-from passes.cleanup import CleanupPass
-from passes.distill import DistillPass
-from passes.prune import MagnitudePrunePass
-from passes.quantize import QuantizePass
+from deployopt.passes.channel_prune import ChannelPrunePass
+from deployopt.passes.cleanup import CleanupPass
+from deployopt.passes.distill import DistillPass
+from deployopt.passes.prune import MagnitudePrunePass
+from deployopt.passes.quantize import QuantizePass
 
 REGISTRY: dict[str, type] = {
     "cleanup": CleanupPass,

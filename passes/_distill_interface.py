@@ -12,7 +12,7 @@ import dataclasses
 
 import onnx_ir as ir
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

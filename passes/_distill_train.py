@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from optimizer.data import Dataset
-from optimizer.errors import UserError, WorkFailed
+from deployopt.core.data import Dataset
+from deployopt.core.errors import UserError, WorkFailed
 
 
 def one_line(exc: BaseException, limit: int = 240) -> str:

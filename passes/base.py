@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-from optimizer.context import PassContext
-from optimizer.errors import UserError
+from deployopt.passes.context import PassContext
+from deployopt.core.errors import UserError
 
 
 class _DeployPassMixin:

@@ -47,11 +47,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
-from optimizer.errors import UserError
-from optimizer.stats import model_stats
-from passes import channel_reconstruct as recon
-from passes.base import DeployInPlacePass, check_choice, check_range
-from passes.channel_groups import ChannelGroup, attr_int, const_array, find_channel_groups
+from deployopt.core.errors import UserError
+from deployopt.core.stats import model_stats
+from deployopt.passes import channel_reconstruct as recon
+from deployopt.passes.base import DeployInPlacePass, check_choice, check_range
+from deployopt.passes.channel_groups import ChannelGroup, attr_int, const_array, find_channel_groups
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 

@@ -41,10 +41,10 @@ import onnx
 import onnx.utils
 import onnx_ir as ir
 
-from optimizer.data import Dataset
-from optimizer.errors import UserError
-from passes._lstsq import GramAccumulator
-from passes.channel_groups import attr_int, const_array
+from deployopt.core.data import Dataset
+from deployopt.core.errors import UserError
+from deployopt.passes._lstsq import GramAccumulator
+from deployopt.passes.channel_groups import attr_int, const_array
 
 #: Output positions per sample used for a Conv's least squares (see the module docstring).
 POSITIONS_PER_SAMPLE = 64

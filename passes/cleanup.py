@@ -58,9 +58,9 @@ from onnxscript.rewriter.rules.common._fuse_batchnorm import (
     FuseBatchNormIntoGemm,
 )
 
-from optimizer.errors import UserError
-from optimizer.stats import op_histogram
-from passes.base import DeployInPlacePass
+from deployopt.core.errors import UserError
+from deployopt.core.stats import op_histogram
+from deployopt.passes.base import DeployInPlacePass
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")

@@ -4,7 +4,7 @@ The current ONNX model is the teacher, run in onnxruntime (no PyTorch source nee
 (a ``models/`` name, ``package.module:callable``, or ``{onnx: path}`` for one trained elsewhere)
 learns from the teacher's softened outputs and the labels when there are any
 (passes._distill_train gives the loss and the loop), is exported through
-``optimizer.export.export_model`` with its torch-vs-onnxruntime parity check, keeping the
+``deployopt.models.export.export_model`` with its torch-vs-onnxruntime parity check, keeping the
 teacher's input/output names and dynamic batch, and is scored against the teacher on
 ``data.evaluation``:
 
@@ -15,7 +15,7 @@ teacher's input/output names and dynamic batch, and is scored against the teache
 
 A rejected student is not a failure: the pass returns (a copy of) the teacher and notes
 ``student rejected: drop X > Y``; later passes work on whichever model won. Either way the step
-records both models' MACs, params and latency (benchmarks.latency.compare, interleaved, short).
+records both models' MACs, params and latency (deployopt.measure.latency.compare, interleaved, short).
 
 Determinism: the student's init, the held-out split, the batch order and the augmentations all
 draw from ``seed`` (torch generators, no global RNG; the caller's torch RNG state is restored),
@@ -36,11 +36,11 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from optimizer.errors import UserError
-from passes._distill_interface import Interface, check_samples, dims_fit, dims_text, interface
-from passes.base import DeployFunctionalPass, check_choice, check_range
+from deployopt.core.errors import UserError
+from deployopt.models import EXPORTERS
+from deployopt.passes._distill_interface import Interface, check_samples, dims_fit, dims_text, interface
+from deployopt.passes.base import DeployFunctionalPass, check_choice, check_range
 
-EXPORTERS = ("auto", "dynamo", "torchscript")  # optimizer.export.EXPORTERS (that module imports torch)
 LATENCY_ROUNDS = 3
 LATENCY_WARMUP = 5
 
@@ -130,7 +130,7 @@ class DistillPass(DeployFunctionalPass):
             if not module or not attr:
                 raise UserError(f"student: '{spec}' is not package.module:callable")
             return  # imported (user code runs) when the pass runs, not when the recipe is read
-        import models  # torch: only when a recipe names a distill step
+        from deployopt import models  # torch: only when a recipe names a distill step
 
         if spec not in models.REGISTRY:
             raise UserError(f"student: unknown model '{spec}' (valid: {', '.join(models.NAMES)}, "
@@ -142,7 +142,7 @@ class DistillPass(DeployFunctionalPass):
 
     # -- the pass -------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from passes import _distill_train as dt
+        from deployopt.passes import _distill_train as dt
 
         start = time.perf_counter()
         ctx = self.context
@@ -167,7 +167,7 @@ class DistillPass(DeployFunctionalPass):
             else:
                 sess = dt.session(teacher_bytes, ctx.threads)
                 student_path = self._train_student(dt, sess, teacher, seed, tmp, timings)
-                from optimizer import io
+                from deployopt.core import io
 
                 student_model = io.load(student_path)
             t0 = time.perf_counter()
@@ -184,7 +184,7 @@ class DistillPass(DeployFunctionalPass):
 
     # -- student from an ONNX file --------------------------------------------------------------
     def _onnx_student(self, teacher: Interface) -> ir.Model:
-        from optimizer import io
+        from deployopt.core import io
 
         path = pathlib.Path(self.student["onnx"]).expanduser()
         try:
@@ -225,7 +225,7 @@ class DistillPass(DeployFunctionalPass):
     def _build(self, teacher: Interface, sample_shape: tuple[int, ...], classes: int, seed: int):
         import torch
 
-        import models
+        from deployopt import models
 
         kwargs = dict(self.student_kwargs)
         auto = {}
@@ -249,7 +249,7 @@ class DistillPass(DeployFunctionalPass):
             with torch.no_grad():
                 out = module(torch.zeros(shape))
         except Exception as e:
-            from passes._distill_train import one_line
+            from deployopt.passes._distill_train import one_line
 
             raise UserError(f"{label}: does not accept the teacher's input {teacher_in}{expects} "
                             f"({one_line(e, 160)})") from e
@@ -267,7 +267,7 @@ class DistillPass(DeployFunctionalPass):
 
     def _train_student(self, dt, sess, teacher: Interface, seed: int, tmp: pathlib.Path,
                        timings: dict[str, float]) -> pathlib.Path:
-        from optimizer.export import export_model
+        from deployopt.models.export import export_model
 
         ctx = self.context
         training = ctx.training
@@ -355,7 +355,7 @@ class DistillPass(DeployFunctionalPass):
 
     # -- decision, latency, record --------------------------------------------------------------
     def _decide(self, teacher_path: pathlib.Path, student_path: pathlib.Path) -> dict[str, Any]:
-        from benchmarks.accuracy import evaluate
+        from deployopt.measure.accuracy import evaluate
 
         ctx = self.context
         data = ctx.evaluation
@@ -380,7 +380,7 @@ class DistillPass(DeployFunctionalPass):
     def _latency(self, teacher_path: pathlib.Path, student_path: pathlib.Path, seed: int) -> dict[str, Any] | None:
         if self.latency_runs == 0:
             return None
-        from benchmarks import latency
+        from deployopt.measure import latency
 
         threads = self.context.threads
         result = latency.compare([teacher_path, student_path], labels=["teacher", "student"],
@@ -396,7 +396,7 @@ class DistillPass(DeployFunctionalPass):
 
     def _record(self, teacher: ir.Model, student: ir.Model, decision: dict, latency: dict | None,
                 timings: dict[str, float], seconds: float) -> None:
-        from optimizer.stats import model_stats
+        from deployopt.core.stats import model_stats
 
         keys = ("macs", "params", "bytes", "opset")
         t_stats = {k: v for k, v in model_stats(teacher).items() if k in keys}

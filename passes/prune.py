@@ -60,10 +60,10 @@ try:  # caps numpy's BLAS threads; installed with scikit-learn, optional here
 except ImportError:  # BLAS then uses as many threads as it likes
     threadpool_limits = None
 
-from optimizer.errors import UserError, WorkFailed
-from optimizer.stats import model_stats
-from passes._lstsq import GramAccumulator, conv_output_size, conv_pads, conv_patches
-from passes.base import DeployInPlacePass, check_choice, check_range
+from deployopt.core.errors import UserError, WorkFailed
+from deployopt.core.stats import model_stats
+from deployopt.passes._lstsq import GramAccumulator, conv_output_size, conv_pads, conv_patches
+from deployopt.passes.base import DeployInPlacePass, check_choice, check_range
 
 OP_TYPES = ("Conv", "Gemm", "MatMul")
 #: Conv output positions kept per sample when building Gram matrices (a random subset, fixed
@@ -187,7 +187,7 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 def _model_sizes(model: ir.Model) -> dict[str, int]:
-    """Raw and zipped bytes, parameters and nonzero parameters (``optimizer.stats``)."""
+    """Raw and zipped bytes, parameters and nonzero parameters (``deployopt.core.stats``)."""
     stats = model_stats(model)
     return {key: int(stats[key]) for key in ("bytes", "bytes_zip", "params", "nonzero_params")}
 

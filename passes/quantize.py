@@ -50,13 +50,13 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from optimizer.errors import UserError, WorkFailed
-from passes import quantize_data as qdata
-from passes import quantize_latency as qlat
-from passes import quantize_refine as qrefine
-from passes import quantize_report as qreport
-from passes import quantize_sensitivity as qsens
-from passes.base import DeployFunctionalPass, check_choice, check_range
+from deployopt.core.errors import UserError, WorkFailed
+from deployopt.passes import quantize_data as qdata
+from deployopt.passes import quantize_latency as qlat
+from deployopt.passes import quantize_refine as qrefine
+from deployopt.passes import quantize_report as qreport
+from deployopt.passes import quantize_sensitivity as qsens
+from deployopt.passes.base import DeployFunctionalPass, check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def auto_reduce_range() -> tuple[bool, str]:
     Without VNNI, x86 int8 kernels multiply uint8 by int8 with ``vpmaddubsw``, whose pairwise
     int16 sums saturate when both operands use the full 8 bits; 7-bit weights avoid that.
     """
-    from benchmarks.machine import stamp  # the project's single reading of /proc/cpuinfo
+    from deployopt.measure.machine import stamp  # the project's single reading of /proc/cpuinfo
 
     arch = platform.machine().lower()
     if arch not in ("x86_64", "amd64", "i386", "i686"):

@@ -31,8 +31,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, TensorsData, create_calibrator
 
-from optimizer.data import Dataset
-from optimizer.errors import UserError, WorkFailed
+from deployopt.core.data import Dataset
+from deployopt.core.errors import UserError, WorkFailed
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,

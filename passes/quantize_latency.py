@@ -13,7 +13,7 @@ Cost model. Label every compute node ``n`` of the float graph int8 (``L_n = 1``)
             + sum_e Q_e   [producer of e float, some consumer of e int8]
             + sum_e DQ_e  [producer of e int8, some consumer of e float (or e a graph output)]
 
-``t32`` / ``t8`` are per-node kernel times from onnxruntime's profiler (benchmarks.profile, which
+``t32`` / ``t8`` are per-node kernel times from onnxruntime's profiler (deployopt.measure.profile, which
 maps fused kernels back to the saved model's node names) of the float model and of the first
 quantization; ``Q_e`` / ``DQ_e`` are the standalone QuantizeLinear / DequantizeLinear kernels
 measured on tensor ``e``, or for tensors that had none a line ``a + b * elements`` fitted to the
@@ -119,13 +119,13 @@ class LatencyProbe:
 
     def profile(self, path: pathlib.Path, proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
                 threads: int) -> NodeCosts:
-        from benchmarks.profile import profile_model
+        from deployopt.measure.profile import profile_model
 
         prof = profile_model(path, threads=threads, runs=PROFILE_RUNS, warmup=PROFILE_WARMUP,
                              shapes={k: tuple(v.shape) for k, v in feeds.items()},
                              isolated=False, timeout=None)
         # Kernel times above the end-to-end latency (coverage > 1) are the profiler's own
-        # bookkeeping, a few µs per kernel (benchmarks.profile): take it off every kernel evenly,
+        # bookkeeping, a few µs per kernel (deployopt.measure.profile): take it off every kernel evenly,
         # or graphs with many small kernels (int8 with its Q/DQ) would look slower than they run.
         excess = max(0.0, prof.total_node_ms - prof.end_to_end_ms) / max(1, len(prof.rows))
         return node_costs([(r.op_type, r.original_nodes, max(0.0, r.mean_ms - excess)) for r in prof.rows], proto)
@@ -135,12 +135,12 @@ def measure_latency(reference: pathlib.Path, model: pathlib.Path, feeds: dict[st
                     threads: int, warmup: int = WARMUP, runs: int = RUNS, rounds: int = ROUNDS,
                     seed: int = 0) -> Timing:
     """Both models timed in interleaved rounds (the order alternates each round), with the
-    harness's session settings and statistics (benchmarks.latency: bootstrap over rounds)."""
+    harness's session settings and statistics (deployopt.measure.latency: bootstrap over rounds)."""
     import onnxruntime as ort
 
-    from benchmarks._model import session_options
-    from benchmarks._worker import time_runs
-    from benchmarks.latency import speedup_interval
+    from deployopt.measure.model_io import session_options
+    from deployopt.measure.worker import time_runs
+    from deployopt.measure.latency import speedup_interval
 
     sessions = [ort.InferenceSession(str(p), session_options(threads), providers=["CPUExecutionProvider"])
                 for p in (reference, model)]

@@ -49,8 +49,8 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
-from passes._lstsq import conv_output_size, conv_pads, conv_patches
-from passes import quantize_data as qdata
+from deployopt.passes._lstsq import conv_output_size, conv_pads, conv_patches
+from deployopt.passes import quantize_data as qdata
 
 #: Ops whose weight (input 1) refinement handles.
 REFINABLE = ("Conv", "Gemm", "MatMul")

@@ -32,7 +32,7 @@ from onnxruntime.quantization.calibrate import CalibraterBase
 from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-from passes.quantize_data import session
+from deployopt.passes.quantize_data import session
 
 #: Op types onnxruntime's static quantizer has a rule for (QDQ or QOperator registry).
 QUANTIZABLE = frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)

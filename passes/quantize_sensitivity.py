@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from passes.quantize_data import session
-from passes.quantize_report import folded_activations
+from deployopt.passes.quantize_data import session
+from deployopt.passes.quantize_report import folded_activations
 
 
 def _outputs(path: pathlib.Path, feeds: Sequence[dict[str, np.ndarray]], threads: int) -> list[np.ndarray]:

@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks import accuracy
-from optimizer.cli import main as cli_main
-from optimizer.data import ArrayDataset, open_dataset
-from optimizer.errors import UserError
+from deployopt.measure import accuracy
+from deployopt.cli import main as cli_main
+from deployopt.core.data import ArrayDataset, open_dataset
+from deployopt.core.errors import UserError
 
 # -- metrics on hand-made logits ----------------------------------------------------------------
 

@@ -19,10 +19,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from optimizer.context import PassContext
-from optimizer.data import ArrayDataset
-from optimizer.errors import UserError
-from passes.channel_prune import ChannelPrunePass
+from deployopt.passes.context import PassContext
+from deployopt.core.data import ArrayDataset
+from deployopt.core.errors import UserError
+from deployopt.passes.channel_prune import ChannelPrunePass
 
 RNG = np.random.default_rng(0)
 
@@ -326,8 +326,8 @@ def test_matmul_hidden_units_and_their_bias_constant_are_sliced():
 
 
 def test_reference_mobilenet_v2_export_is_pruned_with_depthwise_and_residual_ties(tmp_path):
-    import models
-    from optimizer.export import export_model
+    from deployopt import models
+    from deployopt.models.export import export_model
 
     path = tmp_path / "mnv2.onnx"
     export_model(models.build("mobilenet_v2", width_mult=0.35, num_classes=10), path, (1, 3, 32, 32))

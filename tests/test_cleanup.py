@@ -18,9 +18,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer.context import PassContext
-from optimizer.errors import UserError
-from passes.cleanup import CleanupPass
+from deployopt.passes.context import PassContext
+from deployopt.core.errors import UserError
+from deployopt.passes.cleanup import CleanupPass
 
 TOL = 1e-5
 RNG = np.random.default_rng(0)
@@ -270,7 +270,7 @@ def _randomize_bn(module: torch.nn.Module, seed: int = 0) -> None:
 def _torchscript_unfolded(module: torch.nn.Module, shape, dynamic_batch=False) -> onnx.ModelProto:
     # Without constant folding the TorchScript exporter keeps explicit BatchNormalization nodes
     # (and Identity nodes for deduplicated initializers); the dynamo exporter and
-    # optimizer.export fold BN themselves.
+    # deployopt.models.export fold BN themselves.
     buffer = bytes_io.BytesIO()
     with warnings.catch_warnings():  # TorchScript export is deprecated; here it is on purpose
         warnings.simplefilter("ignore")
@@ -282,7 +282,7 @@ def _torchscript_unfolded(module: torch.nn.Module, shape, dynamic_batch=False) -
 
 @pytest.mark.parametrize("name", ["seed_cnn", "resnet18", "mobilenet_v2", "efficientnet_lite0"])
 def test_reference_models_bn_folded_outputs_equal(name):
-    import models
+    from deployopt import models
 
     module = models.build(name)
     _randomize_bn(module)
@@ -326,9 +326,9 @@ def test_dynamic_batch_survives_folding():
 
 def test_export_model_output_stays_equal(tmp_path):
     """The project's own export path (dynamo, BN already folded): cleanup keeps it equal."""
-    import models
-    from optimizer import io
-    from optimizer.export import export_model
+    from deployopt import models
+    from deployopt.core import io
+    from deployopt.models.export import export_model
 
     path = tmp_path / "seed_cnn.onnx"
     export_model(models.build("seed_cnn"), path, (1, 3, 32, 32), dynamic_batch=True)

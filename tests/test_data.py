@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from optimizer.data import (DATASET_KEYS, PRESETS, ArrayDataset, Preprocess, _mnist_arrays, open_dataset,
+from deployopt.core.data import (DATASET_KEYS, PRESETS, ArrayDataset, Preprocess, _mnist_arrays, open_dataset,
                             parse_spec, validate_spec)
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

@@ -16,14 +16,14 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-import models
-from optimizer import io
-from optimizer.context import PassContext
-from optimizer.data import ArrayDataset
-from optimizer.errors import UserError
-from optimizer.export import export_model
-from passes import _distill_train as dt
-from passes.distill import DistillPass
+from deployopt import models
+from deployopt.core import io
+from deployopt.passes.context import PassContext
+from deployopt.core.data import ArrayDataset
+from deployopt.core.errors import UserError
+from deployopt.models.export import export_model
+from deployopt.passes import _distill_train as dt
+from deployopt.passes.distill import DistillPass
 
 FAST = {"augment": False, "exporter": "torchscript", "latency_runs": 0, "batch_size": 32}
 STUDENT = {"student": "digits_cnn", "student_kwargs": {"width": 8}}  # 3.9x fewer MACs than width 16
@@ -169,7 +169,7 @@ def test_onnx_student_is_renamed_and_swapped(teacher_path, digits, tmp_path):
 
 
 def test_recipe_layer_builds_the_pass():
-    from optimizer.recipe import build_dataclass
+    from deployopt.recipe import build_dataclass
 
     step = build_dataclass(DistillPass, {"student": {"onnx": "s.onnx"}, "relative": True},
                            "passes[0].distill")

@@ -20,10 +20,11 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-import models
-from optimizer import export, export_cli
-from optimizer.errors import UserError, WorkFailed
-from optimizer.export import export_model, reduce_mean_to_global_average_pool
+from deployopt import models
+from deployopt import export_cli
+from deployopt.models import export
+from deployopt.core.errors import UserError, WorkFailed
+from deployopt.models.export import export_model, reduce_mean_to_global_average_pool
 from tests.test_models import HAVE_WEIGHTS, foolbox_imagenet_photos, pretrained_efficientnet_logits
 
 

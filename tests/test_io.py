@@ -1,4 +1,4 @@
-"""optimizer.io: round trip, atomic save, and every refusal with its message."""
+"""deployopt.core.io: round trip, atomic save, and every refusal with its message."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer import io
-from optimizer.errors import UserError
+from deployopt.core import io
+from deployopt.core.errors import UserError
 
 
 def _matmul_model(rows: int = 4, cols: int = 3) -> onnx.ModelProto:

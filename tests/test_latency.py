@@ -12,11 +12,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks import latency, machine
-from benchmarks._worker import main as real_worker_main
-from optimizer.cli import main as cli_main
-from optimizer.data import ArrayDataset
-from optimizer.errors import UserError
+from deployopt.measure import latency, machine
+from deployopt.measure.worker import main as real_worker_main
+from deployopt.cli import main as cli_main
+from deployopt.core.data import ArrayDataset
+from deployopt.core.errors import UserError
 
 
 def _mlp(path, hidden=32, batch="N", features=64, seed=0):

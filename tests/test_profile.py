@@ -16,10 +16,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks import profile
-from benchmarks.profile import GraphNode, map_nodes, parse_trace, profile_model
-from optimizer.cli import main as cli_main
-from optimizer.errors import UserError, WorkFailed
+from deployopt.measure import profile
+from deployopt.measure.profile import GraphNode, map_nodes, parse_trace, profile_model
+from deployopt.cli import main as cli_main
+from deployopt.core.errors import UserError, WorkFailed
 
 
 def _save(nodes, inits, x_shape, y_shape, path, *, opsets=(("", 17),)):

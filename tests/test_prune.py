@@ -17,11 +17,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 
-from optimizer.context import PassContext
-from optimizer.data import ArrayDataset
-from optimizer.errors import UserError
-from passes._lstsq import GramAccumulator
-from passes.prune import MagnitudePrunePass
+from deployopt.passes.context import PassContext
+from deployopt.core.data import ArrayDataset
+from deployopt.core.errors import UserError
+from deployopt.passes._lstsq import GramAccumulator
+from deployopt.passes.prune import MagnitudePrunePass
 
 LAYERS = ("/0/Conv", "/2/Conv", "/6/Gemm", "/8/Gemm")
 WEIGHTS = ("0.weight", "2.weight", "6.weight", "8.weight")

@@ -16,11 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 from torch import nn
 
-from optimizer.context import PassContext
-from optimizer.data import ArrayDataset, Dataset
-from optimizer.errors import UserError
-from passes import quantize_data as qdata
-from passes.quantize import QuantizePass
+from deployopt.passes.context import PassContext
+from deployopt.core.data import ArrayDataset, Dataset
+from deployopt.core.errors import UserError
+from deployopt.passes import quantize_data as qdata
+from deployopt.passes.quantize import QuantizePass
 from tests._fixtures import train_classifier
 
 N_TRAIN = 1400
@@ -292,11 +292,11 @@ def test_exclude_nodes_by_name_and_regex(float_proto, digits):
 
 
 def test_no_vnni_uses_reduce_range_and_warns(float_proto, digits, monkeypatch):
-    import benchmarks.machine
+    import deployopt.measure.machine
 
     x, _ = digits
-    fake = dict(benchmarks.machine.stamp(), isa=["avx2"])
-    monkeypatch.setattr(benchmarks.machine, "stamp", lambda: fake)
+    fake = dict(deployopt.measure.machine.stamp(), isa=["avx2"])
+    monkeypatch.setattr(deployopt.measure.machine, "stamp", lambda: fake)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     q, ctx = _quantize(float_proto, ArrayDataset(x[:64]))
     assert ctx.details["reduce_range"]["value"] is True
@@ -461,8 +461,8 @@ def test_sensitivity_probe_keeps_the_folded_relu(float_proto, digits, tmp_path):
     """Removing the Q/DQ pair of a tensor whose Relu the quantizer folded into its range must put the
     clamp back (else the probe measures a different function); the probe's output is then closer
     to fp32 than the quantized model's."""
-    from passes import quantize_sensitivity as qsens
-    from passes.quantize_report import activation_bounds
+    from deployopt.passes import quantize_sensitivity as qsens
+    from deployopt.passes.quantize_report import activation_bounds
 
     x, _ = digits
     q, _ = _quantize(float_proto, ArrayDataset(x[:128]), latency_aware=False)

@@ -17,10 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 from torch import nn
 
-from optimizer.context import PassContext
-from optimizer.data import ArrayDataset
-from passes import quantize_latency as qlat
-from passes.quantize import QuantizePass
+from deployopt.passes.context import PassContext
+from deployopt.core.data import ArrayDataset
+from deployopt.passes import quantize_latency as qlat
+from deployopt.passes.quantize import QuantizePass
 from tests._fixtures import train_classifier
 
 N_TRAIN = 1400
@@ -249,7 +249,7 @@ def test_trials_are_bounded_by_max_trials(gated_proto, digits):
     ({"latency_budget_s": 0}, "latency_budget_s: 0 is outside (0, inf]"),
 ])
 def test_bad_latency_settings(settings, message):
-    from optimizer.errors import UserError
+    from deployopt.core.errors import UserError
 
     with pytest.raises(UserError) as e:
         QuantizePass(**settings)
@@ -257,8 +257,8 @@ def test_bad_latency_settings(settings, message):
 
 
 def test_recipe_keys_and_the_probe_is_not_one():
-    from optimizer.errors import UserError
-    from optimizer.recipe import from_mapping
+    from deployopt.core.errors import UserError
+    from deployopt.recipe import from_mapping
 
     raw = {"model": "m.onnx", "passes": [{"quantize": {"latency_aware": False, "max_trials": 4}}]}
     step = from_mapping(raw).passes[0]

@@ -13,11 +13,11 @@ from onnx import numpy_helper
 from sklearn.datasets import load_digits
 from torch import nn
 
-from optimizer.context import PassContext
-from optimizer.data import ArrayDataset
-from optimizer.errors import UserError
-from passes import quantize_refine as qrefine
-from passes.quantize import QuantizePass
+from deployopt.passes.context import PassContext
+from deployopt.core.data import ArrayDataset
+from deployopt.core.errors import UserError
+from deployopt.passes import quantize_refine as qrefine
+from deployopt.passes.quantize import QuantizePass
 from tests._fixtures import train_classifier
 
 
@@ -176,7 +176,7 @@ def test_refined_weights_stay_in_the_quantizer_range(digits_model, settings, low
 def test_bias_free_convolutions_get_a_fused_int32_bias(digits_model, tmp_path):
     """Conv without bias (conv + BatchNorm exports, bias=False layers): bias correction adds an int32
     bias in the form onnxruntime fuses, so the int8 kernel count is unchanged."""
-    from passes.quantize_report import ort_kernels
+    from deployopt.passes.quantize_report import ort_kernels
 
     proto, x, _ = digits_model
     bias_free = onnx.ModelProto()

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import yaml
 
-import passes
-from optimizer.errors import UserError
-from optimizer.recipe import apply_override, from_mapping, load_recipe
-from passes.base import DeployInPlacePass, check_choice, check_range
+from deployopt import passes
+from deployopt.core.errors import UserError
+from deployopt.recipe import apply_override, from_mapping, load_recipe
+from deployopt.passes.base import DeployInPlacePass, check_choice, check_range
 
 
 @dataclasses.dataclass

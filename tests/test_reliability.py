@@ -17,7 +17,7 @@ import onnx
 import pytest
 import yaml
 
-from optimizer.cli import main
+from deployopt.cli import main
 from tests._fixtures import export_tiny_resnet
 
 
@@ -176,7 +176,7 @@ def test_bench_usage_errors(ws, capsys):
 
 
 def test_debug_shows_traceback(ws):
-    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", "inspect", str(ws / "random.onnx"), "--debug"],
+    proc = subprocess.run([sys.executable, "-m", "deployopt.cli", "inspect", str(ws / "random.onnx"), "--debug"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 
@@ -208,7 +208,7 @@ def test_crash_and_hang_are_contained(ws, tmp_path, body, expected):
     recipe = _recipe(ws, "crash.yaml", benchmark={"enabled": False})
     out = tmp_path / "out"
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "optimizer.cli", "optimize", str(recipe), "-o", str(out),
+    proc = subprocess.run([sys.executable, "-m", "deployopt.cli", "optimize", str(recipe), "-o", str(out),
                            "--timeout", "20"], capture_output=True, text=True, timeout=300, env=env)
     assert time.monotonic() - start < 200
     assert proc.returncode == 1, proc.stderr
@@ -224,7 +224,7 @@ def test_sigterm_exits_130_without_partial_files(ws, tmp_path):
     env = _crash_hook(hook, "import time; time.sleep(600)")
     recipe = _recipe(ws, "term.yaml", benchmark={"enabled": False})
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "optimizer.cli", "optimize", str(recipe), "-o", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "deployopt.cli", "optimize", str(recipe), "-o", str(out)],
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):

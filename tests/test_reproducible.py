@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from optimizer.cli import main
+from deployopt.cli import main
 from tests._fixtures import export_tiny_resnet
 
 
@@ -44,7 +44,7 @@ def test_same_seed_gives_byte_identical_model(ws):
 
 
 def test_parallel_runs_do_not_interfere(ws):
-    procs = [subprocess.Popen([sys.executable, "-m", "optimizer.cli", "optimize", str(ws / "recipe.yaml"),
+    procs = [subprocess.Popen([sys.executable, "-m", "deployopt.cli", "optimize", str(ws / "recipe.yaml"),
                                "-o", str(ws / f"par{i}")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     for proc in procs:

@@ -1,4 +1,4 @@
-"""optimizer.stats: MACs against a hand count, params, sizes, quantized-op counting, inspect."""
+"""deployopt.core.stats: MACs against a hand count, params, sizes, quantized-op counting, inspect."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from optimizer import cli
-from optimizer.stats import format_stats, model_stats
+from deployopt import cli
+from deployopt.core.stats import format_stats, model_stats
 
 RNG = np.random.default_rng(0)
 DESIGN_KEYS = {"path", "bytes", "bytes_zip", "params", "nonzero_params", "macs", "ops", "opset"}
@@ -231,7 +231,7 @@ def test_reference_model_macs_and_params():
 
     import torch
 
-    import models
+    from deployopt import models
 
     module = models.build("resnet18").eval()
     with torch.no_grad():  # distinct BN statistics: no two folded biases are equal (and deduped)

@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 BUILTIN_DATASETS = ("digits", "mnist", "imagenet-samples", "photos")
 PATH_KINDS = ("folder", "npy", "npz")

@@ -13,7 +13,7 @@ import pathlib
 
 import numpy as np
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 #: --opt-level names -> onnxruntime GraphOptimizationLevel member names.
 OPT_LEVELS = {
@@ -64,7 +64,7 @@ def load_proto(path: str | pathlib.Path):
 
     One place to change if the harnesses ever need a lighter loader than the project's.
     """
-    from optimizer.io import load_proto as project_load_proto
+    from deployopt.core.io import load_proto as project_load_proto
 
     return project_load_proto(path)
 
@@ -110,8 +110,8 @@ def fits_sample(spec: TensorSpec, sample_shape: tuple) -> bool:
 
 
 def open_data(spec: str, inputs: list[TensorSpec], shapes: dict | None = None):
-    """``optimizer.data.open_dataset`` sized for the model's (single) input; errors name --data."""
-    from optimizer.data import open_dataset
+    """``deployopt.core.data.open_dataset`` sized for the model's (single) input; errors name --data."""
+    from deployopt.core.data import open_dataset
 
     if len(inputs) != 1:
         raise UserError(f"--data {spec}: the model has {len(inputs)} inputs "

@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 def _np_dtype_known(dtype: int) -> bool:
     try:

@@ -68,7 +68,7 @@ def main(conn, model_path: str, optimization_level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     import onnxruntime as ort
 
-    from benchmarks._model import one_line, session_options
+    from deployopt.measure.model_io import one_line, session_options
 
     sessions: dict[int, object] = {}
     feeds: dict[object, dict] = {}

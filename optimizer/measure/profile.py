@@ -1,9 +1,9 @@
 """Per-node profile of an ONNX model on onnxruntime CPU, mapped back to the saved model's nodes.
 
 Method
-  * One worker process (``benchmarks._worker.Worker`` with this module's entry point, so a crash
+  * One worker process (``deployopt.measure.worker.Worker`` with this module's entry point, so a crash
     or a hang in onnxruntime cannot take the caller down) opens two sessions with the settings
-    every latency number is recorded with (``benchmarks._model.session_options``: intra-op
+    every latency number is recorded with (``deployopt.measure.model_io.session_options``: intra-op
     threads as given, inter-op 1, sequential, the graph optimization level as given):
       - a plain one, timed exactly like ``deployopt bench`` times a model (perf_counter around
         ``session.run``);
@@ -69,9 +69,9 @@ import tempfile
 
 import numpy as np
 
-from benchmarks import machine as machine_mod
-from benchmarks._model import OPT_LEVELS, input_specs, load_proto, one_line
-from optimizer.errors import UserError, WorkFailed
+from deployopt.measure import machine as machine_mod
+from deployopt.measure.model_io import OPT_LEVELS, input_specs, load_proto, one_line
+from deployopt.core.errors import UserError, WorkFailed
 
 DEFAULT_TIMEOUT_S = 600.0
 #: Suffixes (and a prefix) onnxruntime appends when it creates a node in place of another one:
@@ -370,8 +370,8 @@ def measure(model_path: str, optimization_level: str, threads: int, feeds: dict,
     import onnx
     import onnxruntime as ort
 
-    from benchmarks._model import session_options
-    from benchmarks._worker import time_runs
+    from deployopt.measure.model_io import session_options
+    from deployopt.measure.worker import time_runs
 
     folder = pathlib.Path(folder)
     plain = ort.InferenceSession(model_path, session_options(threads, optimization_level),
@@ -401,10 +401,10 @@ def measure(model_path: str, optimization_level: str, threads: int, feeds: dict,
 
 
 def _worker_main(conn, model_path: str, optimization_level: str) -> None:
-    """Worker entry (benchmarks._worker protocol): ("profile", threads, feeds, warmup, runs,
+    """Worker entry (deployopt.measure.worker protocol): ("profile", threads, feeds, warmup, runs,
     folder) -> ("ok", measure(...), None, rss_mb) or ("error", one-line reason, rss_mb)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    from benchmarks._worker import peak_rss_mb
+    from deployopt.measure.worker import peak_rss_mb
 
     conn.send(("ready", peak_rss_mb()))
     while True:
@@ -432,14 +432,14 @@ def profile_model(path: str | os.PathLike, *, threads: int = 1, runs: int = 50, 
                   label: str | None = None) -> Profile:
     """Profile ``path`` on onnxruntime CPU (see module doc).
 
-    Inputs are random (seeded, as in ``benchmarks.latency``) unless ``data`` (a Dataset) is
+    Inputs are random (seeded, as in ``deployopt.measure.latency``) unless ``data`` (a Dataset) is
     given; ``shapes`` {input name: full shape} resolves dynamic dims, and ``batch`` (default: the
     first dim of a given shape, else 1) fills a dynamic batch dimension. ``isolated`` runs the
     sessions in a worker process that is killed after ``timeout`` seconds (None: no limit).
     UserError for bad settings or a file that is not a model; WorkFailed when onnxruntime fails,
     crashes or times out.
     """
-    from benchmarks.latency import _plan, check_settings
+    from deployopt.measure.latency import _plan, check_settings
 
     shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
     if batch is None:
@@ -512,7 +512,7 @@ def _rows(trace: dict, original: list[GraphNode], executed: list[GraphNode],
 
 
 def _isolated(path, optimization_level, threads, feeds, warmup, runs, folder, timeout) -> dict:
-    from benchmarks._worker import Worker, WorkerFailure
+    from deployopt.measure.worker import Worker, WorkerFailure
 
     worker = Worker(path, optimization_level, budget=timeout, entry=_worker_main)
     try:

@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
-from benchmarks._model import (fits_sample, format_shape, input_specs, load_proto, one_line,
+from deployopt.measure.model_io import (fits_sample, format_shape, input_specs, load_proto, one_line,
                                open_data, output_specs, session_options)
-from optimizer.errors import UserError, WorkFailed
+from deployopt.core.errors import UserError, WorkFailed
 
 # -- metrics on logits --------------------------------------------------------------------------
 
@@ -288,7 +288,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_eval(args) -> int:
     import json
 
-    from benchmarks._output import check_writable, write_text
+    from deployopt.measure.output import check_writable, write_text
 
     values = {}
     for flag, text in (("--batch-size", args.batch_size), ("--threads", args.threads)):

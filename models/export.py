@@ -24,7 +24,7 @@ Parity: the module (eval mode) and onnxruntime (CPUExecutionProvider, graph opti
 disabled, so we test the file and not ORT's rewrites) run the same seeded N(0, 1) input; with a
 dynamic batch also a second batch size. ``max |torch - ort|`` above ``tolerance`` is a
 ``WorkFailed`` and nothing is written. The file is written only after the check passes, atomically
-(``optimizer.io.save``: temporary file in the target folder, then ``os.replace``).
+(``deployopt.core.io.save``: temporary file in the target folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ import torch
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
-from optimizer import io
-from optimizer.errors import UserError, WorkFailed
+from deployopt.core import io
+from deployopt.core.errors import UserError, WorkFailed
 
-from optimizer.export_cli import EXPORTERS  # noqa: E402  (the CLI module stays torch-free)
+from deployopt.models import EXPORTERS
+
 _DYNAMO_MIN_OPSET = 18  # torch.export-based exporter's lowest opset (it ignores lower requests)
 _MIN_OPSET = 7
 

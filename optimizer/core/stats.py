@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from optimizer.errors import UserError
+from deployopt.core.errors import UserError
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _ZLIB_LEVEL = 6
@@ -490,7 +490,7 @@ def add_parser(subparsers) -> None:
 
 
 def _inspect(args) -> int:
-    from optimizer import io
+    from deployopt.core import io
 
     proto = io.load_proto(args.model)
     stats = model_stats(proto, path=args.model)

@@ -1,6 +1,6 @@
 """Output files of the harnesses: atomic writes and the latency plot.
 
-Every output goes through ``optimizer.io``'s atomic writer (temporary file in the destination
+Every output goes through ``deployopt.core.io``'s atomic writer (temporary file in the destination
 folder, then os.replace), so a killed run never leaves a half-written JSON or PNG that a CI step
 would then read.
 """
@@ -11,8 +11,8 @@ import io
 import os
 import pathlib
 
-from optimizer.errors import UserError
-from optimizer.io import atomic_write_bytes, atomic_write_text, check_output_path
+from deployopt.core.errors import UserError
+from deployopt.core.io import atomic_write_bytes, atomic_write_text, check_output_path
 
 
 def check_writable(path: str | os.PathLike, what: str) -> pathlib.Path:

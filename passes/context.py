@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-    from optimizer.data import Dataset
+    from deployopt.core.data import Dataset
 
 
 @dataclasses.dataclass

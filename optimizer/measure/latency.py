@@ -1,7 +1,7 @@
 """Side-by-side latency of ONNX models on onnxruntime CPU, with ratios that survive a noisy host.
 
 Method
-  * Each model runs in its own worker process (``benchmarks._worker``): one session per thread
+  * Each model runs in its own worker process (``deployopt.measure.worker``): one session per thread
     count, ``warmup`` untimed runs before every measured segment of ``runs`` timed runs.
   * Rounds interleave the models: for each round, for each (threads, batch), A then B then ...
     Slow drift of the host (other jobs, turbo, thermal) then hits every model alike, so the
@@ -17,7 +17,7 @@ Method
   * A CV above 10% is reported as a warning (in the result and on stderr).
 Session settings (recorded in every result): intra-op threads as given, inter-op 1,
 ORT_SEQUENTIAL, graph optimization ORT_ENABLE_ALL unless told otherwise.
-``deployopt bench --profile`` then profiles each model per node (``benchmarks.profile``) at the
+``deployopt bench --profile`` then profiles each model per node (``deployopt.measure.profile``) at the
 first thread count and batch size and prints its most expensive nodes and op types.
 """
 
@@ -37,11 +37,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from benchmarks import machine as machine_mod
-from benchmarks._model import (OPT_LEVELS, TensorSpec, fits_sample, format_shape, input_specs,
+from deployopt.measure import machine as machine_mod
+from deployopt.measure.model_io import (OPT_LEVELS, TensorSpec, fits_sample, format_shape, input_specs,
                                load_proto, one_line, open_data, parse_shape, recorded_options)
-from benchmarks._worker import Worker, WorkerFailure
-from optimizer.errors import UserError, WorkFailed
+from deployopt.measure.worker import Worker, WorkerFailure
+from deployopt.core.errors import UserError, WorkFailed
 
 CV_WARN = 0.10
 #: The keys report.json's ``benchmark`` rows carry (DESIGN.md).
@@ -489,7 +489,7 @@ def plot(result: BenchResult, path: str | os.PathLike, *,
          accuracy: dict[str, float] | None = None) -> None:
     """PNG of per-run latency per model; with ``accuracy`` ({label: top-1}) also latency vs
     accuracy. Written atomically."""
-    from benchmarks._output import plot_latency
+    from deployopt.measure.output import plot_latency
 
     plot_latency(result.rows, path, accuracy)
 
@@ -565,7 +565,7 @@ def _profiles(result: BenchResult, args, threads: int, batch: int, top: int, run
               warmup: int, shapes: dict, data, seed: int, timeout) -> tuple[list, list[str]]:
     """``bench --profile``: profile every model whose latency row at (threads, batch) succeeded,
     print each profile's top nodes and op types; return (profiles, one-line failures)."""
-    from benchmarks.profile import profile_model
+    from deployopt.measure.profile import profile_model
 
     ok = {r["model"] for r in result.rows
           if r["threads"] == threads and r["batch"] == batch and r["error"] is None}
@@ -609,7 +609,7 @@ def run_bench(args) -> int:
     top = _int("--top", top_text) if top_text is not None else 10
     if top < 1:
         raise UserError(f"--top: {top} is not an integer >= 1")
-    from benchmarks._output import check_writable, plot_latency, write_text
+    from deployopt.measure.output import check_writable, plot_latency, write_text
 
     outputs = {flag: check_writable(path, flag) for flag, path in
                (("--json", args.json), ("--csv", args.csv), ("--markdown", args.markdown),
