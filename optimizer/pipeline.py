@@ -121,11 +121,11 @@ def _open_datasets(recipe: Recipe, shape: list, input_name: str) -> dict[str, An
 
 def _check_requirements(recipe: Recipe, datasets: dict[str, Any]) -> None:
     for i, p in enumerate(recipe.passes):
-        if getattr(p, "needs_calibration", False) and "calibration" not in datasets:
+        if p.needs_calibration and "calibration" not in datasets:
             raise UserError(f"passes[{i}].{p.name}: needs data.calibration in the recipe")
-        if getattr(p, "needs_training", False) and not ({"training", "calibration"} & set(datasets)):
+        if p.needs_training and not ({"training", "calibration"} & set(datasets)):
             raise UserError(f"passes[{i}].{p.name}: needs data.training (or data.calibration) in the recipe")
-        if getattr(p, "needs_evaluation", False) and "evaluation" not in datasets:
+        if p.needs_evaluation and "evaluation" not in datasets:
             raise UserError(f"passes[{i}].{p.name}: needs data.evaluation in the recipe")
     gates = recipe.gates
     if gates.max_accuracy_drop is not None and "evaluation" not in datasets:
@@ -154,9 +154,8 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: l
                 input_path: pathlib.Path) -> tuple[ir.Model, str | None]:
     total = len(recipe.passes)
     for i, p in enumerate(recipe.passes):
-        ctx = base_ctx.for_step()
-        p.context = ctx
-        guard = getattr(p, "min_step_speedup", None)
+        p.context = base_ctx
+        guard = p.min_step_speedup
         snapshot = ir.to_proto(model) if guard else None  # in-place passes mutate the model
         before = stats.model_stats(model)
         _log(f"[{i + 1}/{total}] {p.name} ...")
@@ -176,16 +175,16 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: l
         seconds = time.perf_counter() - start
         model = result.model
         status = "ok"
-        if guard and result.modified and not ctx.failure:
+        if guard and result.modified and not result.failure:
             verdict = _step_guard(p.name, snapshot, model, guard, recipe, base_ctx.work_dir, i)
-            ctx.details["step_guard"] = verdict
+            result.details["step_guard"] = verdict
             if verdict["reverted"]:
-                ctx.note(verdict["message"])
+                result.notes.append(verdict["message"])
                 _log(verdict["message"])
                 model, status = ir.from_proto(snapshot), "reverted"
         after = stats.model_stats(model)
         record = StepRecord(p.name, p.params(), seconds, bool(result.modified) and status != "reverted",
-                            before, after, list(ctx.notes), dict(ctx.details), status)
+                            before, after, result.notes, result.details, status)
         record.accuracy = _step_accuracy(model, i, input_path, base_ctx)
         steps.append(record)
         cost = record.accuracy or {}
@@ -194,9 +193,9 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: l
              + ("" if record.modified else " (unchanged)")
              + (f", top-1 {cost['top1']:.3f}" if cost.get("top1") is not None else "")
              + (f", agreement {cost['agreement']:.3f}" if cost.get("agreement") is not None else ""))
-        if ctx.failure:
+        if result.failure:
             record.status = "failed"
-            return model, ctx.failure
+            return model, result.failure
     return model, None
 
 

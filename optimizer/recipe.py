@@ -3,8 +3,8 @@
 Everything is checked before any work starts: unknown keys, wrong types and out-of-range values
 raise ``UserError`` whose message names the place, e.g.
 ``passes[3].quantize.calibration: 'minmx' is not one of minmax, percentile, entropy, distribution``.
-Pass parameters are validated by the pass classes themselves (their dataclass fields and
-``validate()``), so the recipe layer only knows the pass contract, not any pass.
+Every section is a settings dataclass (``deployopt.core.settings``): pass parameters are the
+pass classes' own typed fields, so the recipe layer only knows the pass contract, not any pass.
 
 ``--set KEY=VALUE`` overrides use the same paths: ``passes[1].prune.sparsity=0.7``,
 ``gates.min_speedup=2``, ``benchmark.threads=[1,2]``; VALUE is parsed as YAML.
@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-import types
-import typing
 from typing import Any
 
 import yaml
 
 from deployopt.core.errors import UserError
+from deployopt.core.settings import Settings, build_settings, setting
 
 TOP_KEYS = ("model", "data", "passes", "benchmark", "gates", "seed")
 # calibration: passes that calibrate or reconstruct; evaluation: accuracy (labels) and agreement;
@@ -33,40 +32,21 @@ EXPORT_KEYS = ("export", "input_shape", "dynamic_batch", "weights", "opset", "pr
 
 
 @dataclasses.dataclass
-class BenchmarkSettings:
+class BenchmarkSettings(Settings):
     enabled: bool = True
-    threads: list[int] = dataclasses.field(default_factory=lambda: [1])
-    batch: list[int] = dataclasses.field(default_factory=lambda: [1])
-    warmup: int = 10
-    runs: int = 100
-    rounds: int = 3
-    timeout: float | None = None  # seconds per worker; None = no limit
-
-    def validate(self) -> None:
-        for key in ("threads", "batch"):
-            values = getattr(self, key)
-            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise UserError(f"{key}: {values!r} must be a non-empty list of integers >= 1")
-        for key, low in (("warmup", 0), ("runs", 1), ("rounds", 1)):
-            if getattr(self, key) < low:
-                raise UserError(f"{key}: {getattr(self, key)!r} must be >= {low}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise UserError(f"timeout: {self.timeout!r} must be > 0 seconds")
+    threads: list[int] = setting(default_factory=lambda: [1], low=1, min_len=1)
+    batch: list[int] = setting(default_factory=lambda: [1], low=1, min_len=1)
+    warmup: int = setting(10, low=0)
+    runs: int = setting(100, low=1)
+    rounds: int = setting(3, low=1)
+    timeout: float | None = setting(None, low=0, low_open=True)  # seconds per worker; None = no limit
 
 
 @dataclasses.dataclass
-class Gates:
-    max_accuracy_drop: float | None = None  # absolute top-1 drop (or 1 - agreement when unlabeled)
-    min_speedup: float | None = None  # p50(input) / p50(output), worst over the benchmark grid
-    max_size_mb: float | None = None  # output model file size in MB (10^6 bytes)
-
-    def validate(self) -> None:
-        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
-            raise UserError(f"max_accuracy_drop: {self.max_accuracy_drop!r} is outside [0, 1]")
-        for key in ("min_speedup", "max_size_mb"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise UserError(f"{key}: {value!r} must be > 0")
+class Gates(Settings):
+    max_accuracy_drop: float | None = setting(None, low=0, high=1)  # absolute top-1 drop (or 1 - agreement when unlabeled)
+    min_speedup: float | None = setting(None, low=0, low_open=True)  # p50(input) / p50(output), worst over the grid
+    max_size_mb: float | None = setting(None, low=0, low_open=True)  # output model file size in MB (10^6 bytes)
 
     def active(self) -> dict[str, float]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -82,80 +62,6 @@ class Recipe:
     gates: Gates
     seed: int
     raw: dict[str, Any]  # the recipe after overrides, as written to report.json
-
-
-# -- type checking of plain YAML values against dataclass annotations -----------------------------
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(hint))
-        return f"{origin.__name__}[{args}]"
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (list, tuple):
-        args = typing.get_args(hint)
-        inner = args[0] if args else Any
-        return isinstance(value, (list, tuple)) and all(_matches(v, inner) for v in value)
-    if origin is dict:
-        key_t, val_t = typing.get_args(hint) or (Any, Any)
-        return isinstance(value, dict) and all(
-            _matches(k, key_t) and _matches(v, val_t) for k, v in value.items())
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def build_dataclass(cls: type, values: Any, where: str, extra_prefix: str = "") -> Any:
-    """Instantiate ``cls`` from a YAML mapping, with errors that name ``where.key``."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise UserError(f"{where}: expected a mapping of settings, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        if key not in fields:
-            allowed = ", ".join(list(fields) + (["min_step_speedup"] if hasattr(cls, "call") else [])) \
-                or "no settings"
-            raise UserError(f"{where}.{key}: unknown key (allowed: {allowed})")
-        hint = hints.get(key, Any)
-        if key in ("threads", "batch") and isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
-            values[key] = value
-        if not _matches(value, hint):
-            raise UserError(f"{where}.{key}: expected {_type_name(hint)}, got {value!r}")
-    try:
-        obj = cls(**values)
-        if hasattr(obj, "validate") and not hasattr(cls, "call"):  # passes validate in __post_init__
-            obj.validate()
-    except UserError as e:
-        message = str(e)
-        raise UserError(f"{where}.{message}" if not message.startswith(where) else message) from e
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: {e}") from e
-    return obj
 
 
 # -- overrides -------------------------------------------------------------------------------------
@@ -260,19 +166,6 @@ def _validate_model(model: Any, base: pathlib.Path | None) -> str | dict[str, An
     raise UserError("model: missing; give a .onnx path or {export: NAME, input_shape: [...]}")
 
 
-# The step guard: a step whose output is slower than its input by this ratio is reverted.
-# Every pass accepts `min_step_speedup`; only quantize has it on by default (int8 that the CPU does
-# not fuse is slower than float, and that is the most common surprise with int8 tools).
-STEP_GUARD_DEFAULTS = {"quantize": 1.0}
-
-
-def _pop_step_guard(name: str, settings: dict[str, Any], where: str) -> float | None:
-    value = settings.pop("min_step_speedup", STEP_GUARD_DEFAULTS.get(name))
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-        raise UserError(f"{where}.min_step_speedup: expected a number > 0 or null, got {value!r}")
-    return None if value is None else float(value)
-
-
 def _build_passes(entries: Any, base: pathlib.Path | None = None) -> list[Any]:
     from deployopt.passes import REGISTRY
 
@@ -291,14 +184,19 @@ def _build_passes(entries: Any, base: pathlib.Path | None = None) -> list[Any]:
             raise UserError(f"passes[{i}].{name}: unknown pass (available: {', '.join(REGISTRY)})")
         where = f"passes[{i}].{name}"
         settings = dict(settings) if isinstance(settings, dict) else settings
-        guard = _pop_step_guard(name, settings, where) if isinstance(settings, dict) else None
         student = settings.get("student") if isinstance(settings, dict) else None
         if isinstance(student, dict) and isinstance(student.get("onnx"), str) and base is not None:
             settings["student"] = {**student, "onnx": str(base / student["onnx"])}  # relative to the recipe
-        step = build_dataclass(REGISTRY[name], settings, where)
-        step.min_step_speedup = guard  # read by the pipeline, not by the pass
-        built.append(step)
+        built.append(build_settings(REGISTRY[name], settings, where))
     return built
+
+
+def _scalar_lists(benchmark: Any) -> Any:
+    """``threads: 2`` means ``threads: [2]`` (and the same for ``batch``)."""
+    if not isinstance(benchmark, dict):
+        return benchmark
+    return {k: [v] if k in ("threads", "batch") and isinstance(v, int) and not isinstance(v, bool) else v
+            for k, v in benchmark.items()}
 
 
 def from_mapping(raw: Any, path: pathlib.Path | None = None) -> Recipe:
@@ -317,8 +215,8 @@ def from_mapping(raw: Any, path: pathlib.Path | None = None) -> Recipe:
         model=_validate_model(raw.get("model"), base),
         data=_validate_data(raw.get("data"), base),
         passes=_build_passes(raw.get("passes"), base),
-        benchmark=build_dataclass(BenchmarkSettings, dict(raw.get("benchmark") or {}), "benchmark"),
-        gates=build_dataclass(Gates, dict(raw.get("gates") or {}), "gates"),
+        benchmark=build_settings(BenchmarkSettings, _scalar_lists(raw.get("benchmark")), "benchmark"),
+        gates=build_settings(Gates, raw.get("gates"), "gates"),
         seed=seed,
         raw=raw,
     )

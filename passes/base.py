@@ -1,12 +1,21 @@
 """The deployopt pass contract on top of onnx_ir's pass infrastructure.
 
-A pass is a dataclass whose (init) fields are its recipe parameters. ``validate()`` runs in
-``__post_init__`` and raises ``UserError`` whose message names the field and the allowed range;
-the recipe loader prefixes it with ``passes[i].name``. The pipeline sets ``self.context`` (a
-``PassContext``) before calling the pass, and reads ``context.notes``/``context.details`` after.
+A pass is a dataclass whose init fields are its recipe settings, typed and bounded through
+``deployopt.core.settings`` (checked in ``__post_init__``, before any work; ``validate()`` adds
+rules that tie fields together). Every pass also takes ``min_step_speedup``, the step guard: the
+pipeline reverts a step whose output is slower than its input by that ratio (off unless set;
+``quantize`` sets its default to 1.0).
 
-Subclass one of ``DeployInPlacePass`` (mutates and returns the same ``ir.Model``) or
-``DeployFunctionalPass`` (returns a new ``ir.Model``; e.g. passes that round-trip through
+What a pass needs beyond the model comes in a ``PassContext`` (datasets, reference model, seed,
+work folder, threads) that the pipeline hands over before calling it. What it did comes back in a
+typed ``StepResult``: the model, whether it changed, ``notes`` (what it did, skipped and why, for
+people), ``details`` (the same facts as data, for report.json) and ``failure`` (set when the pass
+ran but missed its own tolerance: it still returns its best model, which the pipeline saves
+before exiting 1 with this reason). Inside ``call`` a pass records them with ``note()``,
+``self.details[...]`` and ``fail()``.
+
+Subclass ``DeployInPlacePass`` (mutates and returns the same ``ir.Model``) or
+``DeployFunctionalPass`` (returns a new ``ir.Model``, e.g. passes that round-trip through
 onnxruntime's file-based APIs).
 """
 
@@ -17,30 +26,46 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from deployopt.core.settings import Settings, setting, setting_fields
 from deployopt.passes.context import PassContext
-from deployopt.core.errors import UserError
 
 
-class _DeployPassMixin:
+@dataclasses.dataclass
+class StepResult(ir.passes.PassResult):
+    """What one pass did: ``PassResult`` (model, modified) plus its notes, details and failure."""
+
+    notes: list[str] = dataclasses.field(default_factory=list)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    failure: str | None = None
+
+
+@dataclasses.dataclass
+class _DeployPassMixin(Settings):
     #: Name used in recipes and reports ("cleanup", "quantize", ...).
     name: ClassVar[str] = ""
-    #: True when the pass cannot run without ``context.calibration`` (checked before any work).
+    #: The pass cannot run without ``context.calibration`` (checked before any work). A pass whose
+    #: needs depend on its settings overrides these with properties.
     needs_calibration: ClassVar[bool] = False
-    #: True when the pass cannot run without ``context.evaluation``.
+    #: The pass cannot run without ``context.evaluation``.
     needs_evaluation: ClassVar[bool] = False
+    #: The pass cannot run without ``context.training`` (which falls back to the calibration data).
+    needs_training: ClassVar[bool] = False
+
+    # The step guard (see the module docstring); None = off.
+    min_step_speedup: float | None = setting(None, low=0, low_open=True)
 
     def __post_init__(self) -> None:
         self._context: PassContext | None = None
-        self.validate()
-
-    # -- settings -----------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Check field values; raise ``UserError('field: why (allowed ...)')``."""
+        self.notes: list[str] = []
+        self.details: dict[str, Any] = {}
+        self.failure: str | None = None
+        super().__post_init__()
 
     def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """The settings, as recorded in the report."""
+        return {f.name: getattr(self, f.name) for f in setting_fields(self)}
 
-    # -- context --------------------------------------------------------------------------------
+    # -- context -------------------------------------------------------------------------------
     @property
     def context(self) -> PassContext:
         if self._context is None:
@@ -51,41 +76,47 @@ class _DeployPassMixin:
     def context(self, value: PassContext) -> None:
         self._context = value
 
+    # -- what the step did ------------------------------------------------------------------------
     def note(self, message: str) -> None:
-        self.context.note(message)
+        """Record a human-readable fact about this step (skips, fallbacks, choices)."""
+        self.notes.append(message)
 
+    def fail(self, reason: str) -> None:
+        """The pass missed its own tolerance: it returns its best model, the run exits 1 with ``reason``."""
+        self.failure = reason
 
-def check_range(field: str, value: float, low: float | None = None, high: float | None = None,
-                *, low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ``UserError`` naming ``field`` when ``value`` is outside the interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{field}: expected a number, got {value!r}")
-    lo_ok = low is None or (value > low if low_open else value >= low)
-    hi_ok = high is None or (value < high if high_open else value <= high)
-    if not (lo_ok and hi_ok):
-        lb = "(" if low_open else "["
-        rb = ")" if high_open else "]"
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        raise UserError(f"{field}: {value!r} is outside {lb}{lo}, {hi}{rb}")
-
-
-def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{field}: {value!r} is not one of {', '.join(choices)}")
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> StepResult:
+        self.notes, self.details, self.failure = [], {}, None
+        ctx = self.context  # transition: passes not yet converted still write into the context
+        ctx.notes, ctx.details, ctx.failure = self.notes, self.details, None
+        result = super().__call__(model_or_result)
+        return StepResult(result.model, result.modified, list(self.notes), dict(self.details),
+                          self.failure or ctx.failure)
 
 
 @dataclasses.dataclass
 class DeployInPlacePass(_DeployPassMixin, ir.passes.InPlacePass):
     """A pass that edits the model in place."""
 
-    def __post_init__(self) -> None:  # dataclass calls this; keep the mixin's behaviour
-        _DeployPassMixin.__post_init__(self)
-
 
 @dataclasses.dataclass
 class DeployFunctionalPass(_DeployPassMixin, ir.passes.FunctionalPass):
     """A pass that returns a new model and leaves its input untouched."""
 
-    def __post_init__(self) -> None:
-        _DeployPassMixin.__post_init__(self)
+
+# -- transition helpers: removed once every pass declares its bounds with ``setting()`` ----------
+def check_range(field: str, value: float, low: float | None = None, high: float | None = None,
+                *, low_open: bool = False, high_open: bool = False) -> None:
+    from deployopt.core.errors import UserError
+    from deployopt.core.settings import Bounds, check_bounds
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{field}: expected a number, got {value!r}")
+    check_bounds(field, value, Bounds(low, high, low_open, high_open))
+
+
+def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    from deployopt.core.errors import UserError
+
+    if value not in choices:
+        raise UserError(f"{field}: {value!r} is not one of {', '.join(choices)}")

@@ -179,12 +179,6 @@ class CleanupPass(DeployInPlacePass):
     remove_unused: bool = True  # dead nodes, unused initializers, functions, opset imports
     dedupe_initializers: bool = False
 
-    def validate(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, bool):
-                raise UserError(f"{field.name}: expected true or false, got {value!r}")
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes_before = op_histogram(model)
         inits_before = len(model.graph.initializers)

@@ -56,6 +56,7 @@ from deployopt.passes import quantize_latency as qlat
 from deployopt.passes import quantize_refine as qrefine
 from deployopt.passes import quantize_report as qreport
 from deployopt.passes import quantize_sensitivity as qsens
+from deployopt.core.settings import setting
 from deployopt.passes.base import DeployFunctionalPass, check_choice, check_range
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ class QuantizePass(DeployFunctionalPass):
 
     name: ClassVar[str] = "quantize"
     needs_calibration: ClassVar[bool] = True
+    # int8 that the CPU does not fuse is slower than float, the most common surprise with int8
+    # tools: the step guard is on by default here.
+    min_step_speedup: float | None = setting(1.0, low=0, low_open=True)
 
     calibration: str = "minmax"  # minmax | percentile | entropy | distribution
     percentile: float = 99.999  # for calibration: percentile

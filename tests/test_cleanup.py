@@ -250,7 +250,7 @@ def test_dedupe_initializers():
 def test_refuses_non_boolean(field):
     with pytest.raises(UserError) as e:
         CleanupPass(**{field: "yes"})
-    assert str(e.value) == f"{field}: expected true or false, got 'yes'"
+    assert str(e.value) == f"{field}: expected bool, got 'yes'"
 
 
 # -- models exported from torch ---------------------------------------------------------------------
