@@ -35,7 +35,6 @@ import io as stdio
 import logging
 import os
 import pathlib
-import re
 import tempfile
 import time
 import warnings
@@ -51,7 +50,8 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchResult
 
 from deployopt.core import io
-from deployopt.core.errors import UserError, WorkFailed
+from deployopt.core.errors import UserError, WorkFailed, one_line
+from deployopt.core.session import open_session
 
 from deployopt.models import EXPORTERS
 
@@ -70,6 +70,7 @@ class ExportResult:
     bytes: int = 0
     fallback_reason: str | None = None  # why "auto" did not use dynamo, when it did not
     pooling_rewrites: int = 0  # ReduceMean -> GlobalAveragePool rewrites applied
+    input_shape: tuple[int, ...] = ()  # the example input's shape (batch 1 of a dynamic batch included)
 
 
 class ReduceMeanToGlobalAveragePool(pattern.RewriteRuleClassBase):
@@ -150,21 +151,12 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {' '.join(_ANSI.sub('', str(exc)).split())}"
-    return text[:limit] + ("..." if len(text) > limit else "")
-
-
 def _root_cause(exc: BaseException, limit: int = 200) -> str:
     """The innermost cause, first line only: torch.export wraps it in a page of advice."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    first = next((line for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()), "")
-    text = f"{type(exc).__name__}: {first.strip()}"
-    return text[:limit] + ("..." if len(text) > limit else "")
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return one_line(f"{type(exc).__name__}: {first}", limit)
 
 
 def _output_names(output_name: str, count: int) -> list[str]:
@@ -199,13 +191,8 @@ def _export_torchscript(module, example, input_name, output_names, dynamic_batch
 
 
 def _ort_session(proto: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph/NotImplemented types
-        raise WorkFailed(f"onnxruntime cannot load the exported model: {_one_line(e)}") from e
+    # Graph optimizations off: the parity check tests the file, not onnxruntime's rewrites.
+    return open_session(proto, optimization_level="disable", what="the exported model")
 
 
 def _compare(module, session, input_name, shape, seed) -> tuple[float, float]:
@@ -217,7 +204,7 @@ def _compare(module, session, input_name, shape, seed) -> tuple[float, float]:
         actual = session.run(None, {input_name: x})
     except Exception as e:
         raise WorkFailed(f"onnxruntime failed to run the exported model on shape {tuple(shape)}: "
-                         f"{_one_line(e)}") from e
+                         f"{one_line(e, with_type=True)}") from e
     worst, scale = 0.0, 0.0
     for e, a in zip(expected, actual):
         if e.shape != a.shape:
@@ -263,7 +250,7 @@ def _run_exporter(module, example, input_name, output_names, dynamic_batch, opse
             proto = _export_torchscript(module, example, input_name, output_names, dynamic_batch, opset)
     except Exception as e:
         detail = f"; {fallback_reason}" if fallback_reason else ""
-        raise WorkFailed(f"torchscript export failed: {_one_line(e)}{detail}") from e
+        raise WorkFailed(f"torchscript export failed: {one_line(e, with_type=True)}{detail}") from e
     return proto, "torchscript", fallback_reason, 0
 
 
@@ -293,7 +280,7 @@ def export_model(module: torch.nn.Module, path: str | os.PathLike, input_shape: 
         except UserError:
             raise
         except Exception as e:
-            raise UserError(f"input shape {input_shape} does not fit the model: {_one_line(e)}") from e
+            raise UserError(f"input shape {input_shape} does not fit the model: {one_line(e, with_type=True)}") from e
         output_names = _output_names(output_name, len(outputs))
 
         proto, used, fallback_reason, rewrites = _run_exporter(
@@ -315,7 +302,6 @@ def export_model(module: torch.nn.Module, path: str | os.PathLike, input_shape: 
         module.train(was_training)
     return ExportResult(path=path, exporter=used, opset=produced_opset, max_abs_diff=diff, max_abs_output=scale,
                         seconds=time.perf_counter() - start, bytes=path.stat().st_size,
-                        fallback_reason=fallback_reason, pooling_rewrites=rewrites)
+                        fallback_reason=fallback_reason, pooling_rewrites=rewrites,
+                        input_shape=tuple(input_shape))
 
-
-# ---------------------------------------------------------------- CLI: deployopt export

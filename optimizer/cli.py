@@ -1,15 +1,19 @@
 """The `deployopt` command: export | inspect | optimize | bench | eval.
 
-Exit codes: 0 success; 1 the work ran but failed (a gate not met, a pass that missed its
-tolerance, a crashed worker); 2 bad input (usage, unreadable model, invalid recipe or data);
-130 interrupted (SIGINT or SIGTERM). Errors are one line on stderr; ``--debug`` shows the
-traceback.
+A thin layer over the Python API (``deployopt.api``): this module parses flags into API calls and
+prints results. Exit codes: 0 success; 1 the work ran but failed (a gate not met, a pass that
+missed its tolerance, a crashed worker); 2 bad input (usage, unreadable model, invalid recipe or
+data); 130 interrupted (SIGINT or SIGTERM). Errors are one line on stderr; ``--debug`` shows the
+traceback. ``optimize``, ``eval`` and ``inspect`` run in a watched child process
+(``deployopt.core.contain``), so a model that makes onnxruntime abort cannot take the CLI down.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import json
 import os
 import pathlib
 import shutil
@@ -17,8 +21,126 @@ import signal
 import sys
 import traceback
 
-from deployopt.core.errors import DeployoptError
+from deployopt.core.errors import DeployoptError, UserError, WorkFailed, one_line
+from deployopt.core.session import OPT_LEVELS
+from deployopt.models import EXPORTERS
 
+DATA_HELP = "digits, mnist, imagenet-samples, photos, folder:PATH, npy:PATH, npz:PATH"
+
+
+# -- flag parsing: numbers are parsed in the handlers so bad values are one-line errors (exit 2) ----
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
+
+
+def _int(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{flag}: {text!r} is not an integer") from None
+
+
+def _shape_args(items: list[str]) -> dict[str, tuple[int, ...]]:
+    from deployopt.measure.model_io import parse_shape
+
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition("=")
+        if not sep or not name:
+            raise UserError(f"--shape: {item!r} is not NAME=1x3x224x224")
+        shapes[name] = parse_shape(dims, f"--shape {name}")
+    return shapes
+
+
+def _writable(flag: str, path: str | None) -> pathlib.Path | None:
+    from deployopt.measure.output import check_writable
+
+    return check_writable(path, flag) if path else None
+
+
+# -- export --------------------------------------------------------------------------------------------
+
+def _add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a reference model or package.module:callable to ONNX",
+        description="Export a deployopt.models name or package.module:callable (which is imported and "
+                    "run: only use code you trust) to a single .onnx file, checked against torch. "
+                    "Needs the torch extra.")
+    p.add_argument("model", metavar="MODEL", help="a deployopt.models name or package.module:callable")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.add_argument("--input-shape", help="e.g. 1,3,224,224 (default: the model's default_input_shape)")
+    p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension dynamic")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--weights", help="state_dict file (.pt/.pth) to load into the model")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max abs difference torch vs onnxruntime (default 1e-4)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="load the model's packaged pretrained weights (efficientnet_lite0)")
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto", help="torch exporter (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random init and the check input")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from deployopt import api, models
+
+    models.require_torch("deployopt export")
+    from deployopt.models.export import parse_input_shape
+
+    pretrained = args.pretrained
+    if pretrained is False and not (args.model in models.REGISTRY and models.accepts(args.model, "pretrained")):
+        pretrained = None  # --no-pretrained on a model without packaged weights asks for what it does anyway
+    shape = parse_input_shape(args.input_shape) if args.input_shape else None
+    try:
+        result = api.export(args.model, args.output, input_shape=shape, dynamic_batch=args.dynamic_batch,
+                            opset=args.opset, weights=args.weights, pretrained=pretrained,
+                            tolerance=args.tolerance, exporter=args.exporter, seed=args.seed)
+    except UserError as e:
+        if str(e).startswith("input_shape: required"):
+            raise UserError(f"--input-shape: required for '{args.model}', which has no default_input_shape") from e
+        raise
+    if args.weights:
+        weights = f"weights {args.weights}"
+    elif args.pretrained:
+        weights = "pretrained weights"
+    else:
+        weights = f"random init (seed {args.seed})" if ":" not in args.model else "weights from the callable"
+    note = f" ({result.fallback_reason})" if result.fallback_reason else ""
+    shape_text = "x".join(map(str, result.input_shape))
+    print(f"{result.path}: {args.model} {shape_text}{' dynamic batch' if args.dynamic_batch else ''}, "
+          f"{weights}, exporter {result.exporter}{note}, opset {result.opset}, "
+          f"max abs diff {result.max_abs_diff:.2e} (outputs up to {result.max_abs_output:.2g}), "
+          f"{result.bytes / 1e6:.2f} MB, {result.seconds:.1f}s")
+    return 0
+
+
+# -- inspect -------------------------------------------------------------------------------------------
+
+def _add_inspect(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="opset, I/O, op histogram, params, MACs, sizes, quantized ops",
+        description="Print statistics of an ONNX model: opset and IR version, inputs and outputs, "
+                    "op histogram, params and non-zero params, MACs per Conv/Gemm/MatMul layer "
+                    "and in total, bytes and zipped bytes, quantized ops.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON on stdout")
+    p.set_defaults(func=_inspect)
+
+
+def _inspect(args) -> int:
+    from deployopt import api
+    from deployopt.core.stats import format_stats
+
+    stats = api.inspect(args.model)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+# -- optimize ------------------------------------------------------------------------------------------
 
 def _add_optimize(subparsers) -> None:
     p = subparsers.add_parser(
@@ -33,35 +155,197 @@ def _add_optimize(subparsers) -> None:
     p.set_defaults(func=_optimize)
 
 
-def _optimize(args) -> int:
-    from deployopt import pipeline, report
-    from deployopt.recipe import load_recipe
+def _optimize_out_dir(args) -> pathlib.Path:
+    return pathlib.Path(args.output or pathlib.Path("runs") / pathlib.Path(args.recipe).stem)
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    out_dir = pathlib.Path(args.output or pathlib.Path("runs") / pathlib.Path(args.recipe).stem)
-    result = pipeline.run(recipe, out_dir)
-    print(report.terminal_table(result.report))
+
+def _optimize(args) -> int:
+    from deployopt import api, report
+
+    out_dir = _optimize_out_dir(args)
+    result = api.optimize(args.recipe, out_dir, overrides=args.overrides)
+    print(report.terminal_table(result.to_dict()))
     print(f"\nwrote {out_dir / 'model.onnx'}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
     if result.exit_code:
         print(f"deployopt: failed: {result.reason}", file=sys.stderr)
     return result.exit_code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from deployopt.measure import accuracy, latency
-    from deployopt import export_cli
-    from deployopt.core import stats
+# -- bench ---------------------------------------------------------------------------------------------
 
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="side-by-side latency on onnxruntime CPU",
+        description="Latency of one or more ONNX models on onnxruntime CPU, measured in "
+                    "interleaved rounds in one worker process per model; speedups are vs the "
+                    "first model, with a 95% bootstrap interval.")
+    p.add_argument("models", nargs="+", metavar="MODEL.onnx")
+    p.add_argument("--threads", default="1", help="intra-op thread counts, e.g. 1,2 (default 1)")
+    p.add_argument("--batch", default="1",
+                   help="batch sizes, e.g. 1,8 (values > 1 need a dynamic batch dimension)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                   help="concrete shape for an input with dynamic dims (repeatable)")
+    p.add_argument("--runs", default="100", help="timed runs per round (default 100)")
+    p.add_argument("--rounds", default="3", help="interleaved rounds (default 3)")
+    p.add_argument("--warmup", default="10",
+                   help="untimed runs before each measured segment (default 10)")
+    p.add_argument("--timeout", default=None, metavar="S",
+                   help="seconds each model's worker may take in total before it is killed")
+    p.add_argument("--seed", default="0", help="seed of the random inputs (default 0)")
+    p.add_argument("--opt-level", default="all", choices=tuple(OPT_LEVELS),
+                   help="onnxruntime graph optimization level (default all)")
+    p.add_argument("--data", metavar="SPEC", help=f"feed real samples from a dataset spec ({DATA_HELP})")
+    p.add_argument("--labels", help="comma-separated display names, one per model")
+    p.add_argument("--json", metavar="F", help="write results as JSON")
+    p.add_argument("--csv", metavar="F", help="write rows as CSV")
+    p.add_argument("--markdown", metavar="F", help="write the table as Markdown")
+    p.add_argument("--plot", metavar="F.png", help="write the latency distribution plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", action="store_true",
+                   help="after the latency table, profile each model per node with onnxruntime's "
+                        "profiler (first --threads and --batch value) and print its most "
+                        "expensive nodes and op types")
+    p.add_argument("--top", default=None, metavar="N",
+                   help="with --profile: how many nodes and op types to print (default 10)")
+    p.set_defaults(func=_bench)
+
+
+def _bench_profiles(result, args, settings: dict, top: int) -> tuple[list, list[str]]:
+    """``bench --profile``: profile every model whose latency row at the first (threads, batch)
+    succeeded, print each profile's top nodes and op types; return (profiles, one-line failures)."""
+    from deployopt import api
+
+    threads, batch = settings["threads"][0], settings["batch"][0]
+    ok = {r["model"] for r in result.rows if r["threads"] == threads and r["batch"] == batch and r["error"] is None}
+    profiles, errors = [], []
+    for model in result.models:
+        if model["label"] not in ok:
+            continue  # its latency row already says why it failed
+        try:
+            prof = api.profile(model["path"], threads=threads, batch=batch, runs=settings["runs"],
+                               warmup=settings["warmup"], shapes=settings["shapes"], seed=settings["seed"],
+                               data=settings["data"], optimization_level=args.opt_level,
+                               timeout=settings["timeout"], label=model["label"])
+        except WorkFailed as e:
+            errors.append(f"{model['label']}: {one_line(e)}")
+            print(f"\nprofile of {model['label']}: FAILED: {one_line(e)}")
+            continue
+        profiles.append(prof)
+        sys.stdout.write("\n" + prof.to_text(top))
+    return profiles, errors
+
+
+def _bench(args) -> int:
+    from deployopt import api
+    from deployopt.core import io
+    from deployopt.measure.latency import check_settings
+    from deployopt.measure.model_io import input_specs, open_data
+    from deployopt.measure.output import plot_latency, write_text
+
+    settings = {"threads": _int_list("--threads", args.threads), "batch": _int_list("--batch", args.batch),
+                "runs": _int("--runs", args.runs), "rounds": _int("--rounds", args.rounds),
+                "warmup": _int("--warmup", args.warmup), "seed": _int("--seed", args.seed), "timeout": None}
+    if args.timeout is not None:
+        try:
+            settings["timeout"] = float(args.timeout)
+        except ValueError:
+            raise UserError(f"--timeout: {args.timeout!r} is not a number of seconds") from None
+    check_settings(threads=settings["threads"], batch=settings["batch"], warmup=settings["warmup"],
+                   runs=settings["runs"], rounds=settings["rounds"], timeout=settings["timeout"], prefix="--")
+    settings["shapes"] = _shape_args(args.shape)
+    if args.top is not None and not args.profile:
+        raise UserError("--top: only used with --profile")
+    top = _int("--top", args.top) if args.top is not None else 10
+    if top < 1:
+        raise UserError(f"--top: {top} is not an integer >= 1")
+    outputs = {flag: _writable(flag, path) for flag, path in
+               (("--json", args.json), ("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot))
+               if path}
+    if "--plot" in outputs and outputs["--plot"].suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UserError(f"--plot {outputs['--plot']}: use a .png (or .svg, .pdf) file name")
+    # On the command line a file that is not a model is bad input (exit 2), not a failure row.
+    specs = [input_specs(io.load_proto(path)) for path in args.models]
+    settings["data"] = open_data(args.data, specs[0], settings["shapes"]) if args.data else None
+    result = api.bench(args.models, labels=args.labels.split(",") if args.labels else None,
+                       threads=settings["threads"], batch=settings["batch"], warmup=settings["warmup"],
+                       runs=settings["runs"], rounds=settings["rounds"], shapes=settings["shapes"],
+                       data=settings["data"], seed=settings["seed"], timeout=settings["timeout"],
+                       optimization_level=args.opt_level, progress=not args.no_progress)
+    sys.stdout.write(result.to_text())
+    profiles, profile_errors = _bench_profiles(result, args, settings, top) if args.profile else ([], [])
+    if "--json" in outputs:
+        payload = result.to_dict()
+        if args.profile:
+            payload["profiles"] = [p.to_dict() for p in profiles]
+        write_text(outputs["--json"], json.dumps(payload, indent=2) + "\n")
+    if "--csv" in outputs:
+        write_text(outputs["--csv"], result.to_csv())
+    if "--markdown" in outputs:
+        write_text(outputs["--markdown"], "\n".join([result.to_markdown(), *(p.to_markdown(top) for p in profiles)]))
+    if "--plot" in outputs:
+        plot_latency(result.rows, outputs["--plot"])
+    if profile_errors:
+        raise WorkFailed(f"{len(profile_errors)} of {len(result.models)} profiles failed; {profile_errors[0]}")
+    failed = [r for r in result.rows if r["error"] is not None]
+    if failed:
+        first = failed[0]
+        raise WorkFailed(f"{len(failed)} of {len(result.rows)} benchmark rows failed; "
+                         f"{first['model']} (threads={first['threads']}, "
+                         f"batch={first['batch']}): {one_line(first['error'])}")
+    return 0
+
+
+# -- eval ----------------------------------------------------------------------------------------------
+
+def _add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="accuracy and fidelity vs a reference model",
+        description="Top-1/top-5 of an ONNX classifier on a dataset (Wilson 95% intervals), and "
+                    "agreement, cosine, max abs difference and KL against a reference model.")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
+    p.add_argument("--reference", metavar="REF.onnx", help="compare outputs with this model")
+    p.add_argument("--batch-size", default="32", help="samples per run (default 32)")
+    p.add_argument("--threads", default="1", help="intra-op threads (default 1)")
+    p.add_argument("--json", metavar="F", help="write the result as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args) -> int:
+    from deployopt import api
+    from deployopt.measure.output import write_text
+
+    values = {}
+    for flag, text in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+        values[flag] = _int(flag, text)
+        if values[flag] < 1:
+            raise UserError(f"{flag}: {values[flag]} is not an integer >= 1")
+    out = _writable("--json", args.json)
+    try:
+        result = api.evaluate(args.model, args.data, reference=args.reference, batch_size=values["--batch-size"],
+                              threads=values["--threads"], progress=not args.no_progress)
+    except UserError as e:
+        if str(e).startswith("data ") and "nothing to measure" in str(e):
+            raise UserError(f"--data {args.data}: the dataset has no labels and no --reference was "
+                            "given, so there is nothing to measure") from e
+        raise
+    sys.stdout.write(result.to_text())
+    if out is not None:
+        write_text(out, json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+# -- the command -----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deployopt",
         description="Optimize ONNX vision models for CPU deployment and prove what each step bought.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    export_cli.add_parser(subparsers)
-    stats.add_parser(subparsers)
-    _add_optimize(subparsers)
-    latency.add_parser(subparsers)
-    accuracy.add_parser(subparsers)
+    for add in (_add_export, _add_inspect, _add_optimize, _add_bench, _add_eval):
+        add(subparsers)
     for verb, sub in subparsers.choices.items():
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show tracebacks on errors")  # allowed after the verb too
@@ -96,16 +380,17 @@ def _cleanup_staging(args) -> None:
     if getattr(args, "verb", None) == "optimize":
         from deployopt.pipeline import STAGING_PREFIX
 
-        out_dir = pathlib.Path(args.output or pathlib.Path("runs") / pathlib.Path(args.recipe).stem)
+        out_dir = _optimize_out_dir(args)
         for leftover in out_dir.glob(STAGING_PREFIX + "*") if out_dir.is_dir() else []:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _contained(args) -> int:
-    from deployopt.contain import run_contained
+    from deployopt.core.contain import run_contained
 
     try:
-        return run_contained(args.func, args, verb=args.verb, timeout=getattr(args, "timeout", None))
+        return run_contained(functools.partial(run_handler, args.func, args), verb=args.verb,
+                             timeout=getattr(args, "timeout", None))
     except KeyboardInterrupt:
         return 130  # the child was stopped and has already said so
     finally:

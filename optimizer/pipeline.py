@@ -6,7 +6,7 @@ model are then measured side by side with the latency harness (interleaved round
 processes) and the accuracy harness (top-1 against labels, agreement with the input model), the
 gates read those numbers, and report.json / report.md are written atomically.
 
-Exit status (returned in ``RunResult.exit_code``): 0 all gates met; 1 a gate not met or a pass
+Exit status (returned in ``Report.exit_code``): 0 all gates met; 1 a gate not met or a pass
 that missed its own tolerance (its best model is still saved); bad input raises ``UserError``
 before any work starts.
 """
@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from deployopt import report
 from deployopt.core import io, stats
-from deployopt.contain import report_status
+from deployopt.core.contain import report_status
 from deployopt.passes.context import PassContext
 from deployopt.core.errors import DeployoptError, UserError, WorkFailed
 from deployopt.recipe import Recipe
@@ -49,14 +49,6 @@ class StepRecord:
         return {"pass": self.name, "params": self.params, "seconds": round(self.seconds, 3),
                 "modified": self.modified, "status": self.status, "before": self.before,
                 "after": self.after, "accuracy": self.accuracy, "notes": self.notes, "details": self.details}
-
-
-@dataclasses.dataclass
-class RunResult:
-    exit_code: int
-    reason: str | None
-    report: dict[str, Any]
-    out_dir: pathlib.Path
 
 
 def _log(message: str) -> None:
@@ -322,7 +314,7 @@ def _gate_reason(gate: dict[str, Any]) -> str:
 STAGING_PREFIX = ".deployopt-staging-"
 
 
-def run(recipe: Recipe, out_dir: str | pathlib.Path) -> RunResult:
+def run(recipe: Recipe, out_dir: str | pathlib.Path) -> report.Report:
     """Run the recipe; outputs are staged in a hidden folder inside ``out_dir`` and renamed into
     place only at the end, so a crash or an interrupt leaves no partial files behind."""
     started = time.time()
@@ -340,7 +332,7 @@ def run(recipe: Recipe, out_dir: str | pathlib.Path) -> RunResult:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: float) -> RunResult:
+def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: float) -> report.Report:
     output_path = staging / "model.onnx"
     with tempfile.TemporaryDirectory(prefix="deployopt-") as tmp:
         work_dir = pathlib.Path(tmp)
@@ -380,4 +372,4 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
                        gates=gates, warnings=warnings, exit_code=exit_code, profiles=profiles,
                        reason="; ".join(reasons) or None, seconds=time.time() - started)
     report.write(doc, staging, {k: v["markdown"] for k, v in profiles.items()})
-    return RunResult(exit_code, doc["reason"], doc, out_dir)
+    return report.Report.from_dict(doc, out_dir)

@@ -1,6 +1,6 @@
 """report.json (the source of truth other tools read) and report.md (for people).
 
-Keys of report.json, as DESIGN.md fixes them::
+Keys of report.json (stable: other tools read them)::
 
     version, machine{cpu, isa[], cores, onnxruntime, os}, recipe,
     input{stats}, output{stats}, steps[{pass, params, seconds, modified, before, after, notes[]}],
@@ -9,11 +9,13 @@ Keys of report.json, as DESIGN.md fixes them::
     gates[{name, limit, value, passed}]
 
 plus ``exit_code``, ``reason`` (why the run failed, or null), ``warnings`` and ``seconds``.
-Numbers stay numbers; formatting happens only in report.md and on the terminal.
+Numbers stay numbers; formatting happens only in report.md and on the terminal. ``Report`` is
+the same document as a typed object, what ``deployopt.optimize`` returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -64,6 +66,46 @@ def build(*, recipe, input_stats, output_stats, steps, benchmark, accuracy, gate
         "reason": reason,
         "seconds": round(seconds, 1),
     })
+
+
+@dataclasses.dataclass
+class Report:
+    """report.json as an object: one attribute per top-level key, ``to_dict()`` gives the JSON."""
+
+    version: str
+    machine: dict[str, Any]
+    recipe: dict[str, Any]
+    input: dict[str, Any]
+    output: dict[str, Any]
+    steps: list[dict[str, Any]]
+    benchmark: list[dict[str, Any]]
+    accuracy: dict[str, Any]
+    gates: list[dict[str, Any]]
+    profile: dict[str, Any]
+    warnings: list[str]
+    exit_code: int
+    reason: str | None
+    seconds: float
+    out_dir: pathlib.Path | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def passed(self) -> bool:
+        """Every gate met and every pass within its own tolerance."""
+        return self.exit_code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "out_dir"}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], out_dir: pathlib.Path | None = None) -> Report:
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "out_dir"]
+        return cls(**{name: doc.get(name) for name in names}, out_dir=out_dir)
+
+    @classmethod
+    def read(cls, path: str | pathlib.Path) -> Report:
+        """Load a report.json written by a run (its folder becomes ``out_dir``)."""
+        path = pathlib.Path(path)
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), out_dir=path.parent)
 
 
 # -- formatting ------------------------------------------------------------------------------------

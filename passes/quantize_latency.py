@@ -138,9 +138,8 @@ def measure_latency(reference: pathlib.Path, model: pathlib.Path, feeds: dict[st
     harness's session settings and statistics (deployopt.measure.latency: bootstrap over rounds)."""
     import onnxruntime as ort
 
-    from deployopt.measure.model_io import session_options
-    from deployopt.measure.worker import time_runs
-    from deployopt.measure.latency import speedup_interval
+    from deployopt.core.session import session_options
+    from deployopt.measure.timing import speedup_interval, time_runs
 
     sessions = [ort.InferenceSession(str(p), session_options(threads), providers=["CPUExecutionProvider"])
                 for p in (reference, model)]

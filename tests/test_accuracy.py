@@ -1,5 +1,5 @@
 """Accuracy/fidelity harness: metrics on hand-made logits against hand-computed values, a
-logistic-regression classifier trained on sklearn digits (in ~1 s) for evaluate() and the CLI,
+logistic-regression classifier trained on sklearn digits for evaluate() and the CLI,
 and refusal of bad input."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deployopt.measure import accuracy
+from deployopt.measure import accuracy, metrics
 from deployopt.cli import main as cli_main
 from deployopt.core.data import ArrayDataset, open_dataset
 from deployopt.core.errors import UserError
@@ -28,37 +28,37 @@ LABELS = np.array([2, 1, 1, 1])
 
 def test_topk_accuracy_hand_computed():
     # argmax rows: 2, 0, 1, 0 -> hits 1, 0, 1, 0
-    assert accuracy.topk_accuracy(LOGITS, LABELS, 1) == 0.5
+    assert metrics.topk_accuracy(LOGITS, LABELS, 1) == 0.5
     # top-2 sets: {2,1}, {0,1}, {1,2}, {0,1}: every label is inside
-    assert accuracy.topk_accuracy(LOGITS, LABELS, 2) == 1.0
+    assert metrics.topk_accuracy(LOGITS, LABELS, 2) == 1.0
     six = np.array([[6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6]], dtype=float)
-    assert accuracy.topk_accuracy(six, np.array([5, 0]), 5) == 0.0  # each label is ranked 6th
-    assert accuracy.topk_accuracy(six, np.array([4, 1]), 5) == 1.0
+    assert metrics.topk_accuracy(six, np.array([5, 0]), 5) == 0.0  # each label is ranked 6th
+    assert metrics.topk_accuracy(six, np.array([4, 1]), 5) == 1.0
     with pytest.raises(ValueError):
-        accuracy.topk_accuracy(LOGITS, LABELS, 4)
+        metrics.topk_accuracy(LOGITS, LABELS, 4)
 
 
 def test_wilson_interval_known_values():
     # Wilson (1927) score interval, z = 1.96; reference values as tabulated by e.g. Newcombe
     # (1998): 8/10 -> [0.4902, 0.9433], 0/10 -> [0, 0.2775], 10/10 -> [0.7225, 1].
-    assert accuracy.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-    assert accuracy.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert accuracy.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert metrics.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert metrics.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert metrics.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
     # hand formula at 50/100
     z, n, p = 1.96, 100, 0.5
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    assert accuracy.wilson_interval(50, 100) == pytest.approx((center - half, center + half))
+    assert metrics.wilson_interval(50, 100) == pytest.approx((center - half, center + half))
     with pytest.raises(ValueError):
-        accuracy.wilson_interval(1, 0)
+        metrics.wilson_interval(1, 0)
 
 
 def test_fidelity_hand_computed():
     z = np.array([[1.0, 0.0], [0.0, 1.0]])
     r = np.array([[1.0, 0.0], [1.0, 0.0]])
-    f = accuracy.fidelity(z, r)
+    f = metrics.fidelity(z, r)
     assert f["agreement"] == 0.5
-    assert f["agreement_ci"] == pytest.approx(list(accuracy.wilson_interval(1, 2)))
+    assert f["agreement_ci"] == pytest.approx(list(metrics.wilson_interval(1, 2)))
     assert f["cosine"] == pytest.approx(0.5)  # rows: cos 1 and cos 0
     assert f["max_abs_diff"] == 1.0
     # row 1: p_r = softmax([1,0]), p_z = softmax([0,1]);
@@ -69,16 +69,27 @@ def test_fidelity_hand_computed():
 def test_fidelity_identical_and_scaled():
     rng = np.random.default_rng(0)
     z = rng.standard_normal((50, 10))
-    same = accuracy.fidelity(z, z)
+    same = metrics.fidelity(z, z)
     assert same["agreement"] == 1.0 and same["max_abs_diff"] == 0.0
     assert same["cosine"] == pytest.approx(1.0) and same["kl"] == pytest.approx(0.0, abs=1e-12)
-    scaled = accuracy.fidelity(2 * z, z)  # same direction, sharper softmax: KL > 0, cosine 1
+    scaled = metrics.fidelity(2 * z, z)  # same direction, sharper softmax: KL > 0, cosine 1
     assert scaled["cosine"] == pytest.approx(1.0) and scaled["agreement"] == 1.0
     assert scaled["kl"] > 0.01
-    zero = accuracy.fidelity(np.zeros((1, 3)), np.zeros((1, 3)))
+    zero = metrics.fidelity(np.zeros((1, 3)), np.zeros((1, 3)))
     assert zero["cosine"] == 1.0
     with pytest.raises(ValueError):
-        accuracy.fidelity(z, z[:, :5])
+        metrics.fidelity(z, z[:, :5])
+
+
+def test_top1_agreement_hand_computed():
+    # argmax rows of LOGITS: 2, 0, 1, 0 (the tie goes to class 0); reversed columns: 0, 2, 1, 1
+    assert metrics.top1_agreement(LOGITS, LOGITS[:, ::-1]) == 0.25
+    assert metrics.top1_agreement(LOGITS, LOGITS) == 1.0
+    assert metrics.top1_agreement(LOGITS, LOGITS) == metrics.fidelity(LOGITS, LOGITS)["agreement"]
+    sequence = np.stack([LOGITS, LOGITS[:, ::-1]])  # [N=2, T=4, classes=3]
+    assert metrics.predicted_class(sequence).tolist() == [[2, 0, 1, 0], [0, 2, 1, 1]]
+    assert metrics.class_agreement(np.array([1, 2]), np.array([1, 3])) == 0.5
+    assert math.isnan(metrics.class_agreement(np.empty(0), np.empty(0)))
 
 
 # -- a real classifier on real data -------------------------------------------------------------
@@ -143,10 +154,10 @@ def test_evaluate_matches_numpy_on_trained_model(trained):
     assert res["n"] == len(x) == 360 and res["classes"] == 10
     assert res["top1"] == pytest.approx(trained["sk_top1"], abs=1 / 360)
     assert res["top1"] > 0.9  # a real classifier, trained on real digits
-    assert res["top5"] == pytest.approx(accuracy.topk_accuracy(z, y, 5), abs=1 / 360)
+    assert res["top5"] == pytest.approx(metrics.topk_accuracy(z, y, 5), abs=1 / 360)
     hits = round(res["top1"] * 360)
-    assert res["top1_ci"] == pytest.approx(list(accuracy.wilson_interval(hits, 360)))
-    expected = accuracy.fidelity(z, r)
+    assert res["top1_ci"] == pytest.approx(list(metrics.wilson_interval(hits, 360)))
+    expected = metrics.fidelity(z, r)
     assert res["agreement"] == pytest.approx(expected["agreement"], abs=1 / 360)
     assert res["cosine"] == pytest.approx(expected["cosine"], abs=1e-5)
     assert res["max_abs_diff"] == pytest.approx(expected["max_abs_diff"], rel=1e-4)

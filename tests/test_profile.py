@@ -280,6 +280,6 @@ def test_bench_top_needs_profile(net, capsys):
 
 
 def test_blocks_split_runs_evenly():
-    assert profile._blocks(12) == [3, 3, 2, 2, 2]
-    assert profile._blocks(3) == [1, 1, 1]
-    assert sum(profile._blocks(50)) == 50
+    assert profile.run_blocks(12) == [3, 3, 2, 2, 2]
+    assert profile.run_blocks(3) == [1, 1, 1]
+    assert sum(profile.run_blocks(50)) == 50

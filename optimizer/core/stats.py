@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import math
 import os
 import pathlib
@@ -475,24 +474,3 @@ def format_stats(stats: dict[str, Any]) -> str:
     for note in stats["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "inspect", help="opset, I/O, op histogram, params, MACs, sizes, quantized ops",
-        description="Print statistics of an ONNX model: opset and IR version, inputs and outputs, "
-                    "op histogram, params and non-zero params, MACs per Conv/Gemm/MatMul layer "
-                    "and in total, bytes and zipped bytes, quantized ops.")
-    p.add_argument("model", help="ONNX model file")
-    p.add_argument("--json", action="store_true", help="print the statistics as JSON on stdout")
-    p.set_defaults(func=_inspect)
-
-
-def _inspect(args) -> int:
-    from deployopt.core import io
-
-    proto = io.load_proto(args.model)
-    stats = model_stats(proto, path=args.model)
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
-    return 0

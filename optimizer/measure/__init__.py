@@ -1,4 +1,7 @@
-"""deployopt measuring harness: latency, per-node profiles, accuracy, worker processes, the machine stamp.
+"""deployopt measuring harness: latency (``latency``, ``timing``, ``latency_report``), per-node
+profiles (``profile``), accuracy and fidelity (``accuracy``, ``metrics``), what the models are fed
+(``inputs``, ``model_io``), worker processes and their memory (``worker``, ``memory``), output
+files (``output``) and the machine stamp (``machine``).
 
 Imports only deployopt.core.
 """

@@ -1,117 +1,24 @@
 """Accuracy against labels and fidelity against a reference model, on onnxruntime CPU.
 
-For logits z (model) and r (reference), one row per sample, labels y:
-  top-k accuracy   mean[ y in the k largest z ]   (ties broken toward the lower class index,
-                   as argmax does)
-  agreement        mean[ argmax z == argmax r ]
-  cosine           mean[ z.r / (|z| |r|) ]        (1 when both rows are zero, 0 when one is)
-  max_abs_diff     max |z - r| over all elements
-  kl               mean[ KL(softmax(r) || softmax(z)) ] = mean[ sum p_r (log p_r - log p_z) ],
-                   computed with log-softmax in float64 so it stays finite
-Rates carry a Wilson score interval (95%: z = 1.96), which unlike p +- z sqrt(p(1-p)/n) stays
-inside [0, 1] and keeps its coverage on the small evaluation sets this tool is run with:
-  center = (p + z^2/2n) / (1 + z^2/n),  half = z / (1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2).
-
-Evaluation streams the dataset in batches and accumulates sums, so memory does not grow with the
-number of samples.
+A classifier runs over a dataset in batches; top-1/top-5 against the labels and the fidelity to a
+reference model's logits (agreement, cosine, max |diff|, KL) are accumulated batch by batch with
+``deployopt.measure.metrics`` (where the formulas are), so memory does not grow with the number of
+samples. Rates carry Wilson 95% intervals.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import numpy as np
 
-from deployopt.measure.model_io import (fits_sample, format_shape, input_specs, load_proto, one_line,
-                               open_data, output_specs, session_options)
-from deployopt.core.errors import UserError, WorkFailed
-
-# -- metrics on logits --------------------------------------------------------------------------
-
-
-def _topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
-    # Stable sort on -logits: equal logits keep index order, so k=1 is exactly argmax.
-    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return int((top == labels[:, None]).any(axis=1).sum())
-
-
-def topk_accuracy(logits, labels, k: int = 1) -> float:
-    """Fraction of rows whose label is among the k highest logits."""
-    logits, labels = _check_logits(logits), np.asarray(labels)
-    if labels.shape != (logits.shape[0],):
-        raise ValueError(f"labels: shape {labels.shape} does not match {logits.shape[0]} rows")
-    if not 1 <= k <= logits.shape[1]:
-        raise ValueError(f"k: {k} is outside [1, {logits.shape[1]}]")
-    return _topk_hits(logits, labels, k) / logits.shape[0]
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial rate successes / n."""
-    if n <= 0:
-        raise ValueError(f"n: {n} trials, need at least 1")
-    if not 0 <= successes <= n:
-        raise ValueError(f"successes: {successes} is outside [0, {n}]")
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def _check_logits(logits) -> np.ndarray:
-    logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[0] == 0:
-        raise ValueError(f"logits: expected a non-empty [rows, classes] array, got shape "
-                         f"{logits.shape}")
-    return logits
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-
-class _FidelitySums:
-    """Running sums for fidelity over batches (so evaluation memory stays flat)."""
-
-    def __init__(self) -> None:
-        self.n = self.agree = 0
-        self.cosine = self.kl = 0.0
-        self.max_abs = 0.0
-
-    def add(self, z: np.ndarray, r: np.ndarray) -> None:
-        z, r = z.astype(np.float64), r.astype(np.float64)
-        self.n += len(z)
-        self.agree += int((z.argmax(axis=1) == r.argmax(axis=1)).sum())
-        nz, nr = np.linalg.norm(z, axis=1), np.linalg.norm(r, axis=1)
-        dot = (z * r).sum(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.where((nz > 0) & (nr > 0), dot / (nz * nr), np.where(nz == nr, 1.0, 0.0))
-        self.cosine += float(cos.sum())
-        self.max_abs = max(self.max_abs, float(np.abs(z - r).max()))
-        log_r, log_z = _log_softmax(r), _log_softmax(z)
-        self.kl += float((np.exp(log_r) * (log_r - log_z)).sum())
-
-    def result(self) -> dict:
-        return {"agreement": self.agree / self.n,
-                "agreement_ci": list(wilson_interval(self.agree, self.n)),
-                "cosine": self.cosine / self.n, "max_abs_diff": self.max_abs,
-                "kl": self.kl / self.n}
-
-
-def fidelity(logits, ref_logits) -> dict:
-    """{agreement, agreement_ci, cosine, max_abs_diff, kl} of ``logits`` vs ``ref_logits``."""
-    z, r = _check_logits(logits), _check_logits(ref_logits)
-    if z.shape != r.shape:
-        raise ValueError(f"logits: shape {z.shape} differs from the reference's {r.shape}")
-    sums = _FidelitySums()
-    sums.add(z, r)
-    return sums.result()
-
+from deployopt.core.errors import UserError, WorkFailed, one_line
+from deployopt.core.session import open_session
+from deployopt.measure.metrics import FidelitySums, topk_hits, wilson_interval
+from deployopt.measure.model_io import (fits_sample, format_shape, input_specs, load_proto, open_data,
+                                        output_specs)
 
 # -- running a model over a dataset -------------------------------------------------------------
 
@@ -119,8 +26,6 @@ class _Runner:
     """One onnxruntime session over a single-input classifier, checked against the dataset."""
 
     def __init__(self, path, dataset, threads: int, role: str):
-        import onnxruntime as ort
-
         self.path = str(path)
         proto = load_proto(path)
         specs, out_spec = input_specs(proto), output_specs(proto)[0]
@@ -145,10 +50,9 @@ class _Runner:
                             f"eval needs 2-D logits [batch, classes]")
         self.fixed_batch = spec.dims[0] if spec.dims and isinstance(spec.dims[0], int) else None
         try:
-            self.session = ort.InferenceSession(self.path, session_options(threads),
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise UserError(f"{path}: onnxruntime cannot load it ({one_line(e)})") from e
+            self.session = open_session(self.path, threads=threads, what=self.path)
+        except WorkFailed as e:  # a model onnxruntime refuses is bad input here
+            raise UserError(str(e)) from e.__cause__
         self.output = self.session.get_outputs()[0].name
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -204,7 +108,7 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
     t0 = time.perf_counter()
     n = top1 = top5 = 0
     classes = None
-    sums = _FidelitySums() if ref is not None else None
+    sums = FidelitySums() if ref is not None else None
     bar = tqdm(total=n_total, desc="eval", unit="img", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     try:
@@ -217,9 +121,9 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
                 if y.min() < 0 or y.max() >= classes:
                     raise UserError(f"dataset {dataset.name}: label {int(y.max())} is outside "
                                     f"the {classes} classes of {model_path}'s output")
-                top1 += _topk_hits(z, y, 1)
+                top1 += topk_hits(z, y, 1)
                 if classes > 5:
-                    top5 += _topk_hits(z, y, 5)
+                    top5 += topk_hits(z, y, 5)
             if ref is not None:
                 r = ref.logits(np.asarray(x))
                 if r.shape != z.shape:

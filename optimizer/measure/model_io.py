@@ -2,8 +2,7 @@
 
 The harnesses read a model's graph inputs (name, element type, dims) in the parent process to
 resolve concrete input shapes (``--batch``, ``--shape``, a dataset's sample shape) and to refuse
-bad input before a worker starts. Sessions themselves are opened by ``session_options`` with the
-settings every latency number is recorded with.
+bad input before a worker starts. Sessions themselves are opened by ``deployopt.core.session``.
 """
 
 from __future__ import annotations
@@ -14,14 +13,6 @@ import pathlib
 import numpy as np
 
 from deployopt.core.errors import UserError
-
-#: --opt-level names -> onnxruntime GraphOptimizationLevel member names.
-OPT_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
 
 Dim = int | str | None  # a static size, a symbolic name, or unknown
 
@@ -123,42 +114,3 @@ def open_data(spec: str, inputs: list[TensorSpec], shapes: dict | None = None):
         return open_dataset(spec, input_shape=input_shape, input_name=first.name)
     except UserError as e:
         raise UserError(f"--data {spec}: {e}") from None
-
-
-def session_options(threads: int, optimization_level: str = "all"):
-    """The session settings every measurement uses (and records).
-
-    intra-op threads as given, one inter-op thread and sequential execution: with parallel
-    execution or inter-op threads the thread count a row is labeled with would not be the number
-    of cores the model used.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                               OPT_LEVELS[optimization_level])
-    options.log_severity_level = 3  # errors only: warnings would interleave with the table
-    return options
-
-
-def recorded_options(threads, optimization_level: str) -> dict:
-    """session_options() as plain data for results."""
-    return {
-        "intra_op_num_threads": list(threads),
-        "inter_op_num_threads": 1,
-        "execution_mode": "ORT_SEQUENTIAL",
-        "graph_optimization_level": OPT_LEVELS[optimization_level],
-        "providers": ["CPUExecutionProvider"],
-    }
-
-
-def one_line(error: BaseException | str, limit: int = 300) -> str:
-    """First non-empty line of an error message, shortened: result rows and stderr stay one line."""
-    text = str(error).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    if not line:
-        line = type(error).__name__ if isinstance(error, BaseException) else "unknown error"
-    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -3,8 +3,8 @@
 Method
   * One worker process (``deployopt.measure.worker.Worker`` with this module's entry point, so a crash
     or a hang in onnxruntime cannot take the caller down) opens two sessions with the settings
-    every latency number is recorded with (``deployopt.measure.model_io.session_options``: intra-op
-    threads as given, inter-op 1, sequential, the graph optimization level as given):
+    every latency number is recorded with (``deployopt.core.session``: intra-op threads as given,
+    inter-op 1, sequential, the graph optimization level as given):
       - a plain one, timed exactly like ``deployopt bench`` times a model (perf_counter around
         ``session.run``);
       - one with onnxruntime's profiler on (``SessionOptions.enable_profiling``) that also saves
@@ -28,8 +28,7 @@ Method
     per-node bookkeeping, the Python call); on tiny models that overhead dominates. coverage > 1
     is the profiler's own cost: onnxruntime starts a kernel's clock before it sums the input
     sizes and stops it after it has built the event's arguments, so each kernel_time also holds
-    a few µs of bookkeeping, and models with many small nodes read high (measured here: ~4 µs
-    median per node on a no-op kernel; MobileNetV2 int8 with 69 nodes read 1.04-1.12).
+    a few µs of bookkeeping, and models with many small nodes read high.
 
 Mapping executed nodes back to the saved model
   onnxruntime renames and fuses nodes (FusedConv keeps the Conv's name and produces the Relu's
@@ -69,9 +68,14 @@ import tempfile
 
 import numpy as np
 
+from deployopt.core.errors import UserError, WorkFailed, one_line
+from deployopt.core.session import OPT_LEVELS, open_session, session_options
 from deployopt.measure import machine as machine_mod
-from deployopt.measure.model_io import OPT_LEVELS, input_specs, load_proto, one_line
-from deployopt.core.errors import UserError, WorkFailed
+from deployopt.measure.inputs import check_settings, plan_feeds
+from deployopt.measure.memory import peak_rss_mb
+from deployopt.measure.model_io import input_specs, load_proto
+from deployopt.measure.timing import time_runs
+from deployopt.measure.worker import Worker, WorkerFailure
 
 DEFAULT_TIMEOUT_S = 600.0
 #: Suffixes (and a prefix) onnxruntime appends when it creates a node in place of another one:
@@ -358,7 +362,7 @@ def _label(nodes: list[GraphNode], i: int) -> str:
 
 # -- measurement (runs in the worker, or in-process with isolated=False) -------------------------
 
-def _blocks(runs: int, count: int = 5) -> list[int]:
+def run_blocks(runs: int, count: int = 5) -> list[int]:
     """``runs`` split into at most ``count`` nearly equal blocks."""
     count = min(count, runs)
     return [runs // count + (1 if k < runs % count else 0) for k in range(count)]
@@ -368,24 +372,18 @@ def measure(model_path: str, optimization_level: str, threads: int, feeds: dict,
             runs: int, folder: str) -> dict:
     """Time a plain session and profile an identical one (see module doc); plain data out."""
     import onnx
-    import onnxruntime as ort
-
-    from deployopt.measure.model_io import session_options
-    from deployopt.measure.worker import time_runs
 
     folder = pathlib.Path(folder)
-    plain = ort.InferenceSession(model_path, session_options(threads, optimization_level),
-                                 providers=["CPUExecutionProvider"])
-    options = session_options(threads, optimization_level)
+    plain = open_session(model_path, threads=threads, optimization_level=optimization_level)
+    options = session_options(threads, optimization_level, optimized_path=folder / "optimized.onnx")
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / "trace")
-    options.optimized_model_filepath = str(folder / "optimized.onnx")
-    profiled = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    profiled = open_session(model_path, options=options)
     for _ in range(warmup):
         plain.run(None, feeds)
         profiled.run(None, feeds)
     plain_ns, profiled_ns = [], []
-    for size in _blocks(runs):
+    for size in run_blocks(runs):
         plain_ns.append(time_runs(lambda: plain.run(None, feeds), size)[0])
         profiled_ns.append(time_runs(lambda: profiled.run(None, feeds), size)[0])
     trace_path = profiled.end_profiling()
@@ -400,12 +398,10 @@ def measure(model_path: str, optimization_level: str, threads: int, feeds: dict,
             "profiled_ms": np.concatenate(profiled_ns) / 1e6}
 
 
-def _worker_main(conn, model_path: str, optimization_level: str) -> None:
+def worker_main(conn, model_path: str, optimization_level: str) -> None:
     """Worker entry (deployopt.measure.worker protocol): ("profile", threads, feeds, warmup, runs,
     folder) -> ("ok", measure(...), None, rss_mb) or ("error", one-line reason, rss_mb)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    from deployopt.measure.worker import peak_rss_mb
-
     conn.send(("ready", peak_rss_mb()))
     while True:
         try:
@@ -432,23 +428,18 @@ def profile_model(path: str | os.PathLike, *, threads: int = 1, runs: int = 50, 
                   label: str | None = None) -> Profile:
     """Profile ``path`` on onnxruntime CPU (see module doc).
 
-    Inputs are random (seeded, as in ``deployopt.measure.latency``) unless ``data`` (a Dataset) is
+    Inputs are random (seeded, ``deployopt.measure.inputs``) unless ``data`` (a Dataset) is
     given; ``shapes`` {input name: full shape} resolves dynamic dims, and ``batch`` (default: the
     first dim of a given shape, else 1) fills a dynamic batch dimension. ``isolated`` runs the
     sessions in a worker process that is killed after ``timeout`` seconds (None: no limit).
     UserError for bad settings or a file that is not a model; WorkFailed when onnxruntime fails,
     crashes or times out.
     """
-    from deployopt.measure.latency import _plan, check_settings
-
     shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
     if batch is None:
         batch = next((s[0] for s in shapes.values() if s), 1)
     check_settings(threads=(threads,), batch=(batch,), warmup=warmup, runs=runs, rounds=1,
-                   timeout=timeout)
-    if optimization_level not in OPT_LEVELS:
-        raise UserError(f"optimization_level: {optimization_level!r} is not one of "
-                        f"{', '.join(OPT_LEVELS)}")
+                   timeout=timeout, optimization_level=optimization_level)
     path = str(path)
     proto = load_proto(path)
     specs = input_specs(proto)
@@ -456,7 +447,7 @@ def profile_model(path: str | os.PathLike, *, threads: int = 1, runs: int = 50, 
     if unknown:
         raise UserError(f"shapes: {path} has no input named {unknown[0]!r} "
                         f"(inputs: {', '.join(s.name for s in specs)})")
-    feeds = _plan(path, specs, (batch,), shapes, data, seed)[batch]
+    feeds = plan_feeds(path, specs, (batch,), shapes, data, seed)[batch]
     original = graph_nodes(proto.graph)
     graph_outputs = tuple(o.name for o in proto.graph.output)
     del proto
@@ -512,9 +503,7 @@ def _rows(trace: dict, original: list[GraphNode], executed: list[GraphNode],
 
 
 def _isolated(path, optimization_level, threads, feeds, warmup, runs, folder, timeout) -> dict:
-    from deployopt.measure.worker import Worker, WorkerFailure
-
-    worker = Worker(path, optimization_level, budget=timeout, entry=_worker_main)
+    worker = Worker(path, optimization_level, budget=timeout, entry=worker_main)
     try:
         worker.wait_ready()
         reply = worker.request(("profile", threads, feeds, warmup, runs, folder))

@@ -19,56 +19,23 @@ a fork), so the worker starts from a clean interpreter.
 from __future__ import annotations
 
 import multiprocessing
-import resource
 import signal
-import sys
 import time
 
+from deployopt.core.errors import one_line
+from deployopt.core.session import open_session
+from deployopt.measure.memory import peak_rss_mb
+from deployopt.measure.timing import time_runs
+
 STARTUP_LIMIT_S = 120.0  # a fresh interpreter importing numpy + onnxruntime on a loaded machine
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB.
-
-    Linux: VmHWM of /proc/self/status, the high-water mark of this process image only. Not
-    ru_maxrss: Linux carries that over fork and exec, so a spawned worker would report at least
-    the parent's size at the time it was started.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def time_runs(run, runs: int):
-    """Time ``runs`` calls of ``run()``: per-call nanoseconds and the loop's total wall time.
-
-    The loop does nothing but read the clock, call and store, so what it adds to each sample is
-    two perf_counter_ns reads (tens of ns); wall - sum(samples) measures the rest of the loop.
-    """
-    import numpy as np
-
-    samples = np.empty(runs, dtype=np.int64)
-    clock = time.perf_counter_ns
-    start = clock()
-    for i in range(runs):
-        t0 = clock()
-        run()
-        samples[i] = clock() - t0
-    return samples, clock() - start
 
 
 def main(conn, model_path: str, optimization_level: str) -> None:
     """Worker loop (runs in the child process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    import onnxruntime as ort
-
-    from deployopt.measure.model_io import one_line, session_options
+    # Import onnxruntime before the greeting, so that neither the --timeout budget nor the first
+    # session's load time pays for it.
+    import onnxruntime  # noqa: F401
 
     sessions: dict[int, object] = {}
     feeds: dict[object, dict] = {}
@@ -90,9 +57,8 @@ def main(conn, model_path: str, optimization_level: str) -> None:
             session = sessions.get(threads)
             if session is None:
                 t0 = time.perf_counter()
-                session = ort.InferenceSession(model_path,
-                                               session_options(threads, optimization_level),
-                                               providers=["CPUExecutionProvider"])
+                session = open_session(model_path, threads=threads,
+                                       optimization_level=optimization_level)
                 load_s = time.perf_counter() - t0
                 sessions[threads] = session
             inputs = feeds[key]
@@ -106,7 +72,7 @@ def main(conn, model_path: str, optimization_level: str) -> None:
             for _ in range(warmup):
                 run()
             samples, wall = time_runs(run, runs)
-        except Exception as e:  # onnxruntime raises plain RuntimeError subclasses
+        except Exception as e:  # WorkFailed from open_session; onnxruntime's own types from run
             conn.send(("error", one_line(e), peak_rss_mb()))
             continue
         conn.send(("ok", samples, wall, peak_rss_mb(), load_s))

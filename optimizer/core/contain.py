@@ -1,4 +1,4 @@
-"""Crash containment: run a CLI verb in a child process that cannot take the CLI down with it.
+"""Crash containment: run work in a child process that cannot take the caller down with it.
 
 onnxruntime and the onnx checker are C++: a hostile or broken model can make them abort,
 segfault or hang, which no ``try`` in Python can catch. The CLI therefore runs ``optimize``,
@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
 
 from deployopt.core.errors import WorkFailed
 
@@ -42,10 +41,8 @@ def report_status(text: str) -> None:
             pathlib.Path(path).write_text(text, encoding="utf-8")
 
 
-def _child(handler: Callable[[Any], int], args: Any) -> None:
-    from deployopt.cli import run_handler
-
-    sys.exit(run_handler(handler, args))
+def _child(target: Callable[[], int]) -> None:
+    sys.exit(int(target() or 0))
 
 
 def _read_status(path: pathlib.Path) -> str:
@@ -67,7 +64,9 @@ def _stop(process: multiprocessing.Process) -> None:
         process.join()
 
 
-def run_contained(handler: Callable[[Any], int], args: Any, *, verb: str, timeout: float | None) -> int:
+def run_contained(target: Callable[[], int], *, verb: str, timeout: float | None) -> int:
+    """Run ``target()`` (picklable: a module-level function or a ``functools.partial`` of one) in a
+    spawned child; return its exit code. ``verb`` names the work in timeout and crash messages."""
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="deployopt-run-"))
     status = scratch / "status"
     child_tmp = scratch / "tmp"
@@ -75,7 +74,7 @@ def run_contained(handler: Callable[[Any], int], args: Any, *, verb: str, timeou
     saved = {k: os.environ.get(k) for k in ("TMPDIR", _STATUS_ENV)}
     os.environ["TMPDIR"] = str(child_tmp)  # the spawned child inherits the environment
     os.environ[_STATUS_ENV] = str(status)
-    process = multiprocessing.get_context("spawn").Process(target=_child, args=(handler, args))  # not a daemon: it spawns workers
+    process = multiprocessing.get_context("spawn").Process(target=_child, args=(target,))  # not a daemon: it spawns workers
     try:
         process.start()
         for key, value in saved.items():  # the parent keeps its own environment

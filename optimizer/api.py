@@ -1,0 +1,223 @@
+"""deployopt's Python API: what the CLI does, callable from a pipeline script.
+
+```python
+import deployopt
+
+report = deployopt.optimize("recipe.yaml", "runs/out")       # -> Report (report.json as an object)
+if not report.passed:
+    raise SystemExit(report.reason)
+bench = deployopt.bench(["a.onnx", "b.onnx"], threads=[1, 2])  # -> BenchResult
+result = deployopt.evaluate("b.onnx", "imagenet-samples", reference="a.onnx")  # -> EvalResult
+deployopt.export("resnet18", "resnet18.onnx", input_shape=[1, 3, 224, 224])  # needs deployopt[torch]
+stats = deployopt.inspect("b.onnx")                           # -> dict, as `inspect --json`
+```
+
+Results carry the same keys as the JSON the CLI writes (``to_dict()`` gives that JSON). Bad input
+raises ``UserError`` (the CLI's exit 2); work that ran and failed raises ``WorkFailed`` (exit 1),
+except that ``optimize`` returns its ``Report`` when only a gate or a pass tolerance failed
+(``report.exit_code == 1``, ``report.reason`` says why), since the model and report are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from deployopt.core.errors import UserError
+from deployopt.measure.latency import BenchResult
+from deployopt.report import Report
+
+PathLike = str | os.PathLike
+
+__all__ = ["optimize", "bench", "profile", "evaluate", "export", "inspect", "Report", "BenchResult", "EvalResult"]
+
+
+# -- optimize ----------------------------------------------------------------------------------------
+
+def optimize(recipe: PathLike | Mapping[str, Any], out_dir: PathLike | None = None, *,
+             overrides: Sequence[str] = (), isolate: bool = False, timeout: float | None = None) -> Report:
+    """Run a recipe (a YAML path or the same mapping) and write ``out_dir``/model.onnx, report.json,
+    report.md. ``overrides`` are ``KEY=VALUE`` strings as for ``--set``.
+
+    ``isolate=True`` runs the work in a watched child process (what the CLI does), so a model that
+    makes onnxruntime abort or hang raises ``WorkFailed`` instead of taking the caller down;
+    ``timeout`` (seconds, needs ``isolate``) stops a run that takes too long.
+    """
+    from deployopt import pipeline
+    from deployopt.recipe import from_mapping, load_recipe
+
+    if isinstance(recipe, Mapping):
+        if overrides:
+            raise UserError("overrides: apply them to the mapping itself")
+        parsed = from_mapping(dict(recipe))
+        default_name = "recipe"
+    else:
+        parsed = load_recipe(recipe, list(overrides))
+        default_name = pathlib.Path(recipe).stem
+    out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path("runs") / default_name
+    if timeout is not None and not isolate:
+        raise UserError("timeout: only with isolate=True (a run in this process cannot be stopped safely)")
+    if isolate:
+        from deployopt.core.contain import run_contained
+
+        run_contained(functools.partial(_optimize_in_child, parsed, out), verb="optimize", timeout=timeout)
+        return Report.read(out / "report.json")
+    return pipeline.run(parsed, out)
+
+
+def _optimize_in_child(recipe, out_dir: pathlib.Path) -> int:
+    from deployopt import pipeline
+
+    return pipeline.run(recipe, out_dir).exit_code
+
+
+# -- bench -------------------------------------------------------------------------------------------
+
+def bench(models: Sequence[PathLike], *, labels: Sequence[str] | None = None, threads: Sequence[int] = (1,),
+          batch: Sequence[int] = (1,), warmup: int = 10, runs: int = 100, rounds: int = 3,
+          shapes: Mapping[str, Sequence[int]] | None = None, data: Any = None, seed: int = 0,
+          timeout: float | None = None, optimization_level: str = "all", progress: bool = False) -> BenchResult:
+    """Side-by-side latency of ``models`` in interleaved rounds, one worker process per model;
+    speedups are p50 ratios against the first model with a 95% bootstrap interval.
+
+    ``data`` is a dataset spec (``"photos"``, ``"folder:imgs/"``, ...) or a Dataset whose samples
+    are fed instead of seeded random inputs. A model that crashes or fails gives a failure row.
+    """
+    from deployopt.core import io
+    from deployopt.measure.latency import check_settings, compare
+    from deployopt.measure.model_io import input_specs, open_data
+
+    threads, batch = list(threads), list(batch)
+    check_settings(threads=threads, batch=batch, warmup=warmup, runs=runs, rounds=rounds, timeout=timeout)
+    shapes = {name: tuple(dims) for name, dims in (shapes or {}).items()}
+    specs = [input_specs(io.load_proto(path)) for path in models]  # an unreadable model is bad input
+    if isinstance(data, str):
+        data = open_data(data, specs[0], shapes)
+    return compare(list(models), labels=labels, threads=threads, batch=batch, warmup=warmup, runs=runs,
+                   rounds=rounds, shapes=shapes, data=data, seed=seed, timeout=timeout,
+                   progress=progress, optimization_level=optimization_level)
+
+
+def profile(model: PathLike, *, threads: int = 1, batch: int | None = None, runs: int = 50, warmup: int = 10,
+            shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, data: Any = None,
+            optimization_level: str = "all", timeout: float | None = 600.0, label: str | None = None):
+    """Per-node profile of ``model`` with onnxruntime's profiler, mapped back to the model's own node
+    names (fused kernels list the nodes they replaced). Returns ``deployopt.measure.profile.Profile``."""
+    from deployopt.measure.profile import profile_model
+
+    return profile_model(model, threads=threads, batch=batch, runs=runs, warmup=warmup,
+                         shapes={k: tuple(v) for k, v in (shapes or {}).items()}, seed=seed, data=data,
+                         optimization_level=optimization_level, timeout=timeout, label=label)
+
+
+# -- evaluate ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class EvalResult:
+    """Accuracy against labels and fidelity against a reference model (keys of ``eval --json``).
+
+    top1/top5 are None on unlabelled data (top5 also with 5 classes or fewer); the fidelity keys
+    are None without a reference. Intervals are Wilson 95% [low, high].
+    """
+
+    model: str
+    dataset: str
+    n: int
+    classes: int | None
+    top1: float | None
+    top1_ci: list[float] | None
+    top5: float | None
+    top5_ci: list[float] | None
+    reference: str | None
+    agreement: float | None
+    agreement_ci: list[float] | None
+    cosine: float | None
+    max_abs_diff: float | None
+    kl: float | None
+    seconds: float
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EvalResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_text(self) -> str:
+        """Human-readable summary, as ``deployopt eval`` prints it."""
+        def pct(value, ci):
+            return f"{value:.2%} [{ci[0]:.2%}, {ci[1]:.2%}]"
+
+        lines = [f"{self.model} on {self.dataset}: {self.n} samples, {self.classes} classes"]
+        if self.top1 is not None:
+            lines.append(f"top-1 {pct(self.top1, self.top1_ci)}"
+                         + (f"   top-5 {pct(self.top5, self.top5_ci)}" if self.top5 is not None else "")
+                         + "   (Wilson 95%)")
+        if self.reference is not None:
+            lines.append(f"vs {self.reference}: agreement {pct(self.agreement, self.agreement_ci)}, cosine "
+                         f"{self.cosine:.6f}, max |diff| {self.max_abs_diff:.4g}, KL {self.kl:.3g}")
+        return "\n".join(lines) + "\n"
+
+
+def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, batch_size: int = 32,
+             threads: int = 1, progress: bool = False) -> EvalResult:
+    """Top-1/top-5 of ``model`` on ``data`` (a dataset spec or a Dataset) and, with ``reference``,
+    agreement, cosine, max abs difference and KL divergence of the outputs."""
+    from deployopt.core import io
+    from deployopt.measure.accuracy import evaluate as evaluate_model
+    from deployopt.measure.model_io import input_specs, open_data
+
+    specs = input_specs(io.load_proto(model))
+    if reference is not None:
+        io.load_proto(reference)
+    dataset = open_data(data, specs) if isinstance(data, str) else data
+    if not dataset.labeled and reference is None:
+        raise UserError(f"data {dataset.name}: the dataset has no labels and no reference was given, "
+                        "so there is nothing to measure")
+    result = evaluate_model(model, dataset, reference_path=reference, batch_size=batch_size,
+                            threads=threads, progress=progress)
+    return EvalResult.from_dict(result)
+
+
+# -- export and inspect -------------------------------------------------------------------------------
+
+def export(model: Any, output: PathLike, *, input_shape: Sequence[int] | None = None, dynamic_batch: bool = False,
+           opset: int | None = None, weights: PathLike | None = None, pretrained: bool | None = None,
+           tolerance: float = 1e-4, exporter: str = "auto", seed: int = 0):
+    """Export a PyTorch model to one self-contained .onnx file, checked against torch.
+
+    ``model`` is a reference model name (``deployopt.models.NAMES``), ``"package.module:callable"``
+    (imported and run: only code you trust) or an ``nn.Module``. Needs the ``torch`` extra.
+    Returns ``deployopt.models.export.ExportResult``.
+    """
+    from deployopt import models
+
+    models.require_torch("export")
+    from deployopt.models.export import export_model
+
+    if isinstance(model, str):
+        kwargs = {} if pretrained is None else {"pretrained": pretrained}
+        module = models.resolve(model, seed=seed, **kwargs)
+    else:
+        module = model
+    if weights is not None:
+        models.load_weights(module, weights)
+    if input_shape is None:
+        if not getattr(module, "default_input_shape", None):
+            raise UserError("input_shape: required for a model without default_input_shape")
+        input_shape = tuple(module.default_input_shape)
+    return export_model(module, output, tuple(input_shape), dynamic_batch=dynamic_batch, opset=opset,
+                        tolerance=tolerance, seed=seed, exporter=exporter)
+
+
+def inspect(model: PathLike) -> dict[str, Any]:
+    """Statistics of an ONNX model (the keys of ``inspect --json``): opset, inputs/outputs, op
+    histogram, params and non-zero params, MACs per layer and in total, bytes, zipped bytes."""
+    from deployopt.core import io, stats
+
+    return stats.model_stats(io.load_proto(model), path=str(model))

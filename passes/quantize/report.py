@@ -1,0 +1,149 @@
+"""What the quantizer did to the graph, read from the float and QDQ graphs themselves.
+
+* ``already_quantized``: a model that already holds Q/DQ or integer kernels is refused.
+* ``node_accounting`` / ``int8_nodes``: which nodes of the float model run int8 in the QDQ model,
+  which stayed float and why, which were folded away (a Relu/Clip after a quantized node is
+  absorbed into the output range: ``q = clamp(round(x/s) + z, z, qmax)`` already applies
+  ``max(x, 0)``).
+* ``activation_bounds`` / ``folded_activations``: the clamp of every Relu/Clip, and of those the
+  quantizer folded into a range.
+* ``tensor_nodes``: the nodes that must go back to float to take a tensor's Q/DQ pair away.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Iterable
+
+import onnx
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+#: Op types onnxruntime's static quantizer has a rule for (QDQ or QOperator registry).
+QUANTIZABLE = frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+#: Ops that mean a model is quantized already.
+INTEGER_OPS = QDQ_OPS | {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "QGemm",
+                         "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"}
+#: Activations the quantizer folds into the range of the tensor they read.
+CLAMPS = ("Relu", "Clip")
+
+
+def is_int8_kernel(op_type: str) -> bool:
+    return op_type.startswith("QLinear") or op_type in INTEGER_OPS - QDQ_OPS
+
+
+def already_quantized(proto: onnx.ModelProto) -> dict[str, int]:
+    """Histogram of the quantization ops in the graph (empty for a float model)."""
+    found = collections.Counter(n.op_type for n in proto.graph.node
+                                if n.op_type in INTEGER_OPS or is_int8_kernel(n.op_type))
+    return dict(found)
+
+
+def _by_name(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in proto.graph.node}
+
+
+def _quantized_nodes(qdq_proto: onnx.ModelProto, op_types: set[str]) -> set[str]:
+    """Nodes the quantizer handled: every float activation input comes through a DequantizeLinear
+    and the op type has a quantizer rule and is selected by ``op_types``."""
+    dq_outputs = {o for n in qdq_proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    initializers = {t.name for t in qdq_proto.graph.initializer}
+    names = set()
+    for node in qdq_proto.graph.node:
+        activations = [i for i in node.input if i and i not in initializers]
+        if (node.op_type not in QDQ_OPS and activations and all(i in dq_outputs for i in activations)
+                and node.op_type in QUANTIZABLE and node.op_type in op_types):
+            names.add(node.name)
+    return names
+
+
+def int8_nodes(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *, op_types: Iterable[str]) -> list[str]:
+    """Names of the float model's nodes that run int8 in the QDQ model (node_accounting's rule),
+    plus the Relu/Clip nodes the quantizer folded into an int8 producer's output range."""
+    quantized = _quantized_nodes(qdq_proto, set(op_types))
+    present = _by_name(qdq_proto)
+    names = [n.name for n in qdq_proto.graph.node if n.name in quantized]
+    folded = [n.name for n in float_proto.graph.node if n.name not in present and n.op_type in CLAMPS]
+    return names + folded
+
+
+def node_accounting(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *,
+                    op_types: Iterable[str], excluded: dict[str, str]) -> dict:
+    """Int8 and float nodes of the QDQ model, with a reason for every node left float.
+
+    A node counts as int8 when onnxruntime's quantizer handled it (``_quantized_nodes``);
+    ``excluded`` maps the names the pass excluded to the reason (exclude_nodes, fallback, latency).
+    """
+    op_types = set(op_types)
+    quantized = _quantized_nodes(qdq_proto, op_types)
+    int8, floats, float_nodes = collections.Counter(), collections.Counter(), []
+    for node in qdq_proto.graph.node:
+        if node.op_type in QDQ_OPS:
+            continue
+        if node.name in excluded:
+            reason = excluded[node.name]
+        elif node.name in quantized:
+            int8[node.op_type] += 1
+            continue
+        elif node.op_type not in QUANTIZABLE:
+            reason = f"onnxruntime has no int8 rule for {node.op_type}"
+        elif node.op_type not in op_types:
+            reason = "op type not in op_types"
+        else:
+            reason = "onnxruntime's quantizer left it float (its inputs are not quantized)"
+        floats[node.op_type] += 1
+        float_nodes.append({"node": node.name, "op_type": node.op_type, "reason": reason})
+    qdq_names = _by_name(qdq_proto)
+    folded = collections.Counter(n.op_type for n in float_proto.graph.node if n.name not in qdq_names)
+    qdq = collections.Counter(n.op_type for n in qdq_proto.graph.node if n.op_type in QDQ_OPS)
+    return {"int8_ops": dict(int8), "float_ops": dict(floats), "float_nodes": float_nodes,
+            "folded_into_quantization": dict(folded), "qdq_nodes": dict(qdq)}
+
+
+def activation_bounds(float_proto: onnx.ModelProto, skip: Iterable[str] = ()) -> dict[str, tuple[float, float]]:
+    """``{output tensor: (lo, hi)}`` of every Relu/Clip node (except those named in ``skip``)."""
+    skip = set(skip)
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in float_proto.graph.initializer}
+    folded = {}
+    for node in float_proto.graph.node:
+        if node.name in skip or node.op_type not in CLAMPS:
+            continue
+        lo, hi = (0.0, math.inf) if node.op_type == "Relu" else (-math.inf, math.inf)
+        if node.op_type == "Clip":
+            attrs = {a.name: a.f for a in node.attribute}
+            lo, hi = attrs.get("min", lo), attrs.get("max", hi)
+            if len(node.input) > 1 and node.input[1] in consts:
+                lo = float(consts[node.input[1]])
+            if len(node.input) > 2 and node.input[2] in consts:
+                hi = float(consts[node.input[2]])
+        folded[node.output[0]] = (lo, hi)
+    return folded
+
+
+def folded_activations(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto,
+                       ) -> dict[str, tuple[float, float]]:
+    """``{tensor: (lo, hi)}`` for Relu/Clip nodes the quantizer removed. In the QDQ model the
+    tensor before the Q/DQ pair is then the producer's raw output, so the local error must be
+    measured against ``clip(x, lo, hi)``, not ``x`` (the clamp is intended, not noise)."""
+    return activation_bounds(float_proto, skip=_by_name(qdq_proto))
+
+
+def tensor_nodes(float_proto: onnx.ModelProto, tensor: str) -> list[str]:
+    """Nodes whose quantization puts a Q/DQ pair on ``tensor``: its producer and its consumers
+    (onnxruntime quantizes a tensor if either side is quantized, so both must go float). When the
+    producer is a Relu/Clip, the quantizer folds it into the range of its input, so the input's
+    producer and consumers join too (otherwise the same range reappears one tensor earlier)."""
+    names: list[str] = []
+    pending, done = [tensor], set()
+    while pending:
+        current = pending.pop()
+        done.add(current)
+        for node in float_proto.graph.node:
+            if node.op_type not in QUANTIZABLE or not (current in node.output or current in node.input):
+                continue
+            if node.name not in names:
+                names.append(node.name)
+            if current in node.output and node.op_type in CLAMPS and node.input[0] not in done:
+                pending.append(node.input[0])
+    return names
