@@ -4,14 +4,21 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deployopt-installed
+PIP    := -m pip install -q --disable-pip-version-check
+# The CPU build of torch 2.13.0 lies on the development machines' disk; installing it first keeps
+# the torch extra's range (torch>=2.6) from pulling a multi-GB CUDA build.
+TORCH  := torch==2.13.0
 FOOLBOX := foolbox==3.3.4
+# A second environment with the base install alone (no extras, no torch), for check-base.
+BASE_VENV := .venv-base
 
-.PHONY: demo test clean
+.PHONY: demo test check-base clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[data,test]'
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(FOOLBOX)
+	$(PY) $(PIP) $(TORCH)
+	$(PY) $(PIP) -e '.[torch,data,test]'
+	$(PY) $(PIP) --no-deps $(FOOLBOX)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,5 +27,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The base install quantizes a model without torch (run by CI after the tests).
+check-base:
+	rm -rf $(BASE_VENV)
+	$(PYTHON) -m venv $(BASE_VENV)
+	$(BASE_VENV)/bin/python $(PIP) .
+	$(BASE_VENV)/bin/python .ci/base_install_check.py
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache $(BASE_VENV) build

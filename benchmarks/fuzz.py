@@ -2,10 +2,11 @@
 
 ``run_campaign`` (used by tests/test_fuzz.py and benchmarks/run_reliability.py) starts this module
 as a driver subprocess: ``python -m benchmarks.fuzz SEED_MODEL WORKDIR COUNT START RESULTS.jsonl``.
-Each case calls ``optimizer.cli.main`` in this process (``--in-process``, fast), once for
+Each case calls ``deployopt.cli.main`` in this process (``--in-process``, fast), once for
 ``inspect`` and once for ``optimize`` with cleanup + quantize, and appends one JSON line with the
 exit codes and stderr. A hard crash of this process (a C++ abort in onnx/onnxruntime) ends the
-driver; the test then replays that case through the contained CLI, which must survive it.
+driver; ``run_campaign`` then replays that case through the contained CLI, which must survive it.
+``uncaught_exception`` tells a clean refusal from a bug of ours in a case's stderr.
 
 Mutations (seeded, reproducible): bit flips, truncations, and random field changes of the parsed
 protobuf (op types, node inputs, attributes, initializer dims and dtypes, input shapes, opset,
@@ -18,6 +19,7 @@ import contextlib
 import io
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +29,12 @@ import onnx
 import yaml
 
 CASE_SECONDS = 120  # a case running longer counts as a hang
+CHECKOUT = pathlib.Path(__file__).resolve().parent.parent  # benchmarks/ is importable from here only
+
+# The pipeline turns an unexpected exception inside a pass into "passes[i].NAME failed: TypeError: ...":
+# a clean exit, but a bug of ours all the same.
+PYTHON_BUG = re.compile(r"failed: (TypeError|AttributeError|KeyError|IndexError|ValueError|AssertionError|"
+                        r"ZeroDivisionError|NameError|UnboundLocalError|RecursionError):")
 
 _OPS = ["Relu", "Conv", "Gemm", "Add", "Mul", "MatMul", "Concat", "Reshape", "Flatten", "Softmax", "Sigmoid",
         "GlobalAveragePool", "MaxPool", "BatchNormalization", "Identity", "NoSuchOp", "Clip", "Transpose"]
@@ -91,6 +99,11 @@ def _field_mutation(proto: onnx.ModelProto, rng: np.random.Generator) -> str:
     proto.graph.input[0].type.tensor_type.elem_type = int(rng.choice([onnx.TensorProto.UINT8,
                                                                       onnx.TensorProto.DOUBLE, 0]))
     return "input dtype"
+
+
+def uncaught_exception(stderr: str) -> bool:
+    """Whether a CLI run's stderr shows an exception that escaped deployopt's error handling."""
+    return "internal error" in stderr or "Traceback" in stderr or PYTHON_BUG.search(stderr) is not None
 
 
 def make_mutant(seed_bytes: bytes, index: int) -> tuple[bytes, str]:
@@ -178,6 +191,7 @@ def _contained_replay(model: pathlib.Path, recipe: pathlib.Path, out: pathlib.Pa
 
 def run_campaign(seed_model: pathlib.Path, work: pathlib.Path, count: int, calibration: np.ndarray) -> list[dict]:
     """Run ``count`` mutants; returns one record per case (crashes replayed through the CLI)."""
+    seed_model, work = seed_model.resolve(), work.resolve()  # the driver runs in the checkout
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / "calib.npz", x=calibration)
     results = work / "results.jsonl"
@@ -187,7 +201,7 @@ def run_campaign(seed_model: pathlib.Path, work: pathlib.Path, count: int, calib
     while start < count:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.fuzz", str(seed_model), str(work), str(count),
                                str(start), str(results)], capture_output=True, text=True,
-                              timeout=count * CASE_SECONDS)
+                              timeout=count * CASE_SECONDS, cwd=CHECKOUT)
         lines = [json.loads(line) for line in results.read_text().splitlines()]
         for line in lines:
             if not line.get("started"):

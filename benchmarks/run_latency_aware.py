@@ -237,10 +237,10 @@ def _weights_as_constants(path: pathlib.Path) -> int:
 
 def _predict(path: pathlib.Path, x: np.ndarray) -> np.ndarray:
     """Arg-max over the last axis of the first output for every sample (ORT, all optimizations)."""
-    from deployopt.passes.quantize_data import session
-    from deployopt.passes.quantize_latency import top1
+    from deployopt.core.session import open_session
+    from deployopt.passes.quantize.accuracy import predicted_classes as top1
 
-    sess = session(path, 1)
+    sess = open_session(path, threads=1)
     name = sess.get_inputs()[0].name
     return top1(sess, ({name: x[i:i + 50]} for i in range(0, len(x), 50)))
 

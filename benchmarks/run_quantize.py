@@ -104,7 +104,7 @@ def _prepare(arch: str, tmp: pathlib.Path, samples: int) -> dict:
     from deployopt.passes.context import PassContext
     from deployopt.models.export import export_model
     from deployopt.passes.quantize import QuantizePass
-    from deployopt.passes.quantize_report import ort_kernels
+    from deployopt.passes.quantize.kernels import ort_kernels
 
     kwargs = {"pretrained": True} if arch == "efficientnet_lite0" else {}
     fp32 = tmp / f"{arch}.onnx"
@@ -276,7 +276,7 @@ def _markdown(command: str, stamp: dict, arch_results: dict, accuracy: dict | No
 
 
 def latency_page(text: str) -> str:
-    """benchmarks/results/latency.md (issue 3's published table): the machine stamp, the command and
+    """benchmarks/results/latency.md: the machine stamp, the command and
     the latency section of quantize.md, from the same run."""
     head, _, rest = text.partition("## Latency")
     table = rest.split("\n## ", 1)[0]

@@ -19,9 +19,10 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from benchmarks.fuzz import run_campaign
-from deployopt.measure.machine import stamp, stamp_line
+from benchmarks.fuzz import CHECKOUT, run_campaign, uncaught_exception
+from benchmarks.tiny_resnet import export_tiny_resnet
 from deployopt.core import io
+from deployopt.measure.machine import stamp, stamp_line
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "reliability.md"
 SUITES = ["tests/test_reliability.py", "tests/test_fuzz.py", "tests/test_reproducible.py"]
@@ -32,7 +33,7 @@ def _suite(tmp: pathlib.Path) -> list[tuple[str, str, int]]:
     for suite in SUITES:
         junit = tmp / (pathlib.Path(suite).stem + ".xml")
         subprocess.run([sys.executable, "-m", "pytest", "-q", suite, f"--junitxml={junit}"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=CHECKOUT)
         root = ET.parse(junit).getroot()
         cases = root.iter("testcase")
         counts = collections.Counter()
@@ -47,10 +48,7 @@ def _suite(tmp: pathlib.Path) -> list[tuple[str, str, int]]:
 def _outcome(result: dict) -> str:
     if result["code"] == 0:
         return "exit 0"
-    err = result["stderr"]
-    from tests.test_fuzz import PYTHON_BUG
-
-    if "internal error" in err or "Traceback" in err or PYTHON_BUG.search(err):
+    if uncaught_exception(result["stderr"]):
         return f"exit {result['code']} (uncaught exception)"
     return f"exit {result['code']} (clean error)"
 
@@ -63,8 +61,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = pathlib.Path(tmp_name)
         suite_rows = _suite(tmp)
-        from tests._fixtures import export_tiny_resnet
-
         seed = export_tiny_resnet(tmp / "seed.onnx")
         calibration = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
         t0 = time.time()

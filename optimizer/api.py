@@ -50,6 +50,8 @@ def optimize(recipe: PathLike | Mapping[str, Any], out_dir: PathLike | None = No
     from deployopt import pipeline
     from deployopt.recipe import from_mapping, load_recipe
 
+    if timeout is not None and not isolate:
+        raise UserError("timeout: only with isolate=True (a run in this process cannot be stopped safely)")
     if isinstance(recipe, Mapping):
         if overrides:
             raise UserError("overrides: apply them to the mapping itself")
@@ -59,8 +61,6 @@ def optimize(recipe: PathLike | Mapping[str, Any], out_dir: PathLike | None = No
         parsed = load_recipe(recipe, list(overrides))
         default_name = pathlib.Path(recipe).stem
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path("runs") / default_name
-    if timeout is not None and not isolate:
-        raise UserError("timeout: only with isolate=True (a run in this process cannot be stopped safely)")
     if isolate:
         from deployopt.core.contain import run_contained
 
@@ -84,18 +84,19 @@ def bench(models: Sequence[PathLike], *, labels: Sequence[str] | None = None, th
     """Side-by-side latency of ``models`` in interleaved rounds, one worker process per model;
     speedups are p50 ratios against the first model with a 95% bootstrap interval.
 
-    ``data`` is a dataset spec (``"photos"``, ``"folder:imgs/"``, ...) or a Dataset whose samples
-    are fed instead of seeded random inputs. A model that crashes or fails gives a failure row.
+    ``data`` is a dataset spec (``"photos"``, ``"folder:imgs/"``, a recipe-style mapping) or a
+    Dataset whose samples are fed instead of seeded random inputs. A model that crashes or fails gives a failure row.
     """
     from deployopt.core import io
-    from deployopt.measure.latency import check_settings, compare
+    from deployopt.measure.inputs import check_settings
+    from deployopt.measure.latency import compare
     from deployopt.measure.model_io import input_specs, open_data
 
     threads, batch = list(threads), list(batch)
     check_settings(threads=threads, batch=batch, warmup=warmup, runs=runs, rounds=rounds, timeout=timeout)
     shapes = {name: tuple(dims) for name, dims in (shapes or {}).items()}
     specs = [input_specs(io.load_proto(path)) for path in models]  # an unreadable model is bad input
-    if isinstance(data, str):
+    if isinstance(data, (str, Mapping)):
         data = open_data(data, specs[0], shapes)
     return compare(list(models), labels=labels, threads=threads, batch=batch, warmup=warmup, runs=runs,
                    rounds=rounds, shapes=shapes, data=data, seed=seed, timeout=timeout,
@@ -166,7 +167,8 @@ class EvalResult:
 
 def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, batch_size: int = 32,
              threads: int = 1, progress: bool = False) -> EvalResult:
-    """Top-1/top-5 of ``model`` on ``data`` (a dataset spec or a Dataset) and, with ``reference``,
+    """Top-1/top-5 of ``model`` on ``data`` (a dataset spec string like ``"digits?split=test"``, a
+    recipe-style mapping, or a Dataset) and, with ``reference``,
     agreement, cosine, max abs difference and KL divergence of the outputs."""
     from deployopt.core import io
     from deployopt.measure.accuracy import evaluate as evaluate_model
@@ -175,7 +177,7 @@ def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, b
     specs = input_specs(io.load_proto(model))
     if reference is not None:
         io.load_proto(reference)
-    dataset = open_data(data, specs) if isinstance(data, str) else data
+    dataset = open_data(data, specs) if isinstance(data, (str, Mapping)) else data
     if not dataset.labeled and reference is None:
         raise UserError(f"data {dataset.name}: the dataset has no labels and no reference was given, "
                         "so there is nothing to measure")

@@ -238,7 +238,7 @@ def _bench_profiles(result, args, settings: dict, top: int) -> tuple[list, list[
 def _bench(args) -> int:
     from deployopt import api
     from deployopt.core import io
-    from deployopt.measure.latency import check_settings
+    from deployopt.measure.inputs import check_settings
     from deployopt.measure.model_io import input_specs, open_data
     from deployopt.measure.output import plot_latency, write_text
 

@@ -164,7 +164,7 @@ def terminal_table(doc: dict[str, Any]) -> str:
 
 def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None) -> str:
     m = doc["machine"]
-    parts = [f"# deployopt report\n",
+    parts = ["# deployopt report\n",
              f"Result: **{'PASSED' if doc['exit_code'] == 0 else 'FAILED'}**"
              + (f" — {doc['reason']}" if doc.get("reason") else ""),
              f"\nMachine: {m.get('cpu')} · ISA {', '.join(m.get('isa', [])) or 'none'} · "

@@ -26,13 +26,13 @@ Steps (``passes.channel_groups`` finds what is tied to what):
    per-channel constants, sink input columns (blocks of ``H·W`` columns after a Flatten), Concat
    offsets, constant Reshape targets; then shapes are re-inferred. The model's inputs and outputs
    keep their shapes.
-5. Reconstruction (``passes.channel_reconstruct``): each sink layer's weights and bias are
-   re-solved by ridge least squares so that, on calibration data, its output on the pruned
-   model's inputs matches the dense model's output.
+5. Reconstruction (``passes.channel_reconstruct`` on the engine of ``passes.reconstruct``): each
+   sink layer's weights and bias are re-solved by ridge least squares so that, on calibration
+   data, its output on the pruned model's inputs matches the dense model's output.
 
 ``exclude`` (fnmatch patterns on node names or weight names of Conv/Gemm/MatMul layers) keeps the
-output channels of matching layers, as Torch-Pruning's ``ignored_layers`` does: a group whose
-producers match stays whole. Their inputs may still shrink when their producers are pruned.
+output channels of matching layers: a group whose producers match stays whole. Their inputs may
+still shrink when their producers are pruned.
 """
 
 from __future__ import annotations
@@ -41,16 +41,17 @@ import collections
 import dataclasses
 import fnmatch
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from deployopt.core.errors import UserError
+from deployopt.core.settings import setting
 from deployopt.core.stats import model_stats
 from deployopt.passes import channel_reconstruct as recon
-from deployopt.passes.base import DeployInPlacePass, check_choice, check_range
+from deployopt.passes.base import DeployInPlacePass
 from deployopt.passes.channel_groups import ChannelGroup, attr_int, const_array, find_channel_groups
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -84,30 +85,17 @@ class ChannelPrunePass(DeployInPlacePass):
 
     name: ClassVar[str] = "channel_prune"
 
-    keep: float = 0.5  # fraction of channels kept, in (0, 1]
-    scope: str = "layer"  # "layer": each group keeps `keep`; "global": ranked across groups
-    criterion: str = "l1"  # "l1" | "l2" (weight norms) | "activation" (calibration energy)
-    round_to: int = 8  # kept counts are multiples of this (or the whole group)
-    min_channels: int = 8  # never fewer than this many channels in a group (or the whole group)
+    keep: float = setting(0.5, low=0, high=1, low_open=True)  # fraction of channels kept
+    # "layer": each group keeps `keep`; "global": ranked across groups
+    scope: Literal["layer", "global"] = "layer"
+    # "l1" | "l2" (weight norms) | "activation" (calibration energy)
+    criterion: Literal["l1", "l2", "activation"] = "l1"
+    round_to: int = setting(8, low=1)  # kept counts are multiples of this (or the whole group)
+    min_channels: int = setting(8, low=1)  # never fewer in a group (or the whole group)
     reconstruct: bool | None = None  # None: when calibration data exists
-    ridge: float = 1e-3  # least-squares damping, relative to the mean input energy
-    samples: int = 256  # calibration samples for activation energy and reconstruction
-    exclude: list[str] = dataclasses.field(default_factory=list)
-
-    def validate(self) -> None:
-        check_range("keep", self.keep, 0.0, 1.0, low_open=True)
-        check_choice("scope", self.scope, ("layer", "global"))
-        check_choice("criterion", self.criterion, ("l1", "l2", "activation"))
-        for field in ("round_to", "min_channels", "samples"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"{field}: expected an integer, got {value!r}")
-            check_range(field, value, 1)
-        if self.reconstruct is not None and not isinstance(self.reconstruct, bool):
-            raise UserError(f"reconstruct: expected true, false or null, got {self.reconstruct!r}")
-        check_range("ridge", self.ridge, 0.0)
-        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
-            raise UserError(f"exclude: expected a list of name patterns, got {self.exclude!r}")
+    ridge: float = setting(1e-3, low=0)  # least-squares damping, relative to the mean input energy
+    samples: int = setting(256, low=1)  # calibration samples for activation energy and reconstruction
+    exclude: list[str] = setting(default_factory=list)  # name patterns of layers to keep whole
 
     # -- the pass --------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -135,7 +123,7 @@ class ChannelPrunePass(DeployInPlacePass):
             elif g in excluded:
                 self.note(f"group '{g.label}' ({g.channels} channels) left whole: excluded by "
                           f"pattern '{excluded[g]}'")
-        details = self.context.details
+        details = self.details
         details["groups"] = []
         if not candidates:
             self.note("nothing prunable: no channel group can lose channels "
@@ -156,7 +144,7 @@ class ChannelPrunePass(DeployInPlacePass):
                       f"{self.round_to} (min {self.min_channels}) keeps every group whole")
             return ir.passes.PassResult(model, modified=False)
 
-        original = ir.to_proto(model) if reconstruct else None
+        original = model.clone() if reconstruct else None
         details["macs_before"] = model_stats(model)["macs"]
         self._slice(model, kept)
         removed = sum(g.channels - len(i) for g, i in kept.items() if not g.derived)
@@ -323,7 +311,7 @@ class ChannelPrunePass(DeployInPlacePass):
         records = recon.reconstruct(original, model, layers, data, samples=self.samples,
                                     ridge=self.ridge, seed=self.context.seed,
                                     threads=self.context.threads)
-        self.context.details["reconstruction"] = records
+        self.details["reconstruction"] = records
         for r in records:
             if r.get("kept_sliced"):
                 self.note(f"layer '{r['layer']}' kept its sliced weights: least squares did not "

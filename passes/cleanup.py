@@ -206,7 +206,7 @@ class CleanupPass(DeployInPlacePass):
         nodes_after = op_histogram(model)
         inits_after = len(model.graph.initializers)
         self._note_changes(nodes_before, nodes_after, inits_before, inits_after)
-        self.context.details.update({
+        self.details.update({
             "nodes_before": nodes_before,
             "nodes_after": nodes_after,
             "node_count_before": sum(nodes_before.values()),
@@ -262,8 +262,8 @@ class CleanupPass(DeployInPlacePass):
     def _fold_batchnorm(self, model: ir.Model) -> bool:
         bns = [n for n in ir.traversal.RecursiveGraphIterator(model.graph)
                if n.op_type == "BatchNormalization" and n.domain in _DEFAULT_DOMAINS]
-        self.context.details["batchnorm_folded"] = []
-        self.context.details["batchnorm_skipped"] = []
+        self.details["batchnorm_folded"] = []
+        self.details["batchnorm_skipped"] = []
         if not bns:
             return False
         vetoed = {bn: reason for bn in bns if (reason := _bn_skip_reason(bn)) is not None}
@@ -281,8 +281,8 @@ class CleanupPass(DeployInPlacePass):
             targets = collections.Counter(f["op"] for f in folded)
             into = ", ".join(f"{n} {op}" for op, n in sorted(targets.items()))
             self.note(f"folded {len(folded)} BatchNormalization into {into}")
-        self.context.details["batchnorm_folded"] = folded
-        self.context.details["batchnorm_skipped"] = skipped
+        self.details["batchnorm_folded"] = folded
+        self.details["batchnorm_skipped"] = skipped
         return result.modified
 
     # -- notes ------------------------------------------------------------------------------

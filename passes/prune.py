@@ -11,32 +11,28 @@ sparsity; an override also beats ``skip_first_last`` and ``min_elements``. Biase
 pruned. Weights may be initializers or ``Constant`` nodes; a weight that is a graph input, is
 shared by several uses, or is computed at run time is skipped and the skip is noted.
 
-Reconstruction (``reconstruct: true``). Each pruned layer is a linear map ``y = W x + b`` on rows
-``x`` (Gemm/MatMul: the rows of its input; Conv: im2col patches, one problem per group, up to
-``_MAX_POSITIONS`` output positions per sample drawn with the context's seed). With ``X`` the
-layer's inputs in the *pruned* model and ``Y`` the *dense* layer's outputs on the same calibration
-samples, each output channel ``o`` re-solves its kept (unmasked) weights and its bias:
+Reconstruction (``reconstruct: true``, ``passes.reconstruct`` does the least squares). Each
+pruned layer is a linear map ``y = W x + b`` on rows ``x`` (Gemm/MatMul: the rows of its input;
+Conv: im2col patches, one problem per group, up to ``_SAMPLING.positions`` output positions per
+batch drawn with the context's seed). With ``X`` the layer's inputs in the *pruned* model and ``Y``
+the *dense* layer's outputs on the same calibration samples, each output channel ``o`` re-solves
+its kept (unmasked) weights ``K_o`` and its bias:
 
     [w_o,K ; b_o] = (X̃_Kᵀ X̃_K + λ D)⁻¹ (X̃_Kᵀ y_o + λ D [w⁰_o,K ; 0]),
     X̃_K = [X[:, K_o], 1],   λ = ridge · mean diag(XᵀX)
 
-(``D``: identity on the weights, 0 on the bias; see ``passes/_lstsq.py``). The ridge term pulls
-toward the magnitude-pruned weights ``w⁰`` rather than toward zero (with ``w⁰ = 0`` this is plain
-ridge, ``(X_KᵀX_K + λI)⁻¹ X_Kᵀ y``): directions the calibration data does not excite, such as
-the weights of a unit that is never active on it, keep their values instead of being zeroed,
-and a large ``ridge`` degrades gracefully to plain magnitude pruning (measured on the digits CNN
-at 70% sparsity, ridge 1.0: 0.95 top-1 toward w⁰ vs 0.46 toward zero). The Gram matrices are
-accumulated over streamed batches, so memory is flat in the number of samples. Layers are
-corrected in graph order and each one's inputs come from the model whose earlier layers are
-already pruned and reconstructed (sequential correction): a layer then also absorbs the error
-that reached its inputs from upstream, rather than matching the dense layer on inputs the pruned
-model never produces. Layers that do not depend on each other share one pass over the data.
-An output channel keeps its plain pruned weights when the solve would not lower its squared
-error on the calibration rows (in exact arithmetic it cannot: the solution minimizes
-``E(w) + λ‖w − w⁰‖²``, so ``E(w) ≤ E(w⁰)``; the check guards against ill-conditioned solves).
+(``D``: identity on the weights, 0 on the bias). The ridge term pulls toward the
+magnitude-pruned weights ``w⁰`` rather than toward zero: directions the calibration data does not
+excite, such as the weights of a unit that is never active on it, keep their values instead of
+being zeroed, and a large ``ridge`` degrades gracefully to plain magnitude pruning. Layers are
+corrected level by level in graph order, each on inputs from the model whose upstream layers are
+already pruned and reconstructed. An output channel keeps its plain pruned weights when the solve
+would not lower its squared error on the calibration rows (in exact arithmetic it cannot: the
+solution minimizes ``E(w) + λ‖w − w⁰‖²``, so ``E(w) ≤ E(w⁰)``; the check guards against
+ill-conditioned solves).
 
 Honesty about the result. onnxruntime's Conv/Gemm/MatMul CPU kernels are dense, so zeros do not
-make the model faster; only the compressed file shrinks. ``context.details`` carries the per-layer
+make the model faster; only the compressed file shrinks. The step's details carry the per-layer
 sparsity, the raw and zipped model bytes before and after, and COO sparse storage is mentioned
 only for tensors where it would be smaller than dense storage (it is not written: onnxruntime
 densifies sparse initializers at load time, so it would not save memory either).
@@ -48,27 +44,28 @@ import contextlib
 import dataclasses
 import fnmatch
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
-from tqdm import tqdm
 
 try:  # caps numpy's BLAS threads; installed with scikit-learn, optional here
     from threadpoolctl import threadpool_limits
 except ImportError:  # BLAS then uses as many threads as it likes
     threadpool_limits = None
 
-from deployopt.core.errors import UserError, WorkFailed
+from deployopt.core.data import Dataset
+from deployopt.core.errors import UserError
+from deployopt.core.settings import setting
 from deployopt.core.stats import model_stats
-from deployopt.passes._lstsq import GramAccumulator, conv_output_size, conv_pads, conv_patches
-from deployopt.passes.base import DeployInPlacePass, check_choice, check_range
+from deployopt.passes import reconstruct as recon
+from deployopt.passes.base import DeployInPlacePass
 
 OP_TYPES = ("Conv", "Gemm", "MatMul")
-#: Conv output positions kept per sample when building Gram matrices (a random subset, fixed
-#: seed, when the output grid is larger): enough rows for a well-posed fit, bounded cost.
-_MAX_POSITIONS = 256
+#: Conv output positions per batch entering the Gram matrices (a random subset, drawn once per
+#: batch for all its samples, when the output grid is larger): enough rows for a well-posed fit,
+#: bounded cost. The targets are streamed, so many positions cost no memory.
+_SAMPLING = recon.Sampling(positions=256, per_sample=False)
 _BATCH = 64  # calibration samples per onnxruntime run when the model's batch is dynamic
 _COO_INDEX_BYTES = 8  # ONNX SparseTensorProto indices are int64
 
@@ -198,46 +195,25 @@ class MagnitudePrunePass(DeployInPlacePass):
 
     name: ClassVar[str] = "prune"
 
-    sparsity: float = 0.5
-    scope: str = "layer"  # "layer" | "global"
-    overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    sparsity: float = setting(0.5, low=0, high=1, high_open=True)
+    scope: Literal["layer", "global"] = "layer"
+    # {name pattern: sparsity}, for the matching layers instead of ``sparsity``
+    overrides: dict[str, float] = setting(default_factory=dict, low=0, high=1, high_open=True)
     skip_first_last: bool = True
-    min_elements: int = 256
-    op_types: list[str] = dataclasses.field(default_factory=lambda: list(OP_TYPES))
+    min_elements: int = setting(256, low=0)
+    op_types: list[str] = setting(default_factory=lambda: list(OP_TYPES), choices=OP_TYPES, min_len=1)
     reconstruct: bool = False
-    ridge: float = 0.01
-    samples: int = 512
+    ridge: float = setting(0.01, low=0)
+    samples: int = setting(512, low=1)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        # The pipeline checks this before any work; it depends on a field, so it is set per
-        # instance (the class attribute stays False).
-        self.needs_calibration = bool(self.reconstruct)
+    @property
+    def needs_calibration(self) -> bool:
+        """Reconstruction fits on calibration data; plain pruning needs none."""
+        return self.reconstruct
 
     def validate(self) -> None:
-        check_range("sparsity", self.sparsity, 0, 1, high_open=True)
-        check_choice("scope", self.scope, ("layer", "global"))
-        if not isinstance(self.overrides, dict):
-            raise UserError(f"overrides: expected a mapping {{name pattern: sparsity}}, "
-                            f"got {self.overrides!r}")
-        for pattern, value in self.overrides.items():
-            if not isinstance(pattern, str) or not pattern:
-                raise UserError(f"overrides: pattern {pattern!r} is not a non-empty string")
-            check_range(f"overrides[{pattern!r}]", value, 0, 1, high_open=True)
-        for field in ("skip_first_last", "reconstruct"):
-            if not isinstance(getattr(self, field), bool):
-                raise UserError(f"{field}: expected true or false, got {getattr(self, field)!r}")
-        for field, low in (("min_elements", 0), ("samples", 1)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UserError(f"{field}: expected an integer >= {low}, got {value!r}")
-        if isinstance(self.op_types, str) or not isinstance(self.op_types, (list, tuple)) \
-                or not self.op_types:
-            raise UserError(f"op_types: expected a non-empty list of {', '.join(OP_TYPES)}, "
-                            f"got {self.op_types!r}")
-        for op in self.op_types:
-            check_choice("op_types", op, OP_TYPES)
-        check_range("ridge", self.ridge, 0)
+        if "" in self.overrides:
+            raise UserError("overrides: pattern '' is not a non-empty string")
 
     # -- the pass ---------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -254,10 +230,10 @@ class MagnitudePrunePass(DeployInPlacePass):
                 self.note(f"{layer.name} ({layer.op_type}): not pruned, {layer.reason}")
         for entry in not_weights:
             self.note(f"{entry['name']} ({entry['op_type']}): not pruned, {entry['reason']}")
-        self.context.details["skipped"] = skipped
+        self.details["skipped"] = skipped
         prunable = [layer for layer in layers if layer.reason is None]
         if not prunable:
-            self.context.details["layers"] = []
+            self.details["layers"] = []
             ops = "/".join(self.op_types)
             self.note(f"nothing to prune: the model has no {ops} weight this pass may change; "
                       "the model is unchanged" if not layers else
@@ -266,19 +242,21 @@ class MagnitudePrunePass(DeployInPlacePass):
             return ir.passes.PassResult(model, modified=False)
 
         before = _model_sizes(model)
-        # Checks the calibration data against the model before any weight changes.
-        reconstructor = _Reconstructor(self, model.clone(), model) if self.reconstruct else None
+        dense = None
+        if self.reconstruct:
+            _check_calibration(model, self.context.calibration)  # before any weight changes
+            dense = model.clone()
         self._prune(prunable)
         errors: dict[str, tuple[float, float]] = {}
         samples = 0
-        if reconstructor is not None:
+        if dense is not None:
             # The solves are many mid-sized LAPACK calls: on a busy machine a BLAS thread pool
-            # wider than the pass's thread budget spins for cores others hold (measured 8x
-            # slower at load 8 on 2 cores), so BLAS gets ``context.threads`` like onnxruntime.
+            # wider than the pass's thread budget spins for cores others hold, so BLAS gets
+            # ``context.threads`` like onnxruntime.
             limit = (threadpool_limits(limits=self.context.threads, user_api="blas")
                      if threadpool_limits is not None else contextlib.nullcontext())
             with limit:
-                errors, samples = reconstructor.run(prunable)
+                errors, samples = self._reconstruct(dense, model, prunable)
         after = _model_sizes(model)
         self._report(prunable, errors, samples, before, after)
         return ir.passes.PassResult(model, modified=True)
@@ -352,7 +330,7 @@ class MagnitudePrunePass(DeployInPlacePass):
                 sparse_layers.append(layer.name)
                 sparse_dense_bytes += n * itemsize
                 sparse_coo_bytes += nnz * (itemsize + _COO_INDEX_BYTES)
-        details = self.context.details
+        details = self.details
         details["layers"] = rows
         details["sparsity"] = zeros / total
         details["pruned_elements"] = zeros
@@ -392,6 +370,36 @@ class MagnitudePrunePass(DeployInPlacePass):
                       + ", ".join(r["name"] for r in rows if r["sparsity"] == 1.0)
                       + " (give them an override)")
 
+    # -- reconstruction ---------------------------------------------------------------------------
+    def _reconstruct(self, dense: ir.Model, model: ir.Model,
+                     layers: list[_Layer]) -> tuple[dict[str, tuple[float, float]], int]:
+        """Re-fit the layers; ({layer: (relative error pruned, re-solved)}, samples used)."""
+        fits = []
+        for layer in layers:
+            fit = _fit(layer, self.ridge)
+            if isinstance(fit, str):
+                self.note(f"{layer.name}: pruned but not reconstructed, {fit}")
+                continue
+            if fit.bias_note:
+                self.note(f"{layer.name}: {fit.bias_note}")
+            fits.append(fit)
+        if not fits:
+            return {}, 0
+        data = self.context.calibration
+        records, samples = recon.reconstruct(
+            dense, model, fits, lambda: recon.calibration_batches(model, data, self.samples, _BATCH),
+            rng=np.random.default_rng(self.context.seed), threads=self.context.threads,
+            what="prune's reconstruction", dense_once=False)
+        return dict(records), samples
+
+
+def _check_calibration(model: ir.Model, dataset: Dataset) -> None:
+    value = recon.model_input(model)
+    if not recon.sample_shape_fits(value, dataset.sample_shape):
+        dims = [d if isinstance(d, int) else str(d) for d in value.shape]
+        raise UserError(f"data.calibration: samples of shape {list(dataset.sample_shape)} do "
+                        f"not fit model input '{value.name}' of shape {dims}")
+
 
 def _smallest(magnitude: np.ndarray, k: int) -> np.ndarray:
     """Bool mask of the ``k`` smallest entries (exactly ``k``, ties broken by position)."""
@@ -400,244 +408,65 @@ def _smallest(magnitude: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-# -- reconstruction -------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
-class _Problem:
-    """A pruned layer as y = W x + b: how to read rows and write the solution back."""
+class _PruneFit:
+    """A pruned layer as ``y = W x + b`` (a ``reconstruct.Fit``): rows in, solution written back."""
 
     layer: _Layer
     weights: list[np.ndarray]  # per group: effective W [m, k] (pruned)
     kept: list[np.ndarray]  # per group: bool [m, k]
     bias: np.ndarray | None  # effective bias [O] (None: no bias)
     fit_bias: bool  # True: re-solve the bias too; False: it stays, targets exclude it
-    accumulators: list[GramAccumulator] = dataclasses.field(default_factory=list)
-    conv: dict[str, Any] | None = None  # Conv geometry
+    ridge: float
+    conv: recon.ConvGeometry | None = None
+    bias_note: str | None = None
+    accumulators: list[recon.GramAccumulator] = dataclasses.field(default_factory=list)
 
+    @property
+    def node(self) -> ir.Node:
+        return self.layer.node
 
-class _Reconstructor:
-    """Streams calibration data through the dense and the pruned model and re-fits each layer."""
-
-    def __init__(self, owner: MagnitudePrunePass, dense: ir.Model, model: ir.Model):
-        self.owner = owner
-        self.context = owner.context
-        self.dense = dense
-        self.model = model
-        self.rng = np.random.default_rng(self.context.seed)
-        inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-        if len(inputs) != 1:
-            raise UserError(f"data.calibration: reconstruction feeds one model input, the model "
-                            f"has {len(inputs)} ({', '.join(v.name for v in inputs)})")
-        self.input = inputs[0]
-        dataset = self.context.calibration
-        dims = list(self.input.shape.dims) if self.input.shape is not None else None
-        if dims is not None and (len(dims) != 1 + len(dataset.sample_shape) or any(
-                isinstance(d, int) and d != s for d, s in zip(dims[1:], dataset.sample_shape))):
-            raise UserError(f"data.calibration: samples of shape {list(dataset.sample_shape)} do "
-                            f"not fit model input '{self.input.name}' of shape "
-                            f"{[d if isinstance(d, int) else str(d) for d in dims]}")
-        self.static_batch = dims[0] if dims and isinstance(dims[0], int) else None
-        self.batch = self.static_batch or _BATCH
-        self.dtype = self.input.dtype.numpy() if self.input.dtype is not None else np.float32
-
-    def run(self, layers: list[_Layer]) -> tuple[dict[str, tuple[float, float]], int]:
-        """Re-fit the layers; ({layer: (relative error pruned, re-solved)}, samples used)."""
-        problems = []
-        for layer in layers:
-            problem = self._problem(layer)
-            if isinstance(problem, str):
-                self.owner.note(f"{layer.name}: pruned but not reconstructed, {problem}")
-            else:
-                problems.append(problem)
-        errors = {}
-        samples = 0
-        for group in tqdm(self._independent_groups(problems), desc="prune: reconstruct",
-                          unit="group", disable=None):
-            samples = self._accumulate(group)
-            for problem in group:
-                errors[problem.layer.name] = self._solve(problem)
-        return errors, samples
-
-    # -- layer views ------------------------------------------------------------------------------
-    def _problem(self, layer: _Layer) -> _Problem | str:
-        node = layer.node
-        if _is_constant(node.inputs[0]):
-            return "its input is a constant"
-        weight = layer.array()
-        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
-        bias, fit_bias = None, False
-        if bias_value is not None:
-            constant, reason = _constant_source(bias_value)
-            if reason is not None and not reason.startswith("is shared"):
-                return f"its bias '{bias_value.name}' {reason}"
-            bias = _tensor(bias_value, constant).numpy().astype(np.float64)
-            fit_bias = reason is None
-            if reason is not None:
-                self.owner.note(f"{layer.name}: bias '{bias_value.name}' {reason}; reconstruction "
-                                "keeps it and re-solves the weights only")
-        if node.op_type == "Conv":
-            if weight.ndim != 4:
-                return "only 2-D convolutions are reconstructed"
-            group = node.attributes.get_int("group", 1)
-            out_channels = weight.shape[0]
-            per = out_channels // group
-            mats = [weight[g * per:(g + 1) * per].reshape(per, -1).astype(np.float64)
-                    for g in range(group)]
-            masks = [layer.kept[g * per:(g + 1) * per].reshape(per, -1) for g in range(group)]
-            conv = {"group": group, "kernel": weight.shape[2:],
-                    "strides": tuple(node.attributes.get_ints("strides", (1, 1))),
-                    "dilations": tuple(node.attributes.get_ints("dilations", (1, 1))),
-                    "pads": tuple(node.attributes.get_ints("pads", (0, 0, 0, 0))),
-                    "auto_pad": node.attributes.get_string("auto_pad", "NOTSET")}
-            return _Problem(layer, mats, masks, bias, fit_bias, conv=conv)
-        if weight.ndim != 2:
-            return f"its weight has {weight.ndim} dimensions (2 are reconstructed)"
-        if node.op_type == "MatMul":
-            return _Problem(layer, [weight.T.astype(np.float64)], [layer.kept.T], None, False)
-        alpha = node.attributes.get_float("alpha", 1.0)
-        beta = node.attributes.get_float("beta", 1.0)
-        if alpha == 0:
-            return "its alpha is 0"
-        trans_b = node.attributes.get_int("transB", 0)
-        mat = (weight if trans_b else weight.T).astype(np.float64) * alpha
-        mask = layer.kept if trans_b else layer.kept.T
-        if bias is not None:
-            bias = bias * beta
-            if beta == 0:
-                bias, fit_bias = None, False
-            elif bias.size != mat.shape[0] or bias.ndim > 2 \
-                    or (bias.ndim == 2 and bias.shape[0] != 1):
-                fit_bias = False  # a broadcast C ([M, N] or scalar) stays as it is
-        return _Problem(layer, [mat], [mask], bias, fit_bias)
-
-    # -- activations ------------------------------------------------------------------------------
-    def _independent_groups(self, problems: list[_Problem]) -> list[list[_Problem]]:
-        """Consecutive layers none of which feeds another (they can share one data pass)."""
-        groups: list[list[_Problem]] = []
-        for problem in problems:
-            upstream = _upstream_nodes(problem.layer.node)
-            if groups and not any(p.layer.node in upstream for p in groups[-1]):
-                groups[-1].append(problem)
-            else:
-                groups.append([problem])
-        return groups
-
-    def _session(self, model: ir.Model, names: list[str]):
-        """An onnxruntime session on a copy of ``model`` whose outputs are the named tensors."""
-        import onnxruntime as ort
-
-        copy = model.clone()
-        values = {v.name: v for node in copy.graph for v in node.outputs}
-        outputs = []
-        for name in names:
-            value = values[name]
-            if value.type is None:  # untyped (no shape inference): activations share the input's
-                value.type = ir.TensorType(self.input.dtype or ir.DataType.FLOAT)
-            outputs.append(value)
-        copy.graph.outputs.clear()
-        copy.graph.outputs.extend(outputs)
-        RemoveUnusedNodesPass()(copy)  # compute only what the requested tensors need
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.context.threads
-        options.log_severity_level = 3
-        try:
-            return ort.InferenceSession(ir.to_proto(copy).SerializeToString(), options,
-                                        providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise WorkFailed(f"prune: onnxruntime cannot run the model for reconstruction: "
-                             f"{' '.join(str(e).split())[:300]}") from e
-
-    def _batches(self):
-        """Calibration inputs, at most ``samples`` of them, in the model's batch size."""
-        remaining = self.owner.samples
-        for x, _ in self.context.calibration.batches(self.batch):
-            if remaining <= 0:
-                break
-            x = np.asarray(x[:remaining], dtype=self.dtype)
-            if self.static_batch is not None and len(x) != self.static_batch:
-                break  # a static-batch model cannot take the short tail
-            remaining -= len(x)
-            yield x
-
-    def _accumulate(self, group: list[_Problem]) -> int:
-        """One pass over the calibration data filling the Gram matrices of ``group``."""
-        input_name = self.input.name
-        x_names = list(dict.fromkeys(p.layer.node.inputs[0].name for p in group))
-        run_names = [n for n in x_names if n != input_name]
-        y_names = list(dict.fromkeys(p.layer.node.outputs[0].name for p in group))
-        pruned = self._session(self.model, run_names) if run_names else None
-        dense = self._session(self.dense, y_names)
-        samples = 0
-        for x in self._batches():
-            try:
-                found = dict(zip(run_names, pruned.run(run_names, {input_name: x}))) if pruned \
-                    else {}
-                found[input_name] = x
-                targets = dict(zip(y_names, dense.run(y_names, {input_name: x})))
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise WorkFailed(f"prune: onnxruntime failed on calibration data: "
-                                 f"{' '.join(str(e).split())[:300]}") from e
-            for problem in group:
-                self._add_rows(problem, found[problem.layer.node.inputs[0].name],
-                               targets[problem.layer.node.outputs[0].name])
-            samples += len(x)
-        if samples == 0:
-            raise UserError("data.calibration: no samples to reconstruct with (the dataset is "
-                            f"empty or smaller than the model's static batch of {self.batch})")
-        return samples
-
-    def _add_rows(self, problem: _Problem, x: np.ndarray, y: np.ndarray) -> None:
-        layer = problem.layer
-        if problem.conv is None:
-            node = layer.node
-            if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-                x = x.T
-            rows_x = x.reshape(-1, x.shape[-1])
-            rows_y = y.reshape(-1, y.shape[-1]).astype(np.float64)
-            groups_x, out_slices = [rows_x], [slice(None)]
+    def targets(self, y: np.ndarray, rng: np.random.Generator):
+        positions = None
+        if self.conv is not None:
+            positions = _SAMPLING.draw(rng, len(y), y.shape[2] * y.shape[3])
+            rows = recon.conv_targets(y, positions).astype(np.float64)
         else:
-            conv = problem.conv
-            kernel, strides, dilations = conv["kernel"], conv["strides"], conv["dilations"]
-            pads = conv_pads(conv["auto_pad"], conv["pads"], x.shape[2:], kernel, strides,
-                             dilations)
-            oh, ow = conv_output_size(x.shape[2:], kernel, strides, pads, dilations)
-            if y.shape[2:] != (oh, ow):
-                raise WorkFailed(f"prune: {layer.name}: im2col grid {oh}x{ow} does not match the "
-                                 f"Conv output {y.shape[2]}x{y.shape[3]}")
-            positions = None
-            if oh * ow > _MAX_POSITIONS:
-                positions = np.sort(self.rng.choice(oh * ow, _MAX_POSITIONS, replace=False))
-            groups_x = conv_patches(x, kernel, strides=strides, pads=pads, dilations=dilations,
-                                    group=conv["group"], positions=positions)
-            y = y.reshape(y.shape[0], y.shape[1], -1)
-            if positions is not None:
-                y = y[:, :, positions]
-            rows_y = y.transpose(0, 2, 1).reshape(-1, y.shape[1]).astype(np.float64)
-            per = rows_y.shape[1] // conv["group"]
-            out_slices = [slice(g * per, (g + 1) * per) for g in range(conv["group"])]
-        if problem.bias is not None and not problem.fit_bias:  # a kept bias: fit y - b
-            if problem.conv is not None or problem.bias.size == rows_y.shape[1]:
-                rows_y = rows_y - problem.bias.reshape(-1)
+            rows = y.reshape(-1, y.shape[-1]).astype(np.float64)
+        if self.bias is not None and not self.fit_bias:  # a kept bias: fit y - b
+            if self.conv is not None or self.bias.size == rows.shape[1]:
+                rows = rows - self.bias.reshape(-1)
             else:  # Gemm's C broadcast over the batch ([M, N] or a scalar)
-                rows_y = rows_y - np.broadcast_to(problem.bias, y.shape).reshape(rows_y.shape)
-        if not problem.accumulators:
-            problem.accumulators = [
-                GramAccumulator(w.shape[1], w.shape[0], intercept=problem.fit_bias)
-                for w in problem.weights]
-        for accumulator, rows, out in zip(problem.accumulators, groups_x, out_slices):
+                rows = rows - np.broadcast_to(self.bias, y.shape).reshape(rows.shape)
+        return positions, rows, y.shape[2:]
+
+    def add(self, x: np.ndarray, targets) -> None:
+        positions, rows_y, grid = targets
+        if self.conv is None:
+            if self.node.op_type == "Gemm" and self.node.attributes.get_int("transA", 0):
+                x = x.T
+            groups_x, outs = [x.reshape(-1, x.shape[-1])], [slice(None)]
+        else:
+            groups_x = self.conv.patches(x, positions, grid=grid)
+            per = rows_y.shape[1] // self.conv.group
+            outs = [slice(g * per, (g + 1) * per) for g in range(self.conv.group)]
+        if not self.accumulators:
+            self.accumulators = [recon.GramAccumulator(w.shape[1], w.shape[0], intercept=self.fit_bias)
+                                 for w in self.weights]
+        for accumulator, rows, out in zip(self.accumulators, groups_x, outs):
             accumulator.add(rows, rows_y[:, out])
 
-    def _solve(self, problem: _Problem) -> tuple[float, float]:
-        """Re-solve every output channel; write the weights (and bias) back; relative errors."""
-        layer = problem.layer
+    def solve(self) -> tuple[str, tuple[float, float]]:
+        """Re-solve every output channel, write the weights (and bias) back; relative errors."""
         solved_mats, solved_bias = [], []
         error_before = error_after = energy = 0.0
-        for g, accumulator in enumerate(problem.accumulators):
-            pruned = problem.weights[g]
+        for g, accumulator in enumerate(self.accumulators):
+            pruned = self.weights[g]
             out = slice(g * pruned.shape[0], (g + 1) * pruned.shape[0])
-            old_bias = problem.bias.reshape(-1)[out] if problem.fit_bias else None
+            old_bias = self.bias.reshape(-1)[out] if self.fit_bias else None
             # The ridge pulls toward the pruned weights, not toward zero: a weight whose input
             # the calibration data never excites (a dead ReLU, say) keeps its value.
-            weights, bias = accumulator.solve(self.owner.ridge, problem.kept[g], prior=pruned)
+            weights, bias = accumulator.solve(self.ridge, self.kept[g], prior=pruned)
             before = accumulator.squared_error(pruned, old_bias)
             after = accumulator.squared_error(weights, bias)
             worse = after > before  # an ill-conditioned solve: keep the plain pruned weights
@@ -649,12 +478,12 @@ class _Reconstructor:
             error_before += float(before.sum())
             error_after += float(np.minimum(before, after).sum())
             energy += float(accumulator.target_energy.sum())
-        self._write_back(problem, solved_mats, solved_bias)
+        self._write_back(solved_mats, solved_bias)
         energy = max(energy, np.finfo(np.float64).tiny)
-        return error_before / energy, error_after / energy
+        return self.layer.name, (error_before / energy, error_after / energy)
 
-    def _write_back(self, problem: _Problem, mats: list[np.ndarray], biases: list) -> None:
-        layer, node = problem.layer, problem.layer.node
+    def _write_back(self, mats: list[np.ndarray], biases: list) -> None:
+        layer, node = self.layer, self.layer.node
         shape = _tensor(layer.weight, layer.constant).shape.numpy()
         if node.op_type == "Conv":
             weight = np.concatenate(mats, axis=0).reshape(shape)
@@ -666,7 +495,7 @@ class _Reconstructor:
         weight = np.where(layer.kept, weight, 0.0)  # the pruned entries stay exactly zero
         layer.store(weight)
         layer.kept = weight != 0
-        if problem.fit_bias:
+        if self.fit_bias:
             bias = np.concatenate(biases)
             if node.op_type == "Gemm":
                 bias = bias / node.attributes.get_float("beta", 1.0)
@@ -675,15 +504,48 @@ class _Reconstructor:
             _store(bias_value, constant, bias.reshape(_tensor(bias_value, constant).shape.numpy()))
 
 
-def _upstream_nodes(node: ir.Node) -> set[ir.Node]:
-    """Every node whose output reaches ``node``'s inputs."""
-    seen: set[ir.Node] = set()
-    stack = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        stack.extend(v.producer() for v in current.inputs
-                     if v is not None and v.producer() is not None)
-    return seen
+def _fit(layer: _Layer, ridge: float) -> _PruneFit | str:
+    """The least-squares view of a pruned layer, or why it cannot be reconstructed."""
+    node = layer.node
+    if _is_constant(node.inputs[0]):
+        return "its input is a constant"
+    weight = layer.array()
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias, fit_bias, bias_note = None, False, None
+    if bias_value is not None:
+        constant, reason = _constant_source(bias_value)
+        if reason is not None and not reason.startswith("is shared"):
+            return f"its bias '{bias_value.name}' {reason}"
+        bias = _tensor(bias_value, constant).numpy().astype(np.float64)
+        fit_bias = reason is None
+        if reason is not None:
+            bias_note = (f"bias '{bias_value.name}' {reason}; reconstruction keeps it and "
+                         "re-solves the weights only")
+    if node.op_type == "Conv":
+        if weight.ndim != 4:
+            return "only 2-D convolutions are reconstructed"
+        conv = recon.ConvGeometry.of(node, weight.shape[2:])
+        per = weight.shape[0] // conv.group
+        mats = [weight[g * per:(g + 1) * per].reshape(per, -1).astype(np.float64)
+                for g in range(conv.group)]
+        masks = [layer.kept[g * per:(g + 1) * per].reshape(per, -1) for g in range(conv.group)]
+        return _PruneFit(layer, mats, masks, bias, fit_bias, ridge, conv, bias_note)
+    if weight.ndim != 2:
+        return f"its weight has {weight.ndim} dimensions (2 are reconstructed)"
+    if node.op_type == "MatMul":
+        return _PruneFit(layer, [weight.T.astype(np.float64)], [layer.kept.T], None, False, ridge)
+    alpha = node.attributes.get_float("alpha", 1.0)
+    beta = node.attributes.get_float("beta", 1.0)
+    if alpha == 0:
+        return "its alpha is 0"
+    trans_b = node.attributes.get_int("transB", 0)
+    mat = (weight if trans_b else weight.T).astype(np.float64) * alpha
+    mask = layer.kept if trans_b else layer.kept.T
+    if bias is not None:
+        bias = bias * beta
+        if beta == 0:
+            bias, fit_bias = None, False
+        elif bias.size != mat.shape[0] or bias.ndim > 2 \
+                or (bias.ndim == 2 and bias.shape[0] != 1):
+            fit_bias = False  # a broadcast C ([M, N] or scalar) stays as it is
+    return _PruneFit(layer, [mat], [mask], bias, fit_bias, ridge, bias_note=bias_note)

@@ -1,46 +1,25 @@
-"""Small models shared by several test modules (shaped like the real ones, built in seconds)."""
+"""Helpers the test modules import (conftest.py holds the shared fixtures)."""
 
 from __future__ import annotations
 
-import pathlib
-
+import numpy as np
 import torch
 
 
-class TinyResNet(torch.nn.Module):
-    """Conv-BN-ReLU, a residual block, GAP, Linear on 1x8x8 inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
-                                        torch.nn.ReLU())
-        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
-        self.head = torch.nn.Linear(8, 10)
-
-    def forward(self, x):
-        y = self.stem(x)
-        y = torch.relu(y + self.block(y))
-        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
-
-
-def export_tiny_resnet(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """TorchScript export (keeps BatchNorm nodes for cleanup to fold), dynamic batch."""
-    torch.manual_seed(seed)
-    net = TinyResNet().eval()
-    torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return path
-
-
-def train_classifier(net: torch.nn.Module, x, y, *, epochs: int, lr: float = 3e-3, batch: int = 64) -> None:
-    """Adam + cross-entropy over shuffled mini-batches of numpy arrays (uses torch's global RNG)."""
+def train_classifier(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 3e-3,
+                     batch: int = 64, shuffle: bool = True) -> None:
+    """Adam + cross-entropy over mini-batches of numpy arrays, reshuffled every epoch with torch's
+    global RNG (or in the arrays' order with ``shuffle=False``)."""
     opt = torch.optim.Adam(net.parameters(), lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in range(epochs):
-        perm = torch.randperm(len(xt))
+        order = torch.randperm(len(xt)) if shuffle else None
         for i in range(0, len(xt), batch):
-            idx = perm[i:i + batch]
+            if order is None:
+                xb, yb = xt[i:i + batch], yt[i:i + batch]
+            else:
+                idx = order[i:i + batch]
+                xb, yb = xt[idx], yt[idx]
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
+            torch.nn.functional.cross_entropy(net(xb), yb).backward()
             opt.step()

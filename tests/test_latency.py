@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deployopt.measure import inputs, latency, latency_report, machine, timing
+from deployopt.measure import inputs, latency, latency_report, machine, memory, timing
 from deployopt.measure.output import plot_latency
 from deployopt.measure.worker import main as real_worker_main
 from deployopt.cli import main as cli_main
@@ -242,6 +242,18 @@ def test_random_inputs_are_deterministic_per_name():
     assert not np.array_equal(a, inputs.random_input("y", (2, 3), np.dtype(np.float32), seed=0))
     ids = inputs.random_input("ids", (100,), np.dtype(np.int64), seed=0)
     assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 8
+
+
+def test_rss_peak_and_sampler():
+    before = memory.peak_rss_mb()
+    with memory.RssSampler(interval=0.005) as rss:
+        block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, every page touched
+        time.sleep(0.05)
+        now = memory.current_rss_mb()
+        del block
+    assert rss.peak_mb >= now >= 64
+    # 0.5 MiB of slack: the kernel syncs the RSS counters behind statm and VmHWM lazily.
+    assert memory.peak_rss_mb() >= max(before, now) - 0.5
 
 
 def test_machine_stamp():

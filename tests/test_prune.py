@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from deployopt.passes.context import PassContext
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError
-from deployopt.passes._lstsq import GramAccumulator
+from deployopt.passes.reconstruct import GramAccumulator
 from deployopt.passes.prune import MagnitudePrunePass
 
 LAYERS = ("/0/Conv", "/2/Conv", "/6/Gemm", "/8/Gemm")

@@ -19,7 +19,8 @@ from torch import nn
 from deployopt.passes.context import PassContext
 from deployopt.core.data import ArrayDataset, Dataset
 from deployopt.core.errors import UserError
-from deployopt.passes import quantize_data as qdata
+from deployopt.passes.quantize.calibration import calibrate, chunked
+from deployopt.passes.quantize.data import feeds, model_inputs
 from deployopt.passes.quantize import QuantizePass
 from tests._fixtures import train_classifier
 
@@ -91,10 +92,11 @@ def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def _quantize(proto, cal, ev=None, **settings):
+    """The quantized model and the StepResult (notes, details, failure) of one QuantizePass run."""
     p = QuantizePass(**settings)
     p.context = PassContext(calibration=cal, evaluation=ev)
     result = p(ir.from_proto(proto))
-    return ir.to_proto(result.model), p.context
+    return ir.to_proto(result.model), result
 
 
 def _initializers(proto):
@@ -104,13 +106,13 @@ def _initializers(proto):
 # -- structure ------------------------------------------------------------------------------------
 def test_qdq_counts_dtypes_and_per_channel_axes(float_proto, digits):
     x, _ = digits
-    q, ctx = _quantize(float_proto, ArrayDataset(x[:128]))
+    q, step = _quantize(float_proto, ArrayDataset(x[:128]))
     ops = [n.op_type for n in q.graph.node]
     # Activations: input, relu1, relu2, flatten, logits -> 5 Q/DQ pairs. Weights and biases of
     # 2 Conv + 1 Gemm -> 6 more DequantizeLinear fed by initializers. Relu folded into the ranges.
     assert ops.count("QuantizeLinear") == 5
     assert ops.count("DequantizeLinear") == 11
-    assert ops.count("Relu") == 0 and ctx.details["folded_into_quantization"] == {"Relu": 2}
+    assert ops.count("Relu") == 0 and step.details["folded_into_quantization"] == {"Relu": 2}
     inits = _initializers(q)
     for node in q.graph.node:
         if node.op_type == "QuantizeLinear":
@@ -129,15 +131,15 @@ def test_qdq_counts_dtypes_and_per_channel_axes(float_proto, digits):
             assert scale.shape == (data.shape[axis],) and scale.size > 1  # one scale per channel
             assert axis == 0  # Conv: output channels; Gemm (transB=1): rows of B
             assert inits[weight_dq[node.input[2]].input[0]].dtype == np.int32  # int32 bias
-    assert ctx.details["int8_ops"] == {"Conv": 2, "Flatten": 1, "Gemm": 1}
-    assert ctx.details["float_ops"] == {}
-    assert ctx.details["ort_optimized"]["fused_int8"] == {"QGemm": 1, "QLinearConv": 2}
+    assert step.details["int8_ops"] == {"Conv": 2, "Flatten": 1, "Gemm": 1}
+    assert step.details["float_ops"] == {}
+    assert step.details["ort_optimized"]["fused_int8"] == {"QGemm": 1, "QLinearConv": 2}
     # Only the graph input's Q and the graph output's DQ survive onnxruntime's fusion.
-    assert ctx.details["ort_optimized"]["unfused_quantize_linear"] == 1
-    assert ctx.details["ort_optimized"]["unfused_dequantize_linear"] == 1
-    assert ctx.details["calibration"]["samples"] == 128
+    assert step.details["ort_optimized"]["unfused_quantize_linear"] == 1
+    assert step.details["ort_optimized"]["unfused_dequantize_linear"] == 1
+    assert step.details["calibration"]["samples"] == 128
     # ranked: the 5 quantized activations and the 3 int8 weights (int32 biases are not ranked)
-    ranked = ctx.details["worst_sqnr"]
+    ranked = step.details["worst_sqnr"]
     assert len(ranked) == 8 and [r["kind"] for r in ranked].count("weight") == 3
     assert all(r["sqnr_db"] > 25 for r in ranked)  # a well-behaved model: no tensor loses much
 
@@ -171,14 +173,14 @@ def test_digits_top1_within_half_a_point(float_proto, digits):
 @pytest.mark.parametrize("method", ["percentile", "entropy", "distribution"])
 def test_every_calibration_method(float_proto, digits, method):
     x, y = digits
-    q, ctx = _quantize(float_proto, ArrayDataset(x[:128]), calibration=method)
+    q, step = _quantize(float_proto, ArrayDataset(x[:128]), calibration=method)
     ref, out = _run(float_proto, x[N_TRAIN:]), _run(q, x[N_TRAIN:])
-    assert ctx.details["calibration"]["method"] == method
+    assert step.details["calibration"]["method"] == method
     assert np.mean(ref.argmax(1) == out.argmax(1)) >= 0.97
 
 
 def test_streamed_minmax_equals_whole_set_range(float_proto, digits, tmp_path):
-    """Chunked collection must merge ranges, not drop chunks (onnxruntime 1.32's
+    """Chunked collection must merge ranges, not drop chunks (as onnxruntime's
     CalibMaxIntermediateOutputs does): the input tensor's range is the range over all samples."""
     x, _ = digits
     x = x[:100].copy()
@@ -186,10 +188,10 @@ def test_streamed_minmax_equals_whole_set_range(float_proto, digits, tmp_path):
     x[13, 0, 0, 0] = -0.5
     path = tmp_path / "m.onnx"
     onnx.save(float_proto, str(path))
-    inputs = qdata.model_inputs(float_proto)
-    chunks = qdata.chunked(qdata.feeds(ArrayDataset(x), inputs, None, 8), 8)
-    ranges = qdata.calibrate(path, tmp_path, method="minmax", percentile=99.9, op_types=["Conv"],
-                             chunks=chunks, threads=1)
+    inputs = model_inputs(float_proto)
+    chunks = chunked(feeds(ArrayDataset(x), inputs, None, 8), 8)
+    ranges = calibrate(path, tmp_path, method="minmax", percentile=99.9, op_types=["Conv"],
+                       chunks=chunks, threads=1)
     lo, hi = ranges["input"].range_value
     assert (np.asarray(lo).item(), np.asarray(hi).item()) == (-0.5, 1.75)
 
@@ -210,9 +212,9 @@ def test_constant_node_weights_are_quantized(trained, digits):
     x, y = digits
     proto = _weights_as_constants(_export(trained, dynamic=False))  # fixed batch 1 as well
     assert not proto.graph.initializer
-    q, ctx = _quantize(proto, ArrayDataset(x[:64]))
-    assert ctx.details["constants_lifted"] == 6
-    assert ctx.details["ort_optimized"]["fused_int8"] == {"QGemm": 1, "QLinearConv": 2}
+    q, step = _quantize(proto, ArrayDataset(x[:64]))
+    assert step.details["constants_lifted"] == 6
+    assert step.details["ort_optimized"]["fused_int8"] == {"QGemm": 1, "QLinearConv": 2}
     int8_weights = [t for t in q.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) > 1]
     assert len(int8_weights) == 3  # conv1, conv2, fc
     ref, out = _run(proto, x[N_TRAIN:]), _run(q, x[N_TRAIN:])
@@ -222,11 +224,11 @@ def test_constant_node_weights_are_quantized(trained, digits):
 def test_opset_9_is_upgraded_and_said(trained, digits):
     x, _ = digits
     proto = _export(trained, opset=9)
-    q, ctx = _quantize(proto, ArrayDataset(x[:64]))
-    assert ctx.details["opset"] == {"input": 9, "quantized": 13}
-    assert any("opset upgraded from 9 to 13" in n for n in ctx.notes)
+    q, step = _quantize(proto, ArrayDataset(x[:64]))
+    assert step.details["opset"] == {"input": 9, "quantized": 13}
+    assert any("opset upgraded from 9 to 13" in n for n in step.notes)
     assert next(o.version for o in q.opset_import if o.domain == "") == 13
-    assert ctx.details["ort_optimized"]["fused_int8"]["QLinearConv"] == 2
+    assert step.details["ort_optimized"]["fused_int8"]["QLinearConv"] == 2
 
 
 class _PairDataset(Dataset):
@@ -267,11 +269,11 @@ def test_two_inputs_two_outputs_and_unsupported_op_listed():
     rng = np.random.default_rng(0)
     proto = _two_input_graph(rng)
     a, b = rng.random((64, 6), dtype=np.float32), rng.random((64, 4), dtype=np.float32)
-    q, ctx = _quantize(proto, _PairDataset(a, b))
+    q, step = _quantize(proto, _PairDataset(a, b))
     assert {"node": "softplus", "op_type": "Softplus",
-            "reason": "onnxruntime has no int8 rule for Softplus"} in ctx.details["float_nodes"]
-    assert ctx.details["int8_ops"] == {"MatMul": 3, "Mul": 1}
-    assert ctx.details["ort_optimized"]["fused_int8"] == {"QLinearMatMul": 3, "QLinearMul": 1}
+            "reason": "onnxruntime has no int8 rule for Softplus"} in step.details["float_nodes"]
+    assert step.details["int8_ops"] == {"MatMul": 3, "Mul": 1}
+    assert step.details["ort_optimized"]["fused_int8"] == {"QLinearMatMul": 3, "QLinearMul": 1}
     sess_f = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     sess_q = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
     for ref, out in zip(sess_f.run(None, {"a": a, "b": b}), sess_q.run(None, {"a": a, "b": b})):
@@ -280,13 +282,13 @@ def test_two_inputs_two_outputs_and_unsupported_op_listed():
 
 def test_exclude_nodes_by_name_and_regex(float_proto, digits):
     x, _ = digits
-    q, ctx = _quantize(float_proto, ArrayDataset(x[:64]), exclude_nodes=["/5/Gemm", "/2/C.*", "nope"])
-    floats = {e["node"]: e["reason"] for e in ctx.details["float_nodes"]}
+    q, step = _quantize(float_proto, ArrayDataset(x[:64]), exclude_nodes=["/5/Gemm", "/2/C.*", "nope"])
+    floats = {e["node"]: e["reason"] for e in step.details["float_nodes"]}
     # /3/Relu and /4/Flatten only move data: with /2/Conv float their input is float, so they stay float
     left = "onnxruntime's quantizer left it float (its inputs are not quantized)"
     assert floats == {"/5/Gemm": "excluded by exclude_nodes", "/2/Conv": "excluded by exclude_nodes",
                       "/3/Relu": left, "/4/Flatten": left}
-    assert "exclude_nodes: 'nope' matched no node of the pre-processed model" in ctx.notes
+    assert "exclude_nodes: 'nope' matched no node of the pre-processed model" in step.notes
     gemm = next(n for n in q.graph.node if n.op_type == "Gemm")
     assert _initializers(q)[gemm.input[1]].dtype == np.float32
 
@@ -298,9 +300,9 @@ def test_no_vnni_uses_reduce_range_and_warns(float_proto, digits, monkeypatch):
     fake = dict(deployopt.measure.machine.stamp(), isa=["avx2"])
     monkeypatch.setattr(deployopt.measure.machine, "stamp", lambda: fake)
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    q, ctx = _quantize(float_proto, ArrayDataset(x[:64]))
-    assert ctx.details["reduce_range"]["value"] is True
-    assert any(n.startswith("warning: CPU has no VNNI") for n in ctx.notes)
+    q, step = _quantize(float_proto, ArrayDataset(x[:64]))
+    assert step.details["reduce_range"]["value"] is True
+    assert any(n.startswith("warning: CPU has no VNNI") for n in step.notes)
     int8 = [numpy_helper.to_array(t) for t in q.graph.initializer if t.data_type == TensorProto.INT8]
     assert max(int(np.abs(w).max()) for w in int8) <= 64  # 7-bit weights
 
@@ -310,23 +312,23 @@ def test_no_vnni_uses_reduce_range_and_warns(float_proto, digits, monkeypatch):
 def test_fallback_returns_outlier_nodes_to_float_and_meets_tolerance(outlier_proto, digits, rank, reason):
     x, y = digits
     evaluation = ArrayDataset(x[N_TRAIN:], y[N_TRAIN:], name="digits-test")
-    q, ctx = _quantize(outlier_proto, ArrayDataset(x[:256]), evaluation, max_accuracy_drop=0.01,
+    q, step = _quantize(outlier_proto, ArrayDataset(x[:256]), evaluation, max_accuracy_drop=0.01,
                        fallback_rank=rank)
-    fb = ctx.details["fallback"]
+    fb = step.details["fallback"]
     assert fb["trials"][0]["drop"] > 0.05  # plain quantization misses 1 pt by far
-    assert fb["met"] and ctx.failure is None
+    assert fb["met"] and step.failure is None
     assert fb["trials"][fb["chosen_trial"]]["drop"] <= 0.01
     # the outlier activation sits between /0/Conv (+ its folded Relu) and /2/Conv
     assert set(fb["nodes_to_float"]) == {"/0/Conv", "/1/Relu", "/2/Conv"}
-    assert ctx.details["worst_sqnr"][0]["tensor"] == "/1/Relu_output_0"
-    floats = {e["node"]: e["reason"] for e in ctx.details["float_nodes"]}
+    assert step.details["worst_sqnr"][0]["tensor"] == "/1/Relu_output_0"
+    floats = {e["node"]: e["reason"] for e in step.details["float_nodes"]}
     assert floats["/2/Conv"].startswith(f"fallback: tensor '/1/Relu_output_0' {reason}")
     if rank == "sensitivity":  # the outlier tensor carries most of the int8 output error
-        top = ctx.details["sensitivity"]["top"][0]
+        top = step.details["sensitivity"]["top"][0]
         assert top["tensor"] == "/1/Relu_output_0" and top["share"] > 0.5
     conv2 = next(n for n in q.graph.node if n.name == "/2/Conv")
     assert _initializers(q)[conv2.input[1]].dtype == np.float32  # weights stayed float
-    assert ctx.details["int8_ops"] == {"Gemm": 1}
+    assert step.details["int8_ops"] == {"Gemm": 1}
     ref, out = _run(outlier_proto, x[N_TRAIN:]), _run(q, x[N_TRAIN:])
     assert np.mean(ref.argmax(1) == y[N_TRAIN:]) - np.mean(out.argmax(1) == y[N_TRAIN:]) <= 0.01
 
@@ -334,18 +336,18 @@ def test_fallback_returns_outlier_nodes_to_float_and_meets_tolerance(outlier_pro
 def test_fallback_out_of_trials_returns_best_and_sets_failure(outlier_proto, digits):
     x, y = digits
     evaluation = ArrayDataset(x[N_TRAIN:], y[N_TRAIN:], name="digits-test")
-    q, ctx = _quantize(outlier_proto, ArrayDataset(x[:256]), evaluation, max_accuracy_drop=0.01,
+    q, step = _quantize(outlier_proto, ArrayDataset(x[:256]), evaluation, max_accuracy_drop=0.01,
                        max_trials=1)
     assert re.fullmatch(r"quantize: max_accuracy_drop not met after 1 trials: best drop 0\.\d{4} > 0\.01 "
-                        r"\(0 nodes in float\)", ctx.failure)
+                        r"\(0 nodes in float\)", step.failure)
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)  # the best model is returned
 
 
 def test_fallback_without_labels_uses_agreement(outlier_proto, digits):
     x, _ = digits
-    q, ctx = _quantize(outlier_proto, ArrayDataset(x[:256]), ArrayDataset(x[N_TRAIN:]),
+    q, step = _quantize(outlier_proto, ArrayDataset(x[:256]), ArrayDataset(x[N_TRAIN:]),
                        max_accuracy_drop=0.02)
-    fb = ctx.details["fallback"]
+    fb = step.details["fallback"]
     assert fb["metric"] == "agreement" and fb["float_agreement"] == 1.0 and fb["met"]
 
 
@@ -398,10 +400,11 @@ def test_fallback_needs_evaluation_data(float_proto, digits):
     ({"calibration": "minmx"}, "calibration: 'minmx' is not one of minmax, percentile, entropy, distribution"),
     ({"max_accuracy_drop": -0.01}, "max_accuracy_drop: -0.01 is outside [0, 1]"),
     ({"percentile": 0}, "percentile: 0 is outside (0, 100]"),
-    ({"samples": 0}, "samples: 0 is outside [1, inf]"),
+    ({"samples": 0}, "samples: 0 is outside [1, inf)"),
     ({"activation_type": "int8", "weight_type": "uint8"},
      "weight_type: 'uint8' with activation_type 'int8' is not supported by onnxruntime (use int8 weights)"),
-    ({"op_types": ["Softplus"]}, "op_types: 'Softplus' is not an op type onnxruntime can quantize"),
+    ({"op_types": ["Softplus"]}, "op_types: 'Softplus' is not one of "),
+    ({"op_types": []}, "op_types: needs at least 1 values, got []"),
     ({"exclude_nodes": ["conv["]}, "exclude_nodes: 'conv[' is not a node name or regex"),
 ])
 def test_bad_settings(settings, message):
@@ -422,11 +425,11 @@ class _RaggedDataset(ArrayDataset):
 
 
 def test_histogram_calibration_with_ragged_batches(float_proto, digits):
-    """The histogram calibrators stack a chunk's outputs: a chunk must never mix batch sizes
-    (onnxruntime#11928), so batches of 3 and 6 with batch_size 8 still calibrate."""
+    """The histogram calibrators stack a chunk's outputs: a chunk must never mix batch sizes,
+    so batches of 3 and 6 with batch_size 8 still calibrate."""
     x, _ = digits
-    q, ctx = _quantize(float_proto, _RaggedDataset(x[:27]), calibration="percentile", batch_size=8)
-    assert ctx.details["calibration"]["samples"] == 27
+    q, step = _quantize(float_proto, _RaggedDataset(x[:27]), calibration="percentile", batch_size=8)
+    assert step.details["calibration"]["samples"] == 27
     ref, out = _run(float_proto, x[N_TRAIN:]), _run(q, x[N_TRAIN:])
     assert np.mean(ref.argmax(1) == out.argmax(1)) >= 0.97
 
@@ -445,10 +448,10 @@ def test_dynamic_spatial_dims_stay_dynamic(digits):
         "dynamic_hw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, "h", "w"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [numpy_helper.from_array(w, "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    q, ctx = _quantize(proto, ArrayDataset(x[:64]))
+    q, step = _quantize(proto, ArrayDataset(x[:64]))
     dims = [d.dim_param or d.dim_value for d in q.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["n", 1, "h", "w"]
-    assert ctx.details["ort_optimized"]["fused_int8"] == {"QLinearConv": 1, "QLinearGlobalAveragePool": 1}
+    assert step.details["ort_optimized"]["fused_int8"] == {"QLinearConv": 1, "QLinearGlobalAveragePool": 1}
     big = np.kron(x[N_TRAIN:N_TRAIN + 32], np.ones((1, 1, 2, 2), np.float32))[:, :, :12, :12]  # 12x12
     for data in (x[N_TRAIN:], big):
         ref, out = _run(proto, data), _run(q, data)
@@ -461,8 +464,8 @@ def test_sensitivity_probe_keeps_the_folded_relu(float_proto, digits, tmp_path):
     """Removing the Q/DQ pair of a tensor whose Relu the quantizer folded into its range must put the
     clamp back (else the probe measures a different function); the probe's output is then closer
     to fp32 than the quantized model's."""
-    from deployopt.passes import quantize_sensitivity as qsens
-    from deployopt.passes.quantize_report import activation_bounds
+    from deployopt.passes.quantize import sensitivity as qsens
+    from deployopt.passes.quantize.report import activation_bounds
 
     x, _ = digits
     q, _ = _quantize(float_proto, ArrayDataset(x[:128]), latency_aware=False)

@@ -19,7 +19,9 @@ from torch import nn
 
 from deployopt.passes.context import PassContext
 from deployopt.core.data import ArrayDataset
-from deployopt.passes import quantize_latency as qlat
+from deployopt.passes.quantize import latency_search
+from deployopt.passes.quantize.cost_model import CostModel, Graph
+from deployopt.passes.quantize.latency_probe import LatencyProbe, NodeCosts, Timing, measure_latency, node_costs
 from deployopt.passes.quantize import QuantizePass
 from tests._fixtures import train_classifier
 
@@ -70,7 +72,7 @@ def gated_proto(digits):
 
 
 # -- a probe with synthetic timings ----------------------------------------------------------------
-class FakeProbe(qlat.LatencyProbe):
+class FakeProbe(LatencyProbe):
     """Latency of a model = sum of per-node costs by mode (int8 when the node sits between
     DequantizeLinear and QuantizeLinear, as onnxruntime's fusions need) + CONVERSION_MS per
     standalone Q/DQ kernel; profiles report the same
@@ -82,7 +84,7 @@ class FakeProbe(qlat.LatencyProbe):
         self.float_ms, self.int8_ms, self.default, self.scale = float_ms, int8_ms, default, scale
         self.calls: list[str] = []
 
-    def _costs(self, proto: onnx.ModelProto) -> qlat.NodeCosts:
+    def _costs(self, proto: onnx.ModelProto) -> NodeCosts:
         inits = {t.name for t in proto.graph.initializer}
         dq_out = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
         producer = {o: n for n in proto.graph.node for o in n.output}
@@ -107,13 +109,13 @@ class FakeProbe(qlat.LatencyProbe):
                     n.output[0] in outputs or any(c.name not in int8 for c in consumers.get(n.output[0], []))):
                 conversions[("DQ", q_input.get(n.input[0], n.input[0]))] = self.CONVERSION_MS * self.scale
         total = sum(nodes.values()) + sum(conversions.values())
-        return qlat.NodeCosts(nodes, conversions, total, 0.0)
+        return NodeCosts(nodes, conversions, total, 0.0)
 
     def compare(self, reference, model, feeds, threads):
         self.calls.append("compare")
         ref, mod = (self._costs(onnx.load(str(p))).total_ms for p in (reference, model))
         r = mod / ref
-        return qlat.Timing(r, (r * 0.99, r * 1.01), ref, mod)
+        return Timing(r, (r * 0.99, r * 1.01), ref, mod)
 
     def profile(self, path, proto, feeds, threads):
         self.calls.append("profile")
@@ -127,20 +129,20 @@ GATES_SLOW = dict(float_ms={"Conv": 1.0, "Gemm": 0.5, "Sigmoid": 0.05, "Mul": 0.
 
 
 def _run(proto, x, probe=None, **settings):
+    """The StepResult of one QuantizePass run (model, notes, details)."""
     p = QuantizePass(**settings)
     if probe is not None:
         p.probe = probe
     p.context = PassContext(calibration=ArrayDataset(x[:64]), evaluation=ArrayDataset(x[N_TRAIN:]))
-    result = p(ir.from_proto(proto))
-    return result, p.context
+    return p(ir.from_proto(proto))
 
 
 # -- the pass with synthetic timings ---------------------------------------------------------------
 def test_op_type_slow_in_int8_is_excluded_and_convolutions_stay_int8(gated_proto, digits):
     x, _ = digits
     probe = FakeProbe(**GATES_SLOW)
-    result, ctx = _run(gated_proto, x, probe)
-    trials = ctx.details["latency_trials"]
+    result = _run(gated_proto, x, probe)
+    trials = result.details["latency_trials"]
     first, chosen = trials[0], next(t for t in trials if t.get("chosen"))
     assert first["source"] == "first quantization" and first["latency_ratio"] > 1.0  # plain int8 is slower
     assert chosen["trial"] > 0 and chosen["faster"] and chosen["latency_ratio"] < 0.6
@@ -151,25 +153,25 @@ def test_op_type_slow_in_int8_is_excluded_and_convolutions_stay_int8(gated_proto
                 "predicted_ratio"} <= set(t)
         low, high = t["latency_ratio_ci"]
         assert low <= t["latency_ratio"] <= high
-    assert ctx.details["latency_aware"]["chosen_trial"] == chosen["trial"]
+    assert result.details["latency_aware"]["chosen_trial"] == chosen["trial"]
     # the returned model: convolutions and the classifier int8, the gates float
     assert result.modified
-    assert ctx.details["int8_ops"]["Conv"] == 4 and ctx.details["int8_ops"]["Gemm"] == 1
-    floats = {e["node"]: e for e in ctx.details["float_nodes"] if e["reason"].startswith("latency")}
+    assert result.details["int8_ops"]["Conv"] == 4 and result.details["int8_ops"]["Gemm"] == 1
+    floats = {e["node"]: e for e in result.details["float_nodes"] if e["reason"].startswith("latency")}
     assert sorted(e["op_type"] for e in floats.values()) == ["Mul", "Mul", "Sigmoid", "Sigmoid"]
     assert all(e["reason"] == f"latency: int8 was slower here (latency trial {chosen['trial']})"
                for e in floats.values())
     # the Flatten after the float gate only moves data: the quantizer leaves it float by itself
-    assert {e["op_type"] for e in ctx.details["float_nodes"] if e["node"] not in floats} == {"Flatten"}
+    assert {e["op_type"] for e in result.details["float_nodes"] if e["node"] not in floats} == {"Flatten"}
     q = ir.to_proto(result.model)
     assert {n.op_type for n in q.graph.node if n.name in floats} == {"Sigmoid", "Mul"}
     assert any(re.fullmatch(rf"latency-aware: trial {chosen['trial']} kept, 4 nodes back to float "
                             r"\(Mul x2, Sigmoid x2\): 0\.\d\dx float latency \[0\.\d\d, 0\.\d\d\]; the first "
-                            r"quantization was 1\.\d\dx float latency \[1\.\d\d, 1\.\d\d\]", n) for n in ctx.notes)
+                            r"quantization was 1\.\d\dx float latency \[1\.\d\d, 1\.\d\d\]", n) for n in result.notes)
     # the cost model found the gates: they lead the "int8 costs more" list
-    losers = {r["op_type"] for r in ctx.details["latency_aware"]["int8_costs_more"][:4]}
+    losers = {r["op_type"] for r in result.details["latency_aware"]["int8_costs_more"][:4]}
     assert losers == {"Sigmoid", "Mul"}
-    assert ctx.details["latency_aware"]["timing"] == {"warmup": 5, "runs": 30, "rounds": 3, "threads": 1}
+    assert result.details["latency_aware"]["timing"] == {"warmup": 5, "runs": 30, "rounds": 3, "threads": 1}
 
 
 def test_float_model_returned_when_no_int8_configuration_pays(gated_proto, digits):
@@ -186,67 +188,67 @@ def test_float_model_returned_when_no_int8_configuration_pays(gated_proto, digit
     assert not any(n.op_type in QDQ for n in out.graph.node)
     inits = {t.name: numpy_helper.to_array(t) for t in gated_proto.graph.initializer}
     assert all(np.array_equal(numpy_helper.to_array(t), inits[t.name]) for t in out.graph.initializer)
-    d = p.context.details
+    d = result.details
     assert d["latency_aware"]["result"] == "float" and d["latency_aware"]["chosen_trial"] is None
     assert "int8_ops" not in d and "ort_optimized" not in d
     assert d["first_quantization_ort_optimized"]["fused_int8_total"] > 0
     assert all(not t["faster"] for t in d["latency_trials"])
     assert any(re.fullmatch(r"latency-aware: no int8 configuration was faster than float in \d+ trials? "
                             r"\(best \d\.\d\dx float latency \[\d\.\d\d, \d\.\d\d\]\); the float model is "
-                            r"returned unchanged", n) for n in p.context.notes)
+                            r"returned unchanged", n) for n in result.notes)
 
 
 def test_latency_aware_false_keeps_the_old_behaviour(gated_proto, digits):
     x, _ = digits
 
-    class Refuse(qlat.LatencyProbe):
+    class Refuse(LatencyProbe):
         def compare(self, *a):
             raise AssertionError("latency_aware=false must not time anything")
 
         profile = compare
 
-    result, ctx = _run(gated_proto, x, Refuse(), latency_aware=False)
+    result = _run(gated_proto, x, Refuse(), latency_aware=False)
     assert result.modified
-    assert "latency_trials" not in ctx.details and "latency_aware" not in ctx.details
-    assert ctx.details["int8_ops"] == {"Conv": 4, "Sigmoid": 2, "Mul": 2, "Gemm": 1, "Flatten": 1}
-    assert not any(n.startswith("latency-aware") for n in ctx.notes)
+    assert "latency_trials" not in result.details and "latency_aware" not in result.details
+    assert result.details["int8_ops"] == {"Conv": 4, "Sigmoid": 2, "Mul": 2, "Gemm": 1, "Flatten": 1}
+    assert not any(n.startswith("latency-aware") for n in result.notes)
 
 
 def test_search_skipped_when_first_quantization_is_fast_and_fused(gated_proto, digits):
     x, _ = digits
     fast = {op: ms / 4 for op, ms in GATES_SLOW["float_ms"].items()}
     probe = FakeProbe(GATES_SLOW["float_ms"], fast, default=0.01)
-    result, ctx = _run(gated_proto, x, probe)
-    la = ctx.details["latency_aware"]
+    result = _run(gated_proto, x, probe)
+    la = result.details["latency_aware"]
     assert la["searched"] is False and la["result"] == "int8" and la["internal_unfused_qdq"] == 0
-    assert len(ctx.details["latency_trials"]) == 1 and probe.calls == ["compare"]  # no profiles
+    assert len(result.details["latency_trials"]) == 1 and probe.calls == ["compare"]  # no profiles
     assert any(re.fullmatch(r"latency-aware: search skipped, the first quantization is already \d\.\d\dx "
-                            r"faster than float \(.*\) with every Q/DQ inside the graph fused", n) for n in ctx.notes)
-    assert result.modified and ctx.details["int8_ops"]["Sigmoid"] == 2
+                            r"faster than float \(.*\) with every Q/DQ inside the graph fused", n) for n in result.notes)
+    assert result.modified and result.details["int8_ops"]["Sigmoid"] == 2
 
 
 def test_small_models_are_left_to_the_step_guard(gated_proto, digits):
     x, _ = digits
     probe = FakeProbe(**GATES_SLOW, scale=0.001)  # the same slow int8, but a 5 µs float model
-    result, ctx = _run(gated_proto, x, probe)
-    assert ctx.details["latency_aware"]["searched"] is False
-    assert ctx.details["latency_trials"][0]["latency_ratio"] > 1.0
-    assert result.modified and ctx.details["int8_ops"]["Conv"] == 4
+    result = _run(gated_proto, x, probe)
+    assert result.details["latency_aware"]["searched"] is False
+    assert result.details["latency_trials"][0]["latency_ratio"] > 1.0
+    assert result.modified and result.details["int8_ops"]["Conv"] == 4
     assert any(n.startswith("latency-aware: search skipped, the float model runs in 0.005 ms (< latency_min_ms 0.1")
-               for n in ctx.notes)
+               for n in result.notes)
 
 
 def test_trials_are_bounded_by_max_trials(gated_proto, digits):
     x, _ = digits
     probe = FakeProbe(**GATES_SLOW)
-    _, ctx = _run(gated_proto, x, probe, max_trials=2)
-    assert len(ctx.details["latency_trials"]) == 2
+    result = _run(gated_proto, x, probe, max_trials=2)
+    assert len(result.details["latency_trials"]) == 2
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"latency_aware": "yes"}, "latency_aware: expected true or false, got 'yes'"),
-    ({"latency_min_ms": -1}, "latency_min_ms: -1 is outside [0, inf]"),
-    ({"latency_budget_s": 0}, "latency_budget_s: 0 is outside (0, inf]"),
+    ({"latency_aware": "yes"}, "latency_aware: expected bool, got 'yes'"),
+    ({"latency_min_ms": -1}, "latency_min_ms: -1 is outside [0, inf)"),
+    ({"latency_budget_s": 0}, "latency_budget_s: 0 is outside (0, inf)"),
 ])
 def test_bad_latency_settings(settings, message):
     from deployopt.core.errors import UserError
@@ -285,10 +287,10 @@ def _random_model(rng, nodes=7):
     used = {t for t in consumers}
     outputs = [f"t{i}" for i in range(nodes) if f"t{i}" not in used]
     elements = {t: int(rng.integers(1, 5000)) for t in producer}
-    graph = qlat.Graph({n: "Conv" for n in names}, producer, consumers, outputs, elements)
+    graph = Graph({n: "Conv" for n in names}, producer, consumers, outputs, elements)
     capable = [n for n in names if rng.random() < 0.8]
     measured = {(k, t): float(rng.random()) for t in producer for k in ("Q", "DQ") if rng.random() < 0.5}
-    return qlat.CostModel(graph, frozenset(capable), {n: float(rng.random() * 2) for n in names},
+    return CostModel(graph, frozenset(capable), {n: float(rng.random() * 2) for n in names},
                           {n: float(rng.random() * 2) for n in capable}, measured,
                           {"Q": (0.01, 1e-4), "DQ": (0.02, 2e-4)})
 
@@ -306,11 +308,11 @@ def test_min_cut_is_the_exact_minimum_of_the_cost(seed):
 def test_conversion_costs_decide_the_border():
     """input -> a -> b -> c -> output; b cannot run int8. int8 saves 1.0 ms on a and on c; each
     standalone conversion costs 0.3 (a's output DQ, c's input Q, the input's Q, the output's DQ)."""
-    g = qlat.Graph({"a": "Conv", "b": "PRelu", "c": "Conv"},
+    g = Graph({"a": "Conv", "b": "PRelu", "c": "Conv"},
                    {"x": None, "ta": "a", "tb": "b", "tc": "c"},
                    {"x": ["a"], "ta": ["b"], "tb": ["c"]}, ["tc"], {t: 1000 for t in ("x", "ta", "tb", "tc")})
     measured = {(k, t): 0.3 for t in ("x", "ta", "tb", "tc") for k in ("Q", "DQ")}
-    model = qlat.CostModel(g, frozenset({"a", "c"}), {"a": 1.5, "b": 0.1, "c": 1.5}, {"a": 0.5, "c": 0.5},
+    model = CostModel(g, frozenset({"a", "c"}), {"a": 1.5, "b": 0.1, "c": 1.5}, {"a": 0.5, "c": 0.5},
                            measured, {"Q": (0.0, 0.0), "DQ": (0.0, 0.0)})
     assert model.cut(1.0) == {"a", "c"}  # saves 1.0 per node for 0.6 of conversions each
     assert model.cut(2.0) == set()  # conversions at 0.6: 1.2 per node > 1.0 saved
@@ -341,7 +343,7 @@ def test_profile_rows_are_attributed_to_nodes_and_conversions():
             ("DequantizeLinear", ["w_DQ"], 0.04),  # a weight dequantized at run time: conv2 pays
             ("Conv", ["conv2"], 0.2),
             ("Transpose", [], 0.01)]  # inserted by onnxruntime
-    costs = qlat.node_costs(rows, proto)
+    costs = node_costs(rows, proto)
     # the inserted Transpose is charged to the convolutions in proportion to their time
     assert costs.nodes == pytest.approx({"conv": 0.52 + 0.01 * 0.52 / 0.74, "prelu": 0.1,
                                          "conv2": 0.22 + 0.01 * 0.22 / 0.74})
@@ -383,7 +385,7 @@ def test_real_timing_smoke_never_slower_than_float(tmp_path):
     p = QuantizePass(max_trials=4)
     p.context = PassContext(calibration=ArrayDataset(x))
     result = p(ir.from_proto(proto))
-    la, trials = p.context.details["latency_aware"], p.context.details["latency_trials"]
+    la, trials = result.details["latency_aware"], result.details["latency_trials"]
     assert la["searched"] and la["float_p50_ms"] >= 0.1 and 1 <= len(trials) <= 4
     if result.modified:  # an int8 configuration was kept: it was faster than float with confidence
         assert la["result"] == "int8" and trials[la["chosen_trial"]]["latency_ratio_ci"][1] < 1.0
@@ -393,13 +395,13 @@ def test_real_timing_smoke_never_slower_than_float(tmp_path):
     # with a generous margin for a busy machine
     onnx.save(proto, str(tmp_path / "float.onnx"))
     onnx.save(ir.to_proto(result.model), str(tmp_path / "out.onnx"))
-    timing = qlat.measure_latency(tmp_path / "float.onnx", tmp_path / "out.onnx",
+    timing = measure_latency(tmp_path / "float.onnx", tmp_path / "out.onnx",
                                   {"input": x[:1]}, threads=1, rounds=3, runs=20)
     assert timing.ratio <= 1.25
 
 
 # -- the search's decision -------------------------------------------------------------------------
-class TablesProbe(qlat.LatencyProbe):
+class TablesProbe(LatencyProbe):
     """compare() looks the candidate's ratio up by file name; profile() returns fixed costs."""
 
     def __init__(self, ratios: dict[str, float]):
@@ -410,10 +412,10 @@ class TablesProbe(qlat.LatencyProbe):
             r = self.ratios[model.name] / self.ratios[reference.name]
         else:
             r = self.ratios[model.name]
-        return qlat.Timing(r, (r * 0.99, r * 1.01), 1.0, r)
+        return Timing(r, (r * 0.99, r * 1.01), 1.0, r)
 
     def profile(self, path, proto, feeds, threads):
-        return qlat.NodeCosts({"a": 1.0, "b": 0.1, "c": 1.0}, {}, 2.1, 0.0)
+        return NodeCosts({"a": 1.0, "b": 0.1, "c": 1.0}, {}, 2.1, 0.0)
 
 
 def _chain_abc() -> onnx.ModelProto:
@@ -430,7 +432,7 @@ def _chain_abc() -> onnx.ModelProto:
 
 def _search(tmp_path, monkeypatch, ratios, met, labelings, **kw):
     cuts = iter(labelings)
-    monkeypatch.setattr(qlat.CostModel, "cut", lambda self, weight=1.0: set(next(cuts, {"a", "c"})))
+    monkeypatch.setattr(CostModel, "cut", lambda self, weight=1.0: set(next(cuts, {"a", "c"})))
     proto = _chain_abc()
 
     def quantize(excluded, path):
@@ -439,7 +441,7 @@ def _search(tmp_path, monkeypatch, ratios, met, labelings, **kw):
         return path
 
     (tmp_path / "int8-.onnx").touch()
-    return qlat.search(float_path=tmp_path / "float.onnx", trial0=tmp_path / "int8-.onnx", pre_proto=proto,
+    return latency_search.search(float_path=tmp_path / "float.onnx", trial0=tmp_path / "int8-.onnx", pre_proto=proto,
                        qdq0_proto=proto, capable=["a", "c"], feeds={"x": np.zeros((1, 2, 4, 4), np.float32)},
                        threads=1, probe=TablesProbe(ratios), quantize=quantize,
                        check=lambda path: {"agreement": 1.0, "met": met[path.name]}, internal_unfused=2,

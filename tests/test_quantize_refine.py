@@ -1,4 +1,4 @@
-"""Weight refinement after QDQ insertion (passes.quantize_refine): GPTQ rounding and bias
+"""Weight refinement after QDQ insertion (deployopt.passes.quantize.refine): GPTQ rounding and bias
 correction change only the integer weights and biases, and bring the int8 model closer to fp32."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from deployopt.passes.context import PassContext
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError
-from deployopt.passes import quantize_refine as qrefine
+from deployopt.passes.quantize import refine as qrefine
 from deployopt.passes.quantize import QuantizePass
 from tests._fixtures import train_classifier
 
@@ -83,7 +83,8 @@ def digits_model():
 def _quantize(proto, x, **settings):
     p = QuantizePass(latency_aware=False, **settings)
     p.context = PassContext(calibration=ArrayDataset(x[:256]))
-    return ir.to_proto(p(ir.from_proto(proto)).model), p.context.details
+    result = p(ir.from_proto(proto))
+    return ir.to_proto(result.model), result.details
 
 
 def _logits(proto, x):
@@ -143,8 +144,8 @@ def test_refinement_off_leaves_onnxruntime_rounding(digits_model):
 
 @pytest.mark.parametrize("settings, message", [
     ({"rounding": "adaround"}, "rounding: 'adaround' is not one of gptq, nearest"),
-    ({"bias_correction": "yes"}, "bias_correction: expected true or false, got 'yes'"),
-    ({"refine_samples": 0}, "refine_samples: 0 is outside [1, inf]"),
+    ({"bias_correction": "yes"}, "bias_correction: expected bool, got 'yes'"),
+    ({"refine_samples": 0}, "refine_samples: 0 is outside [1, inf)"),
     ({"fallback_rank": "kl"}, "fallback_rank: 'kl' is not one of sensitivity, sqnr"),
 ])
 def test_bad_refinement_settings(settings, message):
@@ -176,7 +177,7 @@ def test_refined_weights_stay_in_the_quantizer_range(digits_model, settings, low
 def test_bias_free_convolutions_get_a_fused_int32_bias(digits_model, tmp_path):
     """Conv without bias (conv + BatchNorm exports, bias=False layers): bias correction adds an int32
     bias in the form onnxruntime fuses, so the int8 kernel count is unchanged."""
-    from deployopt.passes.quantize_report import ort_kernels
+    from deployopt.passes.quantize.kernels import ort_kernels
 
     proto, x, _ = digits_model
     bias_free = onnx.ModelProto()

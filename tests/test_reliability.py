@@ -1,5 +1,6 @@
-"""Bad input over every verb: exit 2 (1 once work has started), one line on stderr naming the file
-and the cause, no traceback, inputs byte-identical afterwards, no partial output left behind."""
+"""Bad input over every verb: exit 2, one line on stderr naming the file and the cause, no traceback,
+inputs byte-identical afterwards, no partial output left behind. onnxruntime crashing or hanging
+inside the work: exit 1; SIGTERM: exit 130; neither leaves partial output or temporary files."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import onnx
 import pytest
 import yaml
 
+from benchmarks.tiny_resnet import export_tiny_resnet
 from deployopt.cli import main
-from tests._fixtures import export_tiny_resnet
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_optimize_refuses_bad_models(ws, capsys, name, cause):
     ({"passes": [{"clenup": {}}]}, "passes[0].clenup: unknown pass"),
     ({"passes": [{"cleanup": {"fold_batchnorn": True}}]}, "passes[0].cleanup.fold_batchnorn: unknown key"),
     ({"passes": [{"cleanup": {"fold_batchnorm": 3}}]}, "passes[0].cleanup.fold_batchnorm: expected bool"),
-    ({"benchmark": {"runs": 0}}, "benchmark.runs: 0 must be >= 1"),
+    ({"benchmark": {"runs": 0}}, "benchmark.runs: 0 is outside [1, inf)"),
     ({"data": {"evaluation": {"dataset": "npz:missing.npz"}}}, "missing.npz"),
     ({"data": {"evaluation": {"dataset": "npz:empty.npz"}}}, "empty"),
     ({"data": {"evaluation": {"dataset": "npz:wrong_shape.npz"}}}, "3x32x32"),
@@ -128,12 +129,9 @@ def test_optimize_refuses_bad_recipes_and_data(ws, capsys, changes, needle):
     recipe = _recipe(ws, "bad_recipe.yaml", **changes)
     before = _digests(ws)
     out = ws / "out_bad_recipe"
-    code = main(["optimize", str(recipe), "-o", str(out), "--in-process"])
-    captured = capsys.readouterr()
-    # NaN/Inf are found while batches stream: the work has started, so 1 is allowed there
-    assert code == 2 or (code == 1 and "NaN" in needle), captured.err
-    errors = [line for line in captured.err.splitlines() if line.startswith("deployopt: error:")]
-    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in captured.err, captured.err
+    # NaN/Inf are found only while batches stream, after work has started, but they are bad input all
+    # the same: exit 2
+    _check_one_line(capsys, main(["optimize", str(recipe), "-o", str(out), "--in-process"]), 2, needle)
     assert _digests(ws) == before
     assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
     assert not out.exists() or [p for p in out.iterdir()] == []
@@ -175,25 +173,35 @@ def test_bench_usage_errors(ws, capsys):
     _check_one_line(capsys, main(["bench", good, "--runs", "-1", "--no-progress"]), 2, "runs")
 
 
-def test_debug_shows_traceback(ws):
-    proc = subprocess.run([sys.executable, "-m", "deployopt.cli", "inspect", str(ws / "random.onnx"), "--debug"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" in proc.stderr
-
-
-def _crash_hook(tmp: pathlib.Path, body: str) -> dict[str, str]:
-    """An env whose sitecustomize makes onnxruntime's InferenceSession misbehave in the child."""
-    (tmp / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('DEPLOYOPT_STATUS_FILE'):\n"  # only inside the contained child
-        "    import onnxruntime\n"
-        "    class _Boom(onnxruntime.InferenceSession):\n"
-        "        def __init__(self, *a, **k):\n"
-        f"            {body}\n"
-        "    onnxruntime.InferenceSession = _Boom\n")
+def _cli_env(tmp_path: pathlib.Path, crash_body: str | None = None) -> tuple[dict[str, str], pathlib.Path]:
+    """The environment for a CLI child process, and the temporary folder it gets as TMPDIR (its own,
+    so that what it leaves there is told apart from other runs on the machine). With ``crash_body``,
+    a sitecustomize makes onnxruntime's InferenceSession run that code inside the contained child."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = f"{tmp}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    return env
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env["TMPDIR"] = str(temp)
+    if crash_body is not None:
+        hook = tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(
+            "import os\n"
+            "if os.environ.get('DEPLOYOPT_STATUS_FILE'):\n"  # only inside the contained child
+            "    import onnxruntime\n"
+            "    class _Boom(onnxruntime.InferenceSession):\n"
+            "        def __init__(self, *a, **k):\n"
+            f"            {crash_body}\n"
+            "    onnxruntime.InferenceSession = _Boom\n")
+        env["PYTHONPATH"] = f"{hook}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    return env, temp
+
+
+def test_debug_shows_traceback(ws, tmp_path):
+    env, temp = _cli_env(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "deployopt.cli", "inspect", str(ws / "random.onnx"), "--debug"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert list(temp.iterdir()) == []
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -202,9 +210,7 @@ def _crash_hook(tmp: pathlib.Path, body: str) -> dict[str, str]:
 ])
 def test_crash_and_hang_are_contained(ws, tmp_path, body, expected):
     """onnxruntime aborting or hanging inside the work must not take the CLI down or hang it."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    env = _crash_hook(hook, body)
+    env, temp = _cli_env(tmp_path, body)
     recipe = _recipe(ws, "crash.yaml", benchmark={"enabled": False})
     out = tmp_path / "out"
     start = time.monotonic()
@@ -216,24 +222,24 @@ def test_crash_and_hang_are_contained(ws, tmp_path, body, expected):
     assert len(errors) == 1 and expected in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists() or list(out.iterdir()) == []  # no partial output, no staging folder
+    assert list(temp.iterdir()) == []  # the killed child's temporary files went with its folder
 
 
 def test_sigterm_exits_130_without_partial_files(ws, tmp_path):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    env = _crash_hook(hook, "import time; time.sleep(600)")
+    env, temp = _cli_env(tmp_path, "import time; time.sleep(600)")
     recipe = _recipe(ws, "term.yaml", benchmark={"enabled": False})
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "deployopt.cli", "optimize", str(recipe), "-o", str(out)],
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
+    while time.monotonic() < deadline and proc.poll() is None and not (out.exists() and any(out.iterdir())):
         time.sleep(0.2)  # wait until the child has started staging
     time.sleep(1.0)
+    assert proc.poll() is None, proc.stderr.read()
+    assert [p.name.startswith("deployopt-run-") for p in temp.iterdir()] == [True]  # the run's scratch folder
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not out.exists() or list(out.iterdir()) == []
-    leftovers = [p for p in pathlib.Path("/tmp").glob("deployopt-run-*") if p.stat().st_mtime > time.time() - 120]
-    assert leftovers == []
+    assert list(temp.iterdir()) == []

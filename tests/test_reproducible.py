@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from benchmarks.tiny_resnet import export_tiny_resnet
 from deployopt.cli import main
-from tests._fixtures import export_tiny_resnet
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +44,16 @@ def test_same_seed_gives_byte_identical_model(ws):
     assert digests[0] == digests[1]
 
 
-def test_parallel_runs_do_not_interfere(ws):
+def test_parallel_runs_do_not_interfere(ws, tmp_path):
+    # one temporary folder for both runs (as /tmp would be), and this test's own
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-m", "deployopt.cli", "optimize", str(ws / "recipe.yaml"),
                                "-o", str(ws / f"par{i}")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
+                              text=True, env=env) for i in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
+    assert list(tmp_path.iterdir()) == []
     assert _sha(ws / "par0" / "model.onnx") == _sha(ws / "par1" / "model.onnx")
     for i in range(2):
         assert sorted(p.name for p in (ws / f"par{i}").iterdir()) == ["model.onnx", "report.json", "report.md"]

@@ -367,7 +367,7 @@ def _quantized_summary(ops: dict[str, int], layers: list[dict[str, Any]]) -> dic
 
 # -- public -------------------------------------------------------------------------------------
 def model_stats(model: ir.Model | onnx.ModelProto, path: str | None = None) -> dict[str, Any]:
-    """Statistics of ``model`` with DESIGN.md's keys (path, bytes, bytes_zip, params,
+    """Statistics of ``model`` with report.json's stats keys (path, bytes, bytes_zip, params,
     nonzero_params, macs, ops, opset) plus ir_version, opset_imports, inputs, outputs, nodes,
     layers, quantized_ops and notes. ``path``: the file the model was read from, if any."""
     if isinstance(model, onnx.ModelProto):

@@ -8,7 +8,6 @@ samples. Rates carry Wilson 95% intervals.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -17,7 +16,7 @@ import numpy as np
 from deployopt.core.errors import UserError, WorkFailed, one_line
 from deployopt.core.session import open_session
 from deployopt.measure.metrics import FidelitySums, topk_hits, wilson_interval
-from deployopt.measure.model_io import (fits_sample, format_shape, input_specs, load_proto, open_data,
+from deployopt.measure.model_io import (fits_sample, format_shape, input_specs, load_proto,
                                         output_specs)
 
 # -- running a model over a dataset -------------------------------------------------------------
@@ -149,71 +148,3 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
         result.update(sums.result())
     result["seconds"] = time.perf_counter() - t0
     return result
-
-
-def format_result(result: dict) -> str:
-    """Human-readable summary of an evaluate() result."""
-    def pct(value, ci):
-        return f"{value:.2%} [{ci[0]:.2%}, {ci[1]:.2%}]"
-
-    lines = [f"{result['model']} on {result['dataset']}: {result['n']} samples, "
-             f"{result['classes']} classes"]
-    if result["top1"] is not None:
-        lines.append(f"top-1 {pct(result['top1'], result['top1_ci'])}"
-                     + (f"   top-5 {pct(result['top5'], result['top5_ci'])}"
-                        if result["top5"] is not None else "") + "   (Wilson 95%)")
-    if result["reference"] is not None:
-        lines.append(f"vs {result['reference']}: agreement "
-                     f"{pct(result['agreement'], result['agreement_ci'])}, cosine "
-                     f"{result['cosine']:.6f}, max |diff| {result['max_abs_diff']:.4g}, "
-                     f"KL {result['kl']:.3g}")
-    return "\n".join(lines) + "\n"
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "eval", help="accuracy and fidelity vs a reference model",
-        description="Top-1/top-5 of an ONNX classifier on a dataset (Wilson 95% intervals), and "
-                    "agreement, cosine, max abs difference and KL against a reference model.")
-    p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--data", required=True, metavar="SPEC",
-                   help="digits, mnist, imagenet-samples, photos, folder:PATH, npy:PATH, npz:PATH")
-    p.add_argument("--reference", metavar="REF.onnx", help="compare outputs with this model")
-    p.add_argument("--batch-size", default="32", help="samples per run (default 32)")
-    p.add_argument("--threads", default="1", help="intra-op threads (default 1)")
-    p.add_argument("--json", metavar="F", help="write the result as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_eval)
-    return p
-
-
-def run_eval(args) -> int:
-    import json
-
-    from deployopt.measure.output import check_writable, write_text
-
-    values = {}
-    for flag, text in (("--batch-size", args.batch_size), ("--threads", args.threads)):
-        try:
-            values[flag] = int(text)
-        except ValueError:
-            raise UserError(f"{flag}: {text!r} is not an integer") from None
-        if values[flag] < 1:
-            raise UserError(f"{flag}: {values[flag]} is not an integer >= 1")
-    out = check_writable(args.json, "--json") if args.json else None
-    specs = input_specs(load_proto(args.model))
-    if args.reference:
-        load_proto(args.reference)
-    dataset = open_data(args.data, specs)
-    if not dataset.labeled and not args.reference:
-        raise UserError(f"--data {args.data}: the dataset has no labels and no --reference was "
-                        f"given, so there is nothing to measure")
-    result = evaluate(args.model, dataset, reference_path=args.reference,
-                      batch_size=values["--batch-size"], threads=values["--threads"],
-                      progress=not args.no_progress)
-    sys.stdout.write(format_result(result))
-    if out is not None:
-        write_text(out, json.dumps(result, indent=2) + "\n")
-    return 0

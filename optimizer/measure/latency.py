@@ -19,9 +19,7 @@ process before any worker starts (``deployopt.measure.inputs``); the result's ou
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import sys
@@ -29,13 +27,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from deployopt.core.errors import UserError, WorkFailed, one_line
-from deployopt.core.session import OPT_LEVELS, recorded_options
+from deployopt.core.errors import UserError
+from deployopt.core.session import recorded_options
 from deployopt.measure import latency_report
 from deployopt.measure import machine as machine_mod
 from deployopt.measure.inputs import check_settings, plan_feeds
 from deployopt.measure.latency_report import ROW_KEYS
-from deployopt.measure.model_io import input_specs, load_proto, open_data, parse_shape
+from deployopt.measure.model_io import input_specs, load_proto
 from deployopt.measure.timing import CV_WARN, cv_warnings, speedup_interval, summarize
 from deployopt.measure.worker import Worker, WorkerFailure
 
@@ -227,159 +225,3 @@ def compare(paths: Sequence[str | os.PathLike], *, labels: Sequence[str] | None 
                        warnings=warnings, settings=settings,
                        models=[{"label": n, "path": p} for n, p in zip(names, paths)],
                        timeline=timeline)
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-
-def _int_list(flag: str, text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag}: {text!r} is not a comma-separated list of integers") from None
-    return values
-
-
-def _int(flag: str, text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise UserError(f"{flag}: {text!r} is not an integer") from None
-
-
-def _shape_args(items: list[str]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.rpartition("=")
-        if not sep or not name:
-            raise UserError(f"--shape: {item!r} is not NAME=1x3x224x224")
-        shapes[name] = parse_shape(dims, f"--shape {name}")
-    return shapes
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="side-by-side latency on onnxruntime CPU",
-        description="Latency of one or more ONNX models on onnxruntime CPU, measured in "
-                    "interleaved rounds in one worker process per model; speedups are vs the "
-                    "first model, with a 95% bootstrap interval.")
-    p.add_argument("models", nargs="+", metavar="MODEL.onnx")
-    # Numbers are parsed in the handler so that bad values give one-line errors (exit 2).
-    p.add_argument("--threads", default="1", help="intra-op thread counts, e.g. 1,2 (default 1)")
-    p.add_argument("--batch", default="1",
-                   help="batch sizes, e.g. 1,8 (values > 1 need a dynamic batch dimension)")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224",
-                   help="concrete shape for an input with dynamic dims (repeatable)")
-    p.add_argument("--runs", default="100", help="timed runs per round (default 100)")
-    p.add_argument("--rounds", default="3", help="interleaved rounds (default 3)")
-    p.add_argument("--warmup", default="10",
-                   help="untimed runs before each measured segment (default 10)")
-    p.add_argument("--timeout", default=None, metavar="S",
-                   help="seconds each model's worker may take in total before it is killed")
-    p.add_argument("--seed", default="0", help="seed of the random inputs (default 0)")
-    p.add_argument("--opt-level", default="all", choices=tuple(OPT_LEVELS),
-                   help="onnxruntime graph optimization level (default all)")
-    p.add_argument("--data", metavar="SPEC", help="feed real samples from a dataset spec "
-                   "(digits, mnist, imagenet-samples, photos, folder:PATH, npy:PATH, npz:PATH)")
-    p.add_argument("--labels", help="comma-separated display names, one per model")
-    p.add_argument("--json", metavar="F", help="write results as JSON")
-    p.add_argument("--csv", metavar="F", help="write rows as CSV")
-    p.add_argument("--markdown", metavar="F", help="write the table as Markdown")
-    p.add_argument("--plot", metavar="F.png", help="write the latency distribution plot")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--profile", action="store_true",
-                   help="after the latency table, profile each model per node with onnxruntime's "
-                        "profiler (first --threads and --batch value) and print its most "
-                        "expensive nodes and op types")
-    p.add_argument("--top", default=None, metavar="N",
-                   help="with --profile: how many nodes and op types to print (default 10)")
-    p.set_defaults(func=run_bench)
-    return p
-
-
-def _profiles(result: BenchResult, args, threads: int, batch: int, top: int, runs: int,
-              warmup: int, shapes: dict, data, seed: int, timeout) -> tuple[list, list[str]]:
-    """``bench --profile``: profile every model whose latency row at (threads, batch) succeeded,
-    print each profile's top nodes and op types; return (profiles, one-line failures)."""
-    from deployopt.measure.profile import profile_model
-
-    ok = {r["model"] for r in result.rows
-          if r["threads"] == threads and r["batch"] == batch and r["error"] is None}
-    profiles, errors = [], []
-    for model in result.models:
-        if model["label"] not in ok:
-            continue  # its latency row already says why it failed
-        try:
-            prof = profile_model(model["path"], threads=threads, batch=batch, runs=runs,
-                                 warmup=warmup, shapes=shapes, seed=seed, data=data,
-                                 optimization_level=args.opt_level, timeout=timeout,
-                                 label=model["label"])
-        except WorkFailed as e:
-            errors.append(f"{model['label']}: {one_line(e)}")
-            print(f"\nprofile of {model['label']}: FAILED: {one_line(e)}")
-            continue
-        profiles.append(prof)
-        sys.stdout.write("\n" + prof.to_text(top))
-    return profiles, errors
-
-
-def run_bench(args) -> int:
-    threads = _int_list("--threads", args.threads)
-    batch = _int_list("--batch", args.batch)
-    runs, rounds = _int("--runs", args.runs), _int("--rounds", args.rounds)
-    warmup, seed = _int("--warmup", args.warmup), _int("--seed", args.seed)
-    timeout = None
-    if args.timeout is not None:
-        try:
-            timeout = float(args.timeout)
-        except ValueError:
-            raise UserError(f"--timeout: {args.timeout!r} is not a number of seconds") from None
-    check_settings(threads=threads, batch=batch, warmup=warmup, runs=runs, rounds=rounds,
-                   timeout=timeout, prefix="--")
-    shapes = _shape_args(args.shape)
-    labels = args.labels.split(",") if args.labels else None
-    profile = getattr(args, "profile", False)
-    top_text = getattr(args, "top", None)
-    if top_text is not None and not profile:
-        raise UserError("--top: only used with --profile")
-    top = _int("--top", top_text) if top_text is not None else 10
-    if top < 1:
-        raise UserError(f"--top: {top} is not an integer >= 1")
-    from deployopt.measure.output import check_writable, plot_latency, write_text
-
-    outputs = {flag: check_writable(path, flag) for flag, path in
-               (("--json", args.json), ("--csv", args.csv), ("--markdown", args.markdown),
-                ("--plot", args.plot)) if path}
-    if "--plot" in outputs and outputs["--plot"].suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise UserError(f"--plot {outputs['--plot']}: use a .png (or .svg, .pdf) file name")
-    # On the command line a file that is not a model is bad input (exit 2), not a failure row.
-    specs = [input_specs(load_proto(path)) for path in args.models]
-    data = open_data(args.data, specs[0], shapes) if args.data else None
-    result = compare(args.models, labels=labels, threads=threads, batch=batch, warmup=warmup,
-                     runs=runs, rounds=rounds, shapes=shapes, data=data, seed=seed,
-                     timeout=timeout, progress=not args.no_progress,
-                     optimization_level=args.opt_level)
-    sys.stdout.write(result.to_text())
-    profiles, profile_errors = (_profiles(result, args, threads[0], batch[0], top, runs, warmup,
-                                          shapes, data, seed, timeout) if profile else ([], []))
-    if "--json" in outputs:
-        payload = result.to_dict()
-        if profile:
-            payload["profiles"] = [p.to_dict() for p in profiles]
-        write_text(outputs["--json"], json.dumps(payload, indent=2) + "\n")
-    if "--csv" in outputs:
-        write_text(outputs["--csv"], result.to_csv())
-    if "--markdown" in outputs:
-        write_text(outputs["--markdown"], "\n".join([result.to_markdown(),
-                                                     *(p.to_markdown(top) for p in profiles)]))
-    if "--plot" in outputs:
-        plot_latency(result.rows, outputs["--plot"])
-    if profile_errors:
-        raise WorkFailed(f"{len(profile_errors)} of {len(result.models)} profiles failed; "
-                         f"{profile_errors[0]}")
-    failed = [r for r in result.rows if r["error"] is not None]
-    if failed:
-        first = failed[0]
-        raise WorkFailed(f"{len(failed)} of {len(result.rows)} benchmark rows failed; "
-                         f"{first['model']} (threads={first['threads']}, "
-                         f"batch={first['batch']}): {one_line(first['error'])}")
-    return 0

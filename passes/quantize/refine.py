@@ -49,7 +49,7 @@ from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from deployopt.core.data import Dataset
 from deployopt.core.session import open_session
-from deployopt.passes._lstsq import conv_output_size, conv_pads, conv_patches
+from deployopt.passes.reconstruct import conv_output_size, conv_pads, conv_patches
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, samples_in
 
 #: Ops whose weight (input 1) refinement handles.

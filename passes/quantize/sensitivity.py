@@ -108,3 +108,8 @@ def tensor_sensitivity(float_path: pathlib.Path, qdq_path: pathlib.Path,
         result[tensor] = base - _error(_outputs(probe, feeds, threads), reference)
     probe.unlink(missing_ok=True)
     return result
+
+
+def most_sensitive(sensitivity: dict[str, float]) -> list[str]:
+    """The tensors whose quantization adds output error (positive sensitivity), most first."""
+    return sorted((t for t, v in sensitivity.items() if v > 0), key=lambda t: -sensitivity[t])

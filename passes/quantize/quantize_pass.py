@@ -1,0 +1,412 @@
+"""Static int8 quantization (QDQ) with streamed calibration, weight refinement, accuracy-aware
+float fallback and latency-aware placement.
+
+Every quantized tensor is stored as ``q = clamp(round(x / s) + z, qmin, qmax)`` and read back as
+``x' = s (q - z)``. Activations are uint8 with a per-tensor ``(s, z)`` from calibration ranges;
+weights are int8, symmetric (``z = 0``) and per output channel (``s_c = max|W_c| / 127``, the
+DequantizeLinear node carries ``axis``); biases are int32 with ``s = s_x s_w``. This U8S8
+per-channel QDQ layout is the one onnxruntime's CPU graph optimizer fuses into QLinearConv /
+QGemm / QLinearAdd kernels (VNNI ``vpdpbusd`` multiplies uint8 by int8); onnxruntime's own
+``quantize_static`` default (int8 activations) leaves most Q/DQ pairs unfused.
+
+Flow of ``call``:
+
+1. checks: the model is float and has runtime inputs; every dataset batch fits them (before
+   anything is written); ``reduce_range`` for this CPU (cpu.py).
+2. ``prepare``: constants lifted, nodes named, opset raised, ``quant_pre_process`` (prepare.py).
+3. calibration streamed chunk by chunk into a range cache (calibration.py).
+4. the first quantization, by ``quantize_static`` reading that cache, its int8 weights and int32
+   biases refined against float statistics of the calibration data (quantizer.py, refine.py).
+5. per-tensor SQNR for the report (sqnr.py).
+6. with ``max_accuracy_drop``: the model is scored on data.evaluation and, if it misses, the
+   nodes around the most damaging tensors go back to float (fallback.py, ranked by
+   sensitivity.py or sqnr.py). A missed tolerance is a failure; the best model is still returned.
+7. with ``latency_aware``: the result is timed against the float model on this CPU, and where
+   int8 costs more than it saves nodes go back to float, chosen by a minimum cut over per-node
+   profiles and confirmed by timing (latency_search.py); when no int8 configuration is faster
+   the float model is returned unchanged.
+8. the node accounting of the model returned: which nodes run int8, which stayed float and why
+   (report.py), and the kernels onnxruntime runs (kernels.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import pathlib
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import ClassVar, Literal
+
+import onnx
+import onnx_ir as ir
+from onnxruntime.quantization import QuantFormat
+from onnxruntime.quantization.calibrate import save_tensors_data
+
+from deployopt.core.errors import UserError
+from deployopt.core.settings import setting
+from deployopt.measure.memory import RssSampler, peak_rss_mb
+from deployopt.passes.base import DeployFunctionalPass
+from deployopt.passes.quantize import fallback, latency_search
+from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck, Scorer
+from deployopt.passes.quantize.calibration import METHODS, calibrate, chunked, clamp_to_activations
+from deployopt.passes.quantize.cpu import auto_reduce_range
+from deployopt.passes.quantize.data import Feed, InputSpec, feeds, model_inputs, samples_in, scan
+from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
+from deployopt.passes.quantize.latency_probe import LatencyProbe
+from deployopt.passes.quantize.prepare import Prepared, matching_nodes, prepare
+from deployopt.passes.quantize.quantizer import QUANT_TYPES, Quantizer
+from deployopt.passes.quantize.refine import DAMP, Refiner
+from deployopt.passes.quantize.report import (QUANTIZABLE, activation_bounds, already_quantized, int8_nodes,
+                                              node_accounting)
+from deployopt.passes.quantize.sensitivity import most_sensitive, tensor_sensitivity
+from deployopt.passes.quantize.sqnr import ranked_tensors
+from deployopt.passes.quantize.step_times import StepTimes
+
+logger = logging.getLogger(__name__)
+
+#: Samples for the per-tensor SQNR and output-sensitivity rankings (report and fallback).
+SQNR_SAMPLES = 32
+SQNR_BATCH = 4
+
+
+@dataclasses.dataclass
+class QuantizePass(DeployFunctionalPass):
+    """Static int8 QDQ quantization, fast on this CPU, with accuracy-aware float fallback."""
+
+    name: ClassVar[str] = "quantize"
+    needs_calibration: ClassVar[bool] = True
+    # int8 that the CPU does not fuse is slower than float, the most common surprise with int8
+    # tools: the step guard is on by default here.
+    min_step_speedup: float | None = setting(1.0, low=0, low_open=True)
+
+    calibration: Literal["minmax", "percentile", "entropy", "distribution"] = "minmax"
+    percentile: float = setting(99.999, low=0, high=100, low_open=True)  # for calibration: percentile
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    symmetric_weights: bool = True
+    reduce_range: bool | None = None  # None: decided by the CPU (True without VNNI)
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    weight_type: Literal["int8", "uint8"] = "int8"
+    # None: every op type onnxruntime can quantize
+    op_types: list[str] | None = setting(None, choices=sorted(QUANTIZABLE), min_len=1)
+    exclude_nodes: list[str] = setting(default_factory=list)  # names or regexes
+    samples: int = setting(256, low=1)  # calibration samples used (at most)
+    batch_size: int = setting(8, low=1, high=4096)
+    rounding: Literal["gptq", "nearest"] = "gptq"  # gptq (error-compensating, refine.py) | nearest (onnxruntime's)
+    bias_correction: bool = True  # remove the output-mean shift the int8 weights cause
+    refine_samples: int = setting(64, low=1)  # calibration samples whose float statistics drive both
+    max_accuracy_drop: float | None = setting(None, low=0, high=1)  # None: no evaluation, no fallback
+    relative: bool = False  # max_accuracy_drop relative to the float model's score
+    fallback_rank: Literal["sensitivity", "sqnr"] = "sensitivity"  # output error each tensor adds | local SQNR
+    max_trials: int = setting(8, low=1, high=64)  # quantize+evaluate rounds of the fallback, and timed latency trials
+    latency_aware: bool = True  # time int8 against float here; keep int8 only where it is faster
+    latency_min_ms: float = setting(0.1, low=0)  # float models faster than this are left to the step guard
+    latency_budget_s: float = setting(60.0, low=0, low_open=True)  # wall time the latency search may spend
+    #: What the latency search measures (onnxruntime in this process); tests put synthetic timings here.
+    probe: LatencyProbe = dataclasses.field(default_factory=LatencyProbe, init=False, repr=False, compare=False)
+
+    def validate(self) -> None:
+        if self.activation_type == "int8" and self.weight_type == "uint8":
+            raise UserError("weight_type: 'uint8' with activation_type 'int8' is not supported by "
+                            "onnxruntime (use int8 weights)")
+        for pattern in self.exclude_nodes:  # a rule bounds cannot state: each entry compiles
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"exclude_nodes: {pattern!r} is not a node name or regex ({e})") from e
+
+    # -- the pass -------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        start = time.perf_counter()
+        proto = ir.to_proto(model)
+        n_cal = self._check_model_and_data(proto)
+        reduce_range = self._decide_reduce_range()
+        times = StepTimes(self.details.setdefault("timings_s", {}))
+        parent = self.context.work_dir  # every file of the pass goes into a private folder below it
+        if parent is not None:
+            pathlib.Path(parent).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="quantize-", dir=parent) as folder:
+            quantized = self._quantize(proto, pathlib.Path(folder), n_cal, reduce_range, times)
+        self._summarize(time.perf_counter() - start)
+        if quantized is None:  # no int8 configuration was faster: the float model, unchanged
+            return ir.passes.PassResult(ir.from_proto(proto), False)
+        return ir.passes.PassResult(quantized, True)
+
+    def _quantize(self, proto: onnx.ModelProto, folder: pathlib.Path, n_cal: int, reduce_range: bool,
+                  times: StepTimes) -> ir.Model | None:
+        """Steps 2-8 of the module doc in ``folder``; None when the float model is faster."""
+        with times("preprocess"):
+            prepared = self._prepare(proto, folder)
+        excluded = self._excluded_nodes(prepared)
+        with times("calibration"):
+            cache = self._calibrate(prepared, folder, n_cal)
+        quantizer = Quantizer(prepared.path, cache, self._static_options(reduce_range), times,
+                              self._refiner(prepared, reduce_range), float_nodes=excluded)
+        best = quantizer([], folder / "trial0.onnx")
+        with times("sqnr"):
+            ranked = self._rank_by_sqnr(prepared, best, folder)
+        scorer = self._scorer(prepared)
+        reasons = {n: "excluded by exclude_nodes" for n in excluded}
+        fallback_nodes: list[str] = []
+        if scorer is not None:
+            with times("fallback"):
+                chosen = self._fallback(prepared, best, ranked, quantizer, scorer, folder)
+            best, fallback_nodes = chosen.path, chosen.nodes()
+            reasons.update(chosen.reasons())
+        with times("ort_kernels"):
+            self.details["ort_optimized"] = ort_kernels(best, folder, self.context.threads)
+        latency: dict[str, str] = {}
+        if self.latency_aware and self.failure is not None:
+            self.note("latency-aware: not run, the accuracy tolerance is not met")
+        elif self.latency_aware:
+            with times("latency"):
+                best, latency = self._latency(prepared, best, quantizer.keeping_float(fallback_nodes), scorer,
+                                              folder)
+            if best is None:
+                return None
+        best_proto = onnx.load(str(best))
+        if best in quantizer.refinements:  # the refinement of the model returned
+            self.details["refinement"] = quantizer.refinements[best]
+        self.details.update(node_accounting(prepared.proto, best_proto, op_types=self._op_types(),
+                                            excluded={**reasons, **latency}))
+        if latency:  # the kernels of the model returned, not of the first quantization
+            with times("ort_kernels"):
+                self.details["ort_optimized"] = ort_kernels(best, folder, self.context.threads)
+        return ir.from_proto(best_proto)
+
+    # -- 1. checks --------------------------------------------------------------------------------
+    def _check_model_and_data(self, proto: onnx.ModelProto) -> int:
+        """Refuse quantized models and bad data before anything is written; the calibration samples."""
+        found = already_quantized(proto)
+        if found:
+            ops = ", ".join(f"{k} x{v}" for k, v in sorted(found.items()))
+            raise UserError(f"model: already quantized ({ops}); quantize the float model instead")
+        inputs = model_inputs(proto)
+        if not inputs:
+            raise UserError("model: has no runtime inputs to calibrate")
+        ctx = self.context
+        n_cal = scan(ctx.calibration, inputs, "data.calibration", self.samples, self.batch_size)
+        if self.max_accuracy_drop is not None:
+            if ctx.evaluation is None:
+                raise UserError("data.evaluation: max_accuracy_drop needs an evaluation dataset")
+            scan(ctx.evaluation, inputs, "data.evaluation", None, self.batch_size)
+        elif self.latency_aware and ctx.evaluation is not None:  # the latency trials' agreement check
+            scan(ctx.evaluation, inputs, "data.evaluation", AGREEMENT_SAMPLES, self.batch_size)
+        return n_cal
+
+    def _decide_reduce_range(self) -> bool:
+        """``reduce_range`` as set, else for this CPU (a warning when it costs a bit of precision)."""
+        if self.reduce_range is not None:
+            reduce_range, why = self.reduce_range, "set in the recipe"
+        else:
+            reduce_range, why = auto_reduce_range()
+            if reduce_range:
+                logger.warning("quantize: %s", why)
+                self.note(f"warning: {why}")
+        self.details["reduce_range"] = {"value": reduce_range, "reason": why}
+        self.details["settings"] = {
+            "format": "QDQ", "activations": self.activation_type, "weights": self.weight_type,
+            "per_channel": self.per_channel, "symmetric_activations": self.symmetric_activations,
+            "symmetric_weights": self.symmetric_weights, "reduce_range": reduce_range}
+        return reduce_range
+
+    # -- 2. preparation ---------------------------------------------------------------------------
+    def _prepare(self, proto: onnx.ModelProto, folder: pathlib.Path) -> Prepared:
+        prepared = prepare(proto, folder, per_channel=self.per_channel)
+        for message in prepared.notes:
+            self.note(message)
+        self.details["constants_lifted"] = prepared.constants_lifted
+        self.details["opset"] = prepared.opset
+        self.details["preprocess"] = prepared.preprocess
+        return prepared
+
+    def _excluded_nodes(self, prepared: Prepared) -> list[str]:
+        """The nodes ``exclude_nodes`` names in the pre-processed model."""
+        names, unmatched = matching_nodes(prepared.proto, self.exclude_nodes)
+        for pattern in unmatched:
+            self.note(f"exclude_nodes: {pattern!r} matched no node of the pre-processed model")
+        return names
+
+    def _op_types(self) -> list[str]:
+        return list(self.op_types) if self.op_types else sorted(QUANTIZABLE)
+
+    # -- 3. calibration ---------------------------------------------------------------------------
+    def _calibrate(self, prepared: Prepared, folder: pathlib.Path, n_cal: int) -> pathlib.Path:
+        """Calibration ranges of the pre-processed model, saved as a cache for quantize_static."""
+        ctx = self.context
+        start = time.perf_counter()
+        stream = feeds(ctx.calibration, prepared.inputs, self.samples, self.batch_size)
+        with RssSampler() as rss:
+            ranges = calibrate(prepared.path, folder, method=self.calibration, percentile=self.percentile,
+                               op_types=self._op_types(), chunks=chunked(stream, self.batch_size),
+                               threads=ctx.threads)
+        clamped = clamp_to_activations(ranges, activation_bounds(prepared.proto))
+        if clamped:
+            self.note(f"{clamped} calibration ranges of Relu/Clip outputs clamped to the activation's "
+                      "bounds (onnxruntime folds those activations into the range)")
+        if self.calibration == "distribution":
+            self.note("distribution calibration gives symmetric ranges (it is designed for float8): "
+                      "uint8 tensors that are never negative lose about one bit")
+        cache = folder / "ranges.json"
+        save_tensors_data(ranges, cache)
+        seconds = time.perf_counter() - start
+        self.details["calibration"] = {
+            "method": self.calibration, "samples": n_cal, "dataset": ctx.calibration.name,
+            "chunk_samples": self.batch_size, "tensors": len(ranges.data),
+            "seconds": round(seconds, 3),
+            # highest RSS sampled during calibration, and the process's peak so far
+            "rss_peak_during_mb": None if rss.peak_mb is None else round(rss.peak_mb, 1),
+            "process_peak_rss_mb": round(peak_rss_mb(), 1)}
+        if self.calibration == "percentile":
+            self.details["calibration"]["percentile"] = self.percentile
+        self.note(f"calibrated {len(ranges.data)} tensors with {self.calibration} on {n_cal} samples "
+                  f"of '{ctx.calibration.name}' in {seconds:.1f} s")
+        return cache
+
+    # -- 4. quantization --------------------------------------------------------------------------
+    def _static_options(self, reduce_range: bool) -> dict:
+        """quantize_static's format arguments for these settings."""
+        return {"quant_format": QuantFormat.QDQ, "op_types_to_quantize": self._op_types(),
+                "per_channel": self.per_channel, "reduce_range": reduce_range,
+                "activation_type": QUANT_TYPES[self.activation_type], "weight_type": QUANT_TYPES[self.weight_type],
+                "calibrate_method": METHODS[self.calibration],
+                "extra_options": {"ActivationSymmetric": self.symmetric_activations,
+                                  "WeightSymmetric": self.symmetric_weights}}
+
+    def _refiner(self, prepared: Prepared, reduce_range: bool) -> Refiner | None:
+        if self.rounding == "nearest" and not self.bias_correction:
+            return None
+        return Refiner(
+            prepared.path, self.context.calibration, prepared.inputs,
+            samples=min(self.refine_samples, self.samples), batch_size=self.batch_size,
+            threads=self.context.threads, rounding=self.rounding, bias_correction=self.bias_correction,
+            damp=DAMP, reduce_range=reduce_range, symmetric=self.symmetric_weights)
+
+    # -- 5. SQNR ----------------------------------------------------------------------------------
+    def _sample_feeds(self, inputs: list[InputSpec]) -> Iterator[Feed]:
+        """Up to SQNR_SAMPLES samples of data.evaluation (else data.calibration), small batches."""
+        data = self.context.evaluation if self.context.evaluation is not None else self.context.calibration
+        # Small batches: both augmented models return every intermediate tensor of the batch.
+        for feed, _ in feeds(data, inputs, SQNR_SAMPLES, min(self.batch_size, SQNR_BATCH)):
+            yield feed
+
+    def _rank_by_sqnr(self, prepared: Prepared, qdq_path: pathlib.Path, folder: pathlib.Path) -> list[dict]:
+        """All quantized tensors ranked worst first; the ten worst go into the report."""
+        ranked = ranked_tensors(prepared.path, qdq_path, folder, self._sample_feeds(prepared.inputs),
+                                self.context.threads)
+        self.details["worst_sqnr"] = ranked[:10]
+        return ranked
+
+    # -- 6. accuracy fallback ---------------------------------------------------------------------
+    def _scorer(self, prepared: Prepared) -> Scorer | None:
+        """The max_accuracy_drop rule on data.evaluation (None without max_accuracy_drop)."""
+        if self.max_accuracy_drop is None:
+            return None
+        return Scorer(prepared.path, self.context.evaluation, prepared.inputs, tolerance=self.max_accuracy_drop,
+                      relative=self.relative, batch_size=self.batch_size, threads=self.context.threads)
+
+    def _fallback(self, prepared: Prepared, trial0: pathlib.Path, ranked: list[dict], quantizer: Quantizer,
+                  scorer: Scorer, folder: pathlib.Path) -> fallback.Fallback:
+        """Meet max_accuracy_drop by returning the nodes around the first tensors of the fallback
+        ranking to float (fallback.py); records the trials, and the failure when it is missed."""
+        rank = functools.partial(self._fallback_ranking, ranked, prepared, trial0)
+        chosen = fallback.search(trial0, rank, float_proto=prepared.proto, already_float=quantizer.float_nodes,
+                                 quantize=quantizer, scorer=scorer, max_trials=self.max_trials, tmp=folder)
+        best, nodes, tol = chosen.best, chosen.nodes(), scorer.tolerance
+        self.details["fallback"] = {
+            "max_accuracy_drop": tol, "relative": self.relative, "metric": scorer.metric,
+            "evaluation": self.context.evaluation.name, "float_" + scorer.metric: round(scorer.base, 5),
+            "trials": chosen.trials, "chosen_trial": best["trial"], "met": best["met"],
+            "nodes_to_float": nodes}
+        if not best["met"]:
+            self.fail(f"quantize: max_accuracy_drop not met after {len(chosen.trials)} trials: best drop "
+                      f"{best['drop']:.4f} > {tol} ({len(nodes)} nodes in float)")
+            self.note(self.failure)
+        elif chosen.chosen:
+            how = "most output-sensitive" if self.fallback_rank == "sensitivity" else "worst-SQNR"
+            self.note(f"fallback: {len(nodes)} nodes returned to float around the {chosen.chosen} {how} "
+                      f"tensors; drop {best['drop']:.4f} <= {tol} after {len(chosen.trials)} trials")
+        return chosen
+
+    def _fallback_ranking(self, ranked: list[dict], prepared: Prepared, trial0: pathlib.Path) -> list[dict]:
+        """The fallback's order: with ``fallback_rank: sensitivity``, activation tensors whose
+        quantization adds output error, most first, then the rest in SQNR order; with ``sqnr``,
+        worst SQNR first."""
+        if self.fallback_rank == "sqnr":
+            return ranked
+        sample = list(self._sample_feeds(prepared.inputs))
+        t0 = time.perf_counter()
+        sensitivity = tensor_sensitivity(prepared.path, trial0, sample, self.context.threads)
+        order = most_sensitive(sensitivity)
+        total = sum(v for v in sensitivity.values() if v > 0) or 1.0
+        self.details["sensitivity"] = {
+            "samples": sum(samples_in(f) for f in sample), "tensors": len(sensitivity),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "top": [{"tensor": t, "output_error_removed": float(f"{sensitivity[t]:.4g}"),
+                     "share": round(sensitivity[t] / total, 4)} for t in order[:10]]}
+        return fallback.sensitivity_first(ranked, sensitivity, order)
+
+    # -- 7. latency -------------------------------------------------------------------------------
+    def _latency(self, prepared: Prepared, best: pathlib.Path, quantizer: Quantizer, scorer: Scorer | None,
+                 folder: pathlib.Path) -> tuple[pathlib.Path | None, dict[str, str]]:
+        """Time ``best`` against the float model and search for a faster int8 configuration
+        (latency_search.py). Returns the chosen model (None: the float model) and the nodes it
+        returned to float for latency, with the reason."""
+        ctx = self.context
+        best_proto = onnx.load(str(best))
+        capable = int8_nodes(prepared.proto, best_proto, op_types=self._op_types())
+        fixed = max((s.fixed_batch or 1) for s in prepared.inputs)
+        feed = next(feeds(ctx.calibration, prepared.inputs, fixed, fixed))[0]  # one sample (or one fixed batch)
+        outcome = latency_search.search(
+            float_path=prepared.float_path, trial0=best, pre_proto=prepared.proto, qdq0_proto=best_proto,
+            capable=capable, feeds=feed, threads=ctx.threads, probe=self.probe, quantize=quantizer,
+            check=self._latency_check(prepared, best, scorer),
+            internal_unfused=internal_unfused(self.details["ort_optimized"], best_proto),
+            max_trials=self.max_trials, budget_s=self.latency_budget_s, min_ms=self.latency_min_ms, tmp=folder)
+        self.details["latency_aware"] = outcome.summary
+        self.details["latency_trials"] = outcome.trials
+        self.note(outcome.note)
+        if outcome.path is None:
+            self.details["first_quantization_ort_optimized"] = self.details.pop("ort_optimized")
+            return None, {}
+        chosen = outcome.summary["chosen_trial"]
+        return outcome.path, {n: f"latency: int8 was slower here (latency trial {chosen})" for n in outcome.excluded}
+
+    def _latency_check(self, prepared: Prepared, first: pathlib.Path,
+                       scorer: Scorer | None) -> Scorer | AgreementCheck:
+        """The accuracy rule of a latency trial: max_accuracy_drop when set (the fallback's
+        scoring), else agreement with the float model (accuracy.py) on data.evaluation, else
+        data.calibration."""
+        if scorer is not None:
+            return scorer
+        ctx = self.context
+        data = ctx.evaluation if ctx.evaluation is not None else ctx.calibration
+        return AgreementCheck(prepared.path, data, prepared.inputs, first=first, batch_size=self.batch_size,
+                              threads=ctx.threads)
+
+    # -- 8. summary -------------------------------------------------------------------------------
+    def _summarize(self, seconds: float) -> None:
+        d = self.details
+        d["seconds"] = round(seconds, 3)
+        d["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if "ort_optimized" not in d:  # the float model was returned; the latency note says why
+            return
+        ort_opt = d["ort_optimized"]
+        self.note(f"{sum(d['int8_ops'].values())} nodes int8, {sum(d['float_ops'].values())} float; "
+                  f"onnxruntime fused {ort_opt['fused_int8_total']} int8 kernels, "
+                  f"{ort_opt['unfused_quantize_linear']} QuantizeLinear / "
+                  f"{ort_opt['unfused_dequantize_linear']} DequantizeLinear left unfused")
+        r = d.get("refinement")
+        if r and r.get("layers_gptq", 0) + r.get("biases_corrected", 0):
+            self.note(f"weights refined on {r['samples']} calibration samples: {r['layers_gptq']} layers "
+                      f"rounded by GPTQ ({r['layers_nearest']} to nearest), {r['biases_corrected']} biases "
+                      f"corrected; GPTQ layers' output error from int8 weights "
+                      f"{r['weight_output_error_reduction_db']:.1f} dB below round-to-nearest (mean)")
+        for entry in d["float_nodes"][:20]:
+            self.note(f"float: {entry['node']} ({entry['op_type']}): {entry['reason']}")
+        if len(d["float_nodes"]) > 20:
+            self.note(f"float: ... {len(d['float_nodes']) - 20} more in details.float_nodes")
