@@ -46,7 +46,7 @@ from deployopt.core.data import open_dataset
 from deployopt.core.errors import UserError
 from deployopt.models.export import export_model
 from deployopt.core.stats import model_stats
-from deployopt.passes import _distill_train as dt
+from deployopt.passes.distill import train as dt
 from deployopt.passes.distill import DistillPass
 
 DEFAULT_OUT = pathlib.Path(__file__).parent / "results" / "distill.md"
@@ -141,12 +141,12 @@ def run_pass(teacher_path: pathlib.Path, alpha: float, seed: int, args, train, t
     start = time.perf_counter()
     result = step(teacher)
     wall = time.perf_counter() - start
-    d = step.context.details
+    d = result.details
     return {"alpha": alpha, "seed": seed, "wall_s": wall, "swapped": result.modified,
             "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "decision": d["decision"], "teacher": d["teacher"], "student": d["student"],
             "mac_ratio": d["mac_ratio"], "latency": d["latency"], "timings": d["timings_s"],
-            "training": d["training"], "notes": list(step.context.notes)}
+            "training": d["training"], "notes": result.notes}
 
 
 def main(argv=None) -> int:

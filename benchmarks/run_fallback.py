@@ -51,8 +51,9 @@ def _quantize(fp32: pathlib.Path, rank: str, tolerance: float, data, tmp: pathli
     p = QuantizePass(max_accuracy_drop=tolerance, fallback_rank=rank)
     p.context = PassContext(calibration=calibration, evaluation=evaluation, work_dir=tmp)
     out = tmp / f"int8-{rank}.onnx"
-    io.save(p(io.load(fp32)).model, out)
-    return out, p.context.details
+    result = p(io.load(fp32))
+    io.save(result.model, out)
+    return out, result.details
 
 
 def main(argv=None) -> int:

@@ -269,8 +269,8 @@ def _run_model(spec: Spec, tmp: pathlib.Path, threads: tuple[int, ...], runs: in
         info[f"{label}_s"] = time.perf_counter() - t0
         paths[label] = tmp / f"{spec.name}-{label}.onnx"
         io.save(result.model, paths[label])
-        info[label] = {"modified": result.modified, "details": p.context.details,
-                       "notes": [n for n in p.context.notes if n.startswith("latency-aware")]}
+        info[label] = {"modified": result.modified, "details": result.details,
+                       "notes": [n for n in result.notes if n.startswith("latency-aware")]}
     # Timed on a real evaluation sample, as the pass times its trials: some float kernels' speed
     # depends on the values (PRelu on N(0, 1) noise ran 3x slower than on faces here).
     x = prep.evaluation.x

@@ -77,7 +77,8 @@ def _latency_arch(arch: str, tmp: pathlib.Path, keep: float, samples: int, runs:
     p = ChannelPrunePass(keep=keep, reconstruct=False)
     p.context = PassContext()
     t0 = time.perf_counter()
-    pruned_model = p(io.load(fp32)).model
+    pruned_step = p(io.load(fp32))
+    pruned_model = pruned_step.model
     prune_seconds = time.perf_counter() - t0
     pruned = tmp / f"{arch}-pruned.onnx"
     io.save(pruned_model, pruned)
@@ -97,9 +98,9 @@ def _latency_arch(arch: str, tmp: pathlib.Path, keep: float, samples: int, runs:
     labels = list(paths)
     bench = compare([paths[k] for k in labels], labels=labels, threads=(1,), batch=(1,), warmup=5,
                     runs=runs, rounds=rounds, progress=False)
-    return {"bench": bench, "macs": (p.context.details["macs_before"], p.context.details["macs_after"]),
+    return {"bench": bench, "macs": (pruned_step.details["macs_before"], pruned_step.details["macs_after"]),
             "prune_seconds": prune_seconds, "bytes": {k: v.stat().st_size for k, v in paths.items()},
-            "groups": p.context.details["groups"]}
+            "groups": pruned_step.details["groups"]}
 
 
 def _latency_markdown(results: dict, keep: float, samples: int) -> str:
@@ -205,12 +206,13 @@ def _mnist(tmp: pathlib.Path, epochs: int) -> dict:
                                      min_channels=4, samples=CALIBRATION)
                 p.context = PassContext(calibration=calibration)
                 t1 = time.perf_counter()
-                model = p(io.load(dense)).model
+                step = p(io.load(dense))
+                model = step.model
                 seconds = time.perf_counter() - t1
                 path = tmp / f"mnist-{keep}-{criterion}-{int(reconstruct)}.onnx"
                 io.save(model, path)
                 result = evaluate(path, test, reference_path=dense, progress=False)
-                d = p.context.details
+                d = step.details
                 rows.append({"keep": keep, "criterion": criterion, "reconstruct": reconstruct,
                              "macs": d["macs_after"] / d["macs_before"], "seconds": seconds, **result})
     return {"rows": rows, "train_seconds": train_seconds, "epochs": epochs}

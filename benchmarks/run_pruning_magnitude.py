@@ -39,6 +39,7 @@ from deployopt.core.data import open_dataset
 from deployopt.models.export import export_model
 from deployopt.core.stats import model_stats
 from deployopt.passes.prune import MagnitudePrunePass
+from deployopt.passes.base import StepResult
 
 SPARSITIES = (0.5, 0.7, 0.9)
 CONFIGS = {  # label -> pass settings besides sparsity / reconstruct
@@ -84,12 +85,12 @@ def export(module: torch.nn.Module, path: pathlib.Path, input_shape, **kw) -> No
 
 
 def prune(dense_path: pathlib.Path, out: pathlib.Path, calibration, threads: int,
-          **params) -> tuple[MagnitudePrunePass, float]:
-    step = MagnitudePrunePass(**params)
-    step.context = PassContext(calibration=calibration, threads=threads)
+          **params) -> tuple[StepResult, float]:
+    prune_pass = MagnitudePrunePass(**params)
+    prune_pass.context = PassContext(calibration=calibration, threads=threads)
     model = io.load(dense_path)
     start = time.perf_counter()
-    step(model)
+    step = prune_pass(model)
     seconds = time.perf_counter() - start
     io.save(model, out)
     return step, seconds
@@ -135,10 +136,10 @@ def main(argv=None) -> int:
                     key = "reconstructed" if reconstruct else "plain"
                     row[key] = top1(path)
                     row[f"{key}_seconds"] = seconds
-                    row["achieved"] = step.context.details["sparsity"]
-                    row["layers"] = len(step.context.details["layers"])
+                    row["achieved"] = step.details["sparsity"]
+                    row["layers"] = len(step.details["layers"])
                     if reconstruct and sparsity == 0.7 and label == "all 4 layers":
-                        layer_errors = step.context.details["layers"]
+                        layer_errors = step.details["layers"]
                 rows.append(row)
                 print(f"{label} {sparsity:.0%}: plain {row['plain']:.3f}, "
                       f"reconstructed {row['reconstructed']:.3f}", file=sys.stderr)

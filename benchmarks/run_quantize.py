@@ -118,7 +118,8 @@ def _prepare(arch: str, tmp: pathlib.Path, samples: int) -> dict:
     p = QuantizePass(samples=samples)
     p.context = PassContext(calibration=cal, work_dir=tmp)
     ours = tmp / f"{arch}-deployopt.onnx"
-    io.save(p(io.load(fp32)).model, ours)
+    result = p(io.load(fp32))
+    io.save(result.model, ours)
     ours_seconds = time.perf_counter() - t0
     paths = {"fp32": fp32, "ort-default": ort_default, "deployopt": ours}
     if arch == "efficientnet_lite0":  # what the weight refinement buys: the same pass without it
@@ -130,7 +131,7 @@ def _prepare(arch: str, tmp: pathlib.Path, samples: int) -> dict:
                (("fp32", fp32), ("ort-default", ort_default), ("deployopt", ours))}
     return {"paths": paths,
             "kernels": kernels, "seconds": {"ort-default": ort_seconds, "deployopt": ours_seconds},
-            "details": p.context.details, "bytes": {k: pathlib.Path(v).stat().st_size for k, v in
+            "details": result.details, "bytes": {k: pathlib.Path(v).stat().st_size for k, v in
                                                     (("fp32", fp32), ("ort-default", ort_default),
                                                      ("deployopt", ours))}}
 
@@ -172,8 +173,7 @@ def _memory_child(model: str, samples: int) -> None:
     cal = _Subset(photos, lambda i: True, repeat=repeat, name=f"photos x{repeat}")
     p = QuantizePass(samples=samples, batch_size=8)
     p.context = PassContext(calibration=cal, work_dir=pathlib.Path(model).parent)
-    p(io.load(model))
-    d = p.context.details
+    d = p(io.load(model)).details
     print(json.dumps({"samples": d["calibration"]["samples"], "calibration_seconds": d["calibration"]["seconds"],
                       "calibration_rss_mb": d["calibration"]["rss_peak_during_mb"], "peak_rss_mb": d["peak_rss_mb"]}))
 

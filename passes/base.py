@@ -87,11 +87,8 @@ class _DeployPassMixin(Settings):
 
     def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> StepResult:
         self.notes, self.details, self.failure = [], {}, None
-        ctx = self.context  # transition: passes not yet converted still write into the context
-        ctx.notes, ctx.details, ctx.failure = self.notes, self.details, None
         result = super().__call__(model_or_result)
-        return StepResult(result.model, result.modified, list(self.notes), dict(self.details),
-                          self.failure or ctx.failure)
+        return StepResult(result.model, result.modified, list(self.notes), dict(self.details), self.failure)
 
 
 @dataclasses.dataclass
@@ -102,21 +99,3 @@ class DeployInPlacePass(_DeployPassMixin, ir.passes.InPlacePass):
 @dataclasses.dataclass
 class DeployFunctionalPass(_DeployPassMixin, ir.passes.FunctionalPass):
     """A pass that returns a new model and leaves its input untouched."""
-
-
-# -- transition helpers: removed once every pass declares its bounds with ``setting()`` ----------
-def check_range(field: str, value: float, low: float | None = None, high: float | None = None,
-                *, low_open: bool = False, high_open: bool = False) -> None:
-    from deployopt.core.errors import UserError
-    from deployopt.core.settings import Bounds, check_bounds
-
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{field}: expected a number, got {value!r}")
-    check_bounds(field, value, Bounds(low, high, low_open, high_open))
-
-
-def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    from deployopt.core.errors import UserError
-
-    if value not in choices:
-        raise UserError(f"{field}: {value!r} is not one of {', '.join(choices)}")

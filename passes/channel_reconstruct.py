@@ -19,8 +19,8 @@ least squares toward zero,
 
 The refitted bias absorbs the mean that removed (post-ReLU, positive-mean) channels used to
 contribute. The dense model runs once and every layer's targets are kept at the sampled rows
-(``samples · POSITIONS_PER_SAMPLE · C_out`` floats per Conv), which is why each sample keeps
-only ``POSITIONS_PER_SAMPLE`` random output positions; the pruned model runs once per level.
+(``samples · SAMPLING.positions · C_out`` floats per Conv), which is why each sample keeps
+only ``SAMPLING.positions`` random output positions; the pruned model runs once per level.
 A layer keeps its sliced weights when the solve does not lower its calibration error.
 """
 
@@ -205,7 +205,7 @@ def reconstruct(original: ir.Model, pruned: ir.Model, layers: list[Layer], datas
     fits = [_Fit(layer, pruned.graph, ridge) for layer in layers]
     records, _ = recon.reconstruct(original, pruned, fits, lambda: batches(pruned, dataset, samples),
                                    rng=np.random.default_rng(seed), threads=threads,
-                                   what="channel_prune's reconstruction", dense_once=True)
+                                   owner="channel_prune", dense_once=True)
     return records
 
 

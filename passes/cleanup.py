@@ -58,7 +58,6 @@ from onnxscript.rewriter.rules.common._fuse_batchnorm import (
     FuseBatchNormIntoGemm,
 )
 
-from deployopt.core.errors import UserError
 from deployopt.core.stats import op_histogram
 from deployopt.passes.base import DeployInPlacePass
 

@@ -1,16 +1,15 @@
 """PassContext: everything a pass may need beyond the model itself.
 
 The pipeline builds one context per run and hands it to each pass before calling it; passes
-never open files or datasets on their own. A pass writes what it did (and what it skipped and
-why) into ``notes`` and machine-readable facts into ``details``; the pipeline copies both into
-the step's record in report.json.
+never open files or datasets on their own. The context holds inputs only: what a pass did comes
+back in its ``StepResult`` (``deployopt.passes.base``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -27,16 +26,3 @@ class PassContext:
     seed: int = 0
     work_dir: pathlib.Path | None = None  # a private temporary folder, removed after the run
     threads: int = 1  # intra-op threads for any onnxruntime session a pass opens
-    notes: list[str] = dataclasses.field(default_factory=list)
-    details: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Set by a pass that ran but missed its own tolerance: it still returns its best model, the
-    # pipeline saves that model and the report, and exits 1 with this reason.
-    failure: str | None = None
-
-    def note(self, message: str) -> None:
-        """Record a human-readable fact about this step (skips, fallbacks, choices)."""
-        self.notes.append(message)
-
-    def for_step(self) -> PassContext:
-        """A copy with empty notes/details, for the next pass (datasets are shared)."""
-        return dataclasses.replace(self, notes=[], details={}, failure=None)

@@ -389,7 +389,7 @@ class MagnitudePrunePass(DeployInPlacePass):
         records, samples = recon.reconstruct(
             dense, model, fits, lambda: recon.calibration_batches(model, data, self.samples, _BATCH),
             rng=np.random.default_rng(self.context.seed), threads=self.context.threads,
-            what="prune's reconstruction", dense_once=False)
+            owner="prune", dense_once=False)
         return dict(records), samples
 
 

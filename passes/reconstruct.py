@@ -47,6 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+from tqdm import tqdm
 
 from deployopt.core.data import Dataset
 from deployopt.core.errors import UserError, WorkFailed, one_line
@@ -439,13 +440,16 @@ def levels(graph: ir.Graph, nodes: Sequence[ir.Node]) -> list[list[ir.Node]]:
 
 def reconstruct(dense: ir.Model, pruned: ir.Model, fits: Sequence[Fit],
                 batches: Callable[[], Iterable[np.ndarray]], *, rng: np.random.Generator,
-                threads: int, what: str, dense_once: bool) -> tuple[list[Any], int]:
+                threads: int, owner: str, dense_once: bool) -> tuple[list[Any], int]:
     """Re-fit ``fits`` level by level; (their ``solve()`` records in level order, samples used).
+
+    ``owner`` (the pass name) labels the progress bar and the errors.
 
     ``dense_once``: run the dense model once and keep every layer's targets for all batches
     (cheap when few rows per sample are kept), else run it again for every level next to the
     pruned model (memory stays at one batch whatever the number of samples and layers).
     """
+    what = f"{owner}'s reconstruction"
     by_node = {fit.node: fit for fit in fits}
     stored: dict[ir.Node, list[Any]] = {fit.node: [] for fit in fits}
     if dense_once:
@@ -458,7 +462,8 @@ def reconstruct(dense: ir.Model, pruned: ir.Model, fits: Sequence[Fit],
         del capture
     records: list[Any] = []
     samples = 0
-    for level in levels(pruned.graph, list(by_node)):
+    for level in tqdm(levels(pruned.graph, list(by_node)), desc=f"{owner}: reconstruct",
+                      unit="level", disable=None):
         inputs = Activations(pruned, [n.inputs[0].name for n in level], threads=threads, what=what)
         outputs = None if dense_once else Activations(
             dense, [n.outputs[0].name for n in level], threads=threads, what=what)

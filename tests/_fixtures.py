@@ -7,19 +7,27 @@ import torch
 
 
 def train_classifier(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 3e-3,
-                     batch: int = 64, shuffle: bool = True) -> None:
+                     batch: int = 64, shuffle: bool = True, threads: int | None = None) -> None:
     """Adam + cross-entropy over mini-batches of numpy arrays, reshuffled every epoch with torch's
-    global RNG (or in the arrays' order with ``shuffle=False``)."""
-    opt = torch.optim.Adam(net.parameters(), lr)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(epochs):
-        order = torch.randperm(len(xt)) if shuffle else None
-        for i in range(0, len(xt), batch):
-            if order is None:
-                xb, yb = xt[i:i + batch], yt[i:i + batch]
-            else:
-                idx = order[i:i + batch]
-                xb, yb = xt[idx], yt[idx]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xb), yb).backward()
-            opt.step()
+    global RNG (or in the arrays' order with ``shuffle=False``). With ``threads``, torch trains on
+    that many threads and gets the caller's count back afterwards: on batches this small, more
+    threads only contend with each other and with onnxruntime's pool."""
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        opt = torch.optim.Adam(net.parameters(), lr)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        for _ in range(epochs):
+            order = torch.randperm(len(xt)) if shuffle else None
+            for i in range(0, len(xt), batch):
+                if order is None:
+                    xb, yb = xt[i:i + batch], yt[i:i + batch]
+                else:
+                    idx = order[i:i + batch]
+                    xb, yb = xt[idx], yt[idx]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(xb), yb).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(saved_threads)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from deployopt.passes.base import StepResult
 from deployopt.passes.context import PassContext
 from deployopt.core.errors import UserError
 from deployopt.passes.cleanup import CleanupPass
@@ -53,13 +54,13 @@ def _x(name="x", shape=("N", 3, 8, 8)):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
-def _clean(proto: onnx.ModelProto, **fields) -> tuple[onnx.ModelProto, CleanupPass, bool]:
+def _clean(proto: onnx.ModelProto, **fields) -> tuple[onnx.ModelProto, StepResult, bool]:
     cleanup = CleanupPass(**fields)
     cleanup.context = PassContext()
     result = cleanup(ir.from_proto(proto))
     out = ir.to_proto(result.model)
     onnx.checker.check_model(out, full_check=True)
-    return out, cleanup, result.modified
+    return out, result, result.modified
 
 
 def _run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -117,7 +118,7 @@ def mixed_cleaned(mixed_model):
 
 
 def test_bn_folded_into_conv_with_the_formula(mixed_model, mixed_cleaned):
-    out, cleanup, modified = mixed_cleaned
+    out, result, modified = mixed_cleaned
     assert modified
     conv2 = next(n for n in out.graph.node if n.name == "conv2")  # the fused Conv keeps its name
     assert len(conv2.input) == 3  # a bias appeared
@@ -126,32 +127,32 @@ def test_bn_folded_into_conv_with_the_formula(mixed_model, mixed_cleaned):
     np.testing.assert_allclose(_init(out, conv2.input[1]),
                                _init(mixed_model, "W2") * s[:, None, None, None], rtol=1e-6)
     np.testing.assert_allclose(_init(out, conv2.input[2]), (0 - m) * s + b, rtol=1e-6, atol=1e-7)
-    assert cleanup.context.details["batchnorm_folded"] == [
+    assert result.details["batchnorm_folded"] == [
         {"batchnorm": "bn2", "into": "conv2", "op": "Conv"}]
-    assert "folded 1 BatchNormalization into 1 Conv" in cleanup.context.notes
+    assert "folded 1 BatchNormalization into 1 Conv" in result.notes
 
 
 def test_bn_on_shared_conv_output_is_kept_and_noted(mixed_model, mixed_cleaned):
-    out, cleanup, _ = mixed_cleaned
+    out, result, _ = mixed_cleaned
     assert [n.name for n in out.graph.node if n.op_type == "BatchNormalization"] == ["bn1"]
     np.testing.assert_array_equal(_init(out, "W1"), _init(mixed_model, "W1"))  # untouched
     reason = "the output of Conv 'conv1' also feeds Relu 'relu_shared'"
-    assert cleanup.context.details["batchnorm_skipped"] == [{"batchnorm": "bn1", "reason": reason}]
-    assert f"kept BatchNormalization 'bn1': {reason}" in cleanup.context.notes
+    assert result.details["batchnorm_skipped"] == [{"batchnorm": "bn1", "reason": reason}]
+    assert f"kept BatchNormalization 'bn1': {reason}" in result.notes
 
 
 def test_identity_dropout_dead_code_removed(mixed_cleaned):
-    out, cleanup, _ = mixed_cleaned
+    out, result, _ = mixed_cleaned
     assert _ops(out) == {"Conv": 2, "BatchNormalization": 1, "Relu": 1, "Add": 2}
     names = {t.name for t in out.graph.initializer}
     assert not names & {"unused", "ratio", "train", "bn2_g", "bn2_b", "bn2_m", "bn2_v"}
     assert [o.name for o in out.graph.output] == ["y"]  # the graph output keeps its name
-    details = cleanup.context.details
+    details = result.details
     assert details["nodes_before"] == {"Add": 2, "BatchNormalization": 2, "Conv": 2, "Dropout": 2,
                                        "Identity": 1, "Relu": 2}
     assert details["nodes_after"] == {"Add": 2, "BatchNormalization": 1, "Conv": 2, "Relu": 1}
     assert (details["node_count_before"], details["node_count_after"]) == (11, 6)
-    assert "removed nodes: 1 BatchNormalization, 2 Dropout, 1 Identity, 1 Relu" in cleanup.context.notes
+    assert "removed nodes: 1 BatchNormalization, 2 Dropout, 1 Identity, 1 Relu" in result.notes
 
 
 def test_mixed_outputs_equal(mixed_model, mixed_cleaned):
@@ -164,9 +165,9 @@ def test_gemm_bn_folded():
     nodes = [helper.make_node("Gemm", ["x", "Wg", "Cg"], ["g"], name="fc", transB=1, beta=0.5),
              _bn("bng", "g", "y")]
     model = _model(nodes, [_x("x", ("N", 6))], [_x("y", ("N", 5))], inits)
-    out, cleanup, _ = _clean(model)
+    out, result, _ = _clean(model)
     assert _ops(out) == {"Gemm": 1}
-    assert cleanup.context.details["batchnorm_folded"] == [{"batchnorm": "bng", "into": "fc", "op": "Gemm"}]
+    assert result.details["batchnorm_folded"] == [{"batchnorm": "bng", "into": "fc", "op": "Gemm"}]
     _assert_same_outputs(model, out, {"x": RNG.normal(size=(3, 6)).astype(np.float32)})
 
 
@@ -176,9 +177,9 @@ def test_bn_with_runtime_params_is_kept():
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), _bn("bn", "c", "y")]
     model = _model(nodes, [_x(), helper.make_tensor_value_info("bn_g", TensorProto.FLOAT, [4])],
                    [_x("y", ("N", 4, 6, 6))], inits)
-    out, cleanup, _ = _clean(model)
+    out, result, _ = _clean(model)
     assert _ops(out)["BatchNormalization"] == 1
-    assert cleanup.context.notes[0] == (
+    assert result.notes[0] == (
         "kept BatchNormalization 'bn': its parameter 'bn_g' is a graph input (may change at run time)")
     feeds = {"x": RNG.normal(size=(1, 3, 8, 8)).astype(np.float32),
              "bn_g": RNG.uniform(0.5, 2, 4).astype(np.float32)}
@@ -191,10 +192,10 @@ def test_bn_in_training_mode_is_kept():
              helper.make_node("BatchNormalization", ["c", "bn_g", "bn_b", "bn_m", "bn_v"],
                               ["y", "mean_out", "var_out"], name="bn", training_mode=1)]
     model = _model(nodes, [_x()], [_x("y", ("N", 4, 6, 6))], inits, opset=15)
-    out, cleanup, _ = _clean(model)
+    out, result, _ = _clean(model)
     assert _ops(out) == {"Conv": 1, "BatchNormalization": 1}
     np.testing.assert_array_equal(_init(out, "W"), _init(model, "W"))
-    assert cleanup.context.details["batchnorm_skipped"] == [
+    assert result.details["batchnorm_skipped"] == [
         {"batchnorm": "bn", "reason": "it runs in training mode (training_mode=1)"}]
 
 
@@ -209,28 +210,28 @@ def test_dropout_with_used_mask():
     assert _ops(out)["Dropout"] == 0
     _assert_same_outputs(model, out, feeds)
     # the by-hand Dropout removal (folding off) must keep a Dropout whose mask is read
-    out, cleanup, _ = _clean(model, fold_constants=False)
+    out, result, _ = _clean(model, fold_constants=False)
     assert _ops(out)["Dropout"] == 1
-    assert "kept Dropout 'drop': its mask output 'mask' is used" in cleanup.context.notes
+    assert "kept Dropout 'drop': its mask output 'mask' is used" in result.notes
     _assert_same_outputs(model, out, feeds)
 
 
 def test_switches_off_leave_the_model_alone(mixed_model):
-    out, cleanup, modified = _clean(mixed_model, fold_constants=False, fold_batchnorm=False,
+    out, result, modified = _clean(mixed_model, fold_constants=False, fold_batchnorm=False,
                                     remove_identity=False, remove_unused=False)
     assert not modified
     assert _ops(out) == _ops(mixed_model)
-    assert cleanup.context.details["nodes_before"] == cleanup.context.details["nodes_after"]
+    assert result.details["nodes_before"] == result.details["nodes_after"]
     out, _, _ = _clean(mixed_model, fold_batchnorm=False)
     assert _ops(out)["BatchNormalization"] == 2
 
 
 def test_second_run_changes_nothing(mixed_cleaned):
-    again, cleanup, modified = _clean(mixed_cleaned[0])
+    again, result, modified = _clean(mixed_cleaned[0])
     assert not modified
     assert _ops(again) == _ops(mixed_cleaned[0])
     assert len(again.graph.initializer) == len(mixed_cleaned[0].graph.initializer)
-    assert cleanup.context.details["nodes_before"] == cleanup.context.details["nodes_after"]
+    assert result.details["nodes_before"] == result.details["nodes_after"]
 
 
 def test_dedupe_initializers():
@@ -288,15 +289,15 @@ def test_reference_models_bn_folded_outputs_equal(name):
     _randomize_bn(module)
     shape = (1, 3, 32, 32) if name == "seed_cnn" else (1, 3, 64, 64)
     model = _torchscript_unfolded(module, shape)
-    out, cleanup, _ = _clean(model)
+    out, result, _ = _clean(model)
     before, after = _ops(model), _ops(out)
     n_bn = before["BatchNormalization"]
     assert after["BatchNormalization"] == 0
     assert after["Conv"] == before["Conv"]
-    assert len(cleanup.context.details["batchnorm_folded"]) == n_bn
+    assert len(result.details["batchnorm_folded"]) == n_bn
     assert after["Identity"] == 0 and after["Constant"] == 0
     if n_bn:
-        assert any(note.startswith(f"folded {n_bn} BatchNormalization") for note in cleanup.context.notes)
+        assert any(note.startswith(f"folded {n_bn} BatchNormalization") for note in result.notes)
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     _assert_same_outputs(model, out, {"x": x})
 

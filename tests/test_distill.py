@@ -3,7 +3,7 @@
 Structure: the swapped model is the exported student with the teacher's input/output names and
 dynamic batch; a rejected student leaves the teacher's graph as it was. Numbers: agreement with
 the teacher rises with training, the recorded top-1 equals an independent onnxruntime run, the
-same seed gives bit-identical weights. Refusal: each bad input of issue 6 with its message.
+same seed gives bit-identical weights. Refusal: each bad input with its message.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
 from deployopt import models
 from deployopt.core import io
@@ -22,8 +21,9 @@ from deployopt.passes.context import PassContext
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError
 from deployopt.models.export import export_model
-from deployopt.passes import _distill_train as dt
+from deployopt.passes.distill import train as dt
 from deployopt.passes.distill import DistillPass
+from tests._fixtures import train_classifier
 
 FAST = {"augment": False, "exporter": "torchscript", "latency_runs": 0, "batch_size": 32}
 STUDENT = {"student": "digits_cnn", "student_kwargs": {"width": 8}}  # 3.9x fewer MACs than width 16
@@ -37,29 +37,17 @@ def mnist_mlp() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def digits():
-    bunch = load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None]
-    y = bunch.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
+def digits(digits_shuffled):
+    x, y = digits_shuffled
     return {"train": (x[:1200], y[:1200]), "test": (x[1200:], y[1200:])}
 
 
 @pytest.fixture(scope="module")
 def teacher_path(digits, tmp_path_factory):
     """digits_cnn (width 16) trained 5 epochs on 1,200 sklearn digits, exported with dynamic batch."""
-    x, y = digits["train"]
-    net = models.build("digits_cnn", width=16, seed=0)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    net = models.build("digits_cnn", width=16, seed=0).train()
     with dt.torch_state(1):
-        opt = torch.optim.Adam(net.parameters(), 0.01)
-        net.train()
-        for _ in range(5):
-            for i in range(0, len(x), 64):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
-                opt.step()
+        train_classifier(net, *digits["train"], epochs=5, lr=0.01, shuffle=False)
     path = tmp_path_factory.mktemp("distill") / "teacher.onnx"
     export_model(net.eval(), path, (1, 1, 8, 8), dynamic_batch=True, input_name="pixels",
                  output_name="logits", exporter="torchscript")
@@ -93,7 +81,7 @@ def test_teacher_is_accurate(teacher_path, digits):
 def test_swap_student_learns_the_teacher(teacher_path, digits, tmp_path):
     teacher, result, step = run(teacher_path, digits, tmp_path, epochs=10, lr=0.01,
                                 max_accuracy_drop=0.03, latency_runs=5)
-    d, notes = step.context.details, step.context.notes
+    d, notes = result.details, result.notes
     assert result.modified and result.model is not teacher
     # Agreement on the held-out tenth of the training set rises from chance to near the teacher.
     history = [h["holdout_agreement"] for h in d["training"]["history"]]
@@ -129,15 +117,18 @@ def test_reject_keeps_the_teacher(teacher_path, digits, tmp_path):
                                evaluation=ArrayDataset(digits["test"][0], name="digits-test"),
                                seed=0, work_dir=tmp_path, threads=1)
     result = step(teacher)
-    d = step.context.details
+    d = result.details
     assert not result.modified and result.model is not teacher
     assert onnx.printer.to_text(ir.to_proto(result.model).graph) == before  # the teacher, as it was
     assert onnx.printer.to_text(ir.to_proto(teacher).graph) == before  # and the input is untouched
     assert d["decision"]["metric"] == "agreement" and d["decision"]["teacher"] == 1.0
     drop = d["decision"]["drop"]
-    assert drop == pytest.approx(1.0 - d["decision"]["agreement"]) and drop > 0
-    assert f"student rejected: drop {drop:.4f} > 0 (agreement " in "\n".join(step.context.notes)
-    assert "data.training has no labels: pure KL to the teacher (alpha not used)" in step.context.notes
+    assert drop == pytest.approx(1.0 - d["decision"]["agreement"])
+    # One epoch at lr 1e-4 leaves the student at chance on 10 classes: it agrees with the teacher
+    # on about one sample in ten, so the drop is about 0.9, far above the 0 allowed.
+    assert drop == pytest.approx(0.9, abs=0.03)
+    assert f"student rejected: drop {drop:.4f} > 0 (agreement " in "\n".join(result.notes)
+    assert "data.training has no labels: pure KL to the teacher (alpha not used)" in result.notes
     assert d["latency"] is None and d["training"]["labeled"] is False
 
 
@@ -161,21 +152,21 @@ def test_onnx_student_is_renamed_and_swapped(teacher_path, digits, tmp_path):
     io.save(renamed, other)
     teacher, result, step = run(teacher_path, digits, tmp_path, student={"onnx": str(other)},
                                 student_kwargs={}, max_accuracy_drop=0.0)
-    assert result.modified and step.context.details["decision"]["drop"] == 0.0
+    assert result.modified and result.details["decision"]["drop"] == 0.0
     assert [v.name for v in result.model.graph.inputs] == ["pixels"]
     assert [v.name for v in result.model.graph.outputs] == ["logits"]
-    assert "student input 'image' renamed to the teacher's 'pixels'" in step.context.notes
-    assert step.context.details["training"] is None
+    assert "student input 'image' renamed to the teacher's 'pixels'" in result.notes
+    assert result.details["training"] is None
 
 
 def test_recipe_layer_builds_the_pass():
-    from deployopt.recipe import build_dataclass
+    from deployopt.core.settings import build_settings
 
-    step = build_dataclass(DistillPass, {"student": {"onnx": "s.onnx"}, "relative": True},
-                           "passes[0].distill")
+    step = build_settings(DistillPass, {"student": {"onnx": "s.onnx"}, "relative": True},
+                          "passes[0].distill")
     assert step.student == {"onnx": "s.onnx"} and step.relative
-    with pytest.raises(UserError, match=r"^passes\[0\]\.distill\.epochs: 0 is outside \[1, inf\]$"):
-        build_dataclass(DistillPass, {"student": "digits_cnn", "epochs": 0}, "passes[0].distill")
+    with pytest.raises(UserError, match=r"^passes\[0\]\.distill\.epochs: 0 is outside \[1, inf\)$"):
+        build_settings(DistillPass, {"student": "digits_cnn", "epochs": 0}, "passes[0].distill")
 
 
 # -- bad input ------------------------------------------------------------------------------------
@@ -186,8 +177,8 @@ def test_recipe_layer_builds_the_pass():
                           "mobilenet_v3_small, prelu_facenet, gated_cnn, ocr_crnn, "
                           "or package.module:callable, or {onnx: PATH})"),
     ({"student": None}, "student: required (a models/ name, package.module:callable or {onnx: PATH})"),
-    ({"student": "digits_cnn", "epochs": 0}, "epochs: 0 is outside [1, inf]"),
-    ({"student": "digits_cnn", "batch_size": 1}, "batch_size: 1 is outside [2, inf]"),
+    ({"student": "digits_cnn", "epochs": 0}, "epochs: 0 is outside [1, inf)"),
+    ({"student": "digits_cnn", "batch_size": 1}, "batch_size: 1 is outside [2, inf)"),
     ({"student": "digits_cnn", "alpha": 1.5}, "alpha: 1.5 is outside [0, 1]"),
     ({"student": {"onnx": "s.onnx"}, "student_kwargs": {"width": 4}},
      "student_kwargs: not used with an ONNX student ({onnx: PATH})"),

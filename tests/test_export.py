@@ -1,4 +1,4 @@
-"""optimizer/export.py: parity torch vs onnxruntime for every reference model, single-file
+"""deployopt.models.export: parity torch vs onnxruntime for every reference model, single-file
 structure, GlobalAveragePool, named I/O, dynamic batch, the exporter fallbacks, the
 ReduceMean -> GlobalAveragePool rewrite (and where it must not fire), refusals, and the CLI verb."""
 
@@ -58,8 +58,8 @@ def op_counts(path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-# Two variants ride on the per-model exports instead of costing exports of their own (dynamo
-# takes seconds per model): seed_cnn is exported with a static batch, digits_cnn at opset 21.
+# Two variants ride on the per-model exports instead of costing exports of their own (a dynamo
+# export is the slow part of these tests): seed_cnn is exported with a static batch, digits_cnn at opset 21.
 VARIANTS = {"seed_cnn": {"dynamic_batch": False}, "digits_cnn": {"opset": 21}}
 
 

@@ -1,4 +1,4 @@
-"""Fuzzing: 400 mutated ResNet-style models through `inspect` and `optimize` (cleanup + quantize).
+"""Fuzzing: CASES mutated ResNet-style models through `inspect` and `optimize` (cleanup + quantize).
 
 Every case must end with exit 0 (the mutation was harmless and the output is a valid model) or a
 clean error: exit 1 or 2, exactly one `deployopt: error:` line, no internal error, no traceback,

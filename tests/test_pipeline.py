@@ -12,9 +12,9 @@ import onnx
 import pytest
 import torch
 import yaml
-from sklearn.datasets import load_digits
 
 from deployopt.cli import main
+from tests._fixtures import train_classifier
 
 REPORT_KEYS = {"version", "machine", "recipe", "input", "output", "steps", "benchmark", "accuracy", "gates"}
 STATS_KEYS = {"path", "bytes", "bytes_zip", "params", "nonzero_params", "macs", "ops", "opset"}
@@ -38,26 +38,14 @@ class DigitsNet(torch.nn.Module):
         return self.fc(self.features(x))
 
 
-def _digits():
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None]
-    return x, digits.target.astype(np.int64)
-
-
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A digits model trained for a few seconds, exported with BatchNorm, plus its data files."""
+def workspace(tmp_path_factory, digits):
+    """A digits model trained briefly, exported with BatchNorm, plus its data files."""
     root = tmp_path_factory.mktemp("pipeline")
-    x, y = _digits()
+    x, y = digits
     torch.manual_seed(0)
     net = DigitsNet()
-    opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    xt, yt = torch.from_numpy(x[:1400]), torch.from_numpy(y[:1400])
-    for _ in range(8):
-        for i in range(0, len(xt), 64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
-            opt.step()
+    train_classifier(net, x[:1400], y[:1400], epochs=8, lr=0.01, shuffle=False)
     net.eval()
     model = root / "digits.onnx"
     torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(model), dynamo=False, input_names=["input"],

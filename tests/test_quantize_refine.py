@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
-from sklearn.datasets import load_digits
 from torch import nn
 
 from deployopt.passes.context import PassContext
@@ -61,11 +60,9 @@ def test_gptq_with_an_identity_hessian_is_round_to_nearest():
 
 # -- on a trained model ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def digits_model():
+def digits_model(digits):
     """A trained digits CNN with a depthwise layer (the case refinement is for), exported to ONNX."""
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    y = d.target.astype(np.int64)
+    x, y = digits
     torch.manual_seed(0)
     torch.set_num_threads(1)
     net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU6(),

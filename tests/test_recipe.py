@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import pytest
 import yaml
@@ -10,20 +11,17 @@ import yaml
 from deployopt import passes
 from deployopt.core.errors import UserError
 from deployopt.recipe import apply_override, from_mapping, load_recipe
-from deployopt.passes.base import DeployInPlacePass, check_choice, check_range
+from deployopt.core.settings import setting
+from deployopt.passes.base import DeployInPlacePass
 
 
 @dataclasses.dataclass
 class FakePrune(DeployInPlacePass):
     name = "fakeprune"
-    sparsity: float = 0.5
-    scope: str = "layer"
+    sparsity: float = setting(0.5, low=0, high=1, high_open=True)
+    scope: Literal["layer", "global"] = "layer"
     exclude: list[str] = dataclasses.field(default_factory=list)
     reconstruct: bool = False
-
-    def validate(self):
-        check_range("sparsity", self.sparsity, 0, 1, high_open=True)
-        check_choice("scope", self.scope, ("layer", "global"))
 
     def call(self, model):  # pragma: no cover - never run here
         raise AssertionError

@@ -15,7 +15,7 @@ from deployopt import cli
 from deployopt.core.stats import format_stats, model_stats
 
 RNG = np.random.default_rng(0)
-DESIGN_KEYS = {"path", "bytes", "bytes_zip", "params", "nonzero_params", "macs", "ops", "opset"}
+STATS_KEYS = {"path", "bytes", "bytes_zip", "params", "nonzero_params", "macs", "ops", "opset"}
 
 # Hand count for _small_model (batch 1), MACs = N·C_out·H_out·W_out·(C_in/group)·kH·kW etc.:
 HAND_MACS = {
@@ -193,7 +193,7 @@ def test_inspect_json(tmp_path, capsys):
     onnx.save(_small_model(("N", 3, 8, 8)), path)
     assert cli.main(["inspect", "--in-process", str(path), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert DESIGN_KEYS <= set(stats)
+    assert STATS_KEYS <= set(stats)
     assert {"ir_version", "inputs", "outputs", "layers", "quantized_ops", "notes"} <= set(stats)
     assert stats["path"] == str(path) and stats["bytes"] == path.stat().st_size
     assert stats["macs"] == 8618 and stats["params"] == 1001

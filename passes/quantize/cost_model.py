@@ -134,6 +134,8 @@ class CostModel:
         return cls(graph, capable, t32, t8, measured, fit)
 
     def conversion(self, kind: str, tensor: str) -> float:
+        """ms of the standalone ``kind`` ("Q" | "DQ") kernel on ``tensor``: measured, else the
+        fitted line at the tensor's size (the median size when unknown)."""
         if (kind, tensor) in self.measured:
             return self.measured[(kind, tensor)]
         overhead, per_element = self.fit[kind]

@@ -36,10 +36,11 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from deployopt.core.errors import UserError
+from deployopt.core.errors import UserError, one_line
+from deployopt.core.settings import setting
 from deployopt.models import EXPORTERS
-from deployopt.passes._distill_interface import Interface, check_samples, dims_fit, dims_text, interface
-from deployopt.passes.base import DeployFunctionalPass, check_choice, check_range
+from deployopt.passes.distill.interface import Interface, check_samples, dims_fit, dims_text, interface
+from deployopt.passes.base import DeployFunctionalPass
 
 LATENCY_ROUNDS = 3
 LATENCY_WARMUP = 5
@@ -65,59 +66,33 @@ class DistillPass(DeployFunctionalPass):
     needs_training: ClassVar[bool] = True
 
     student: str | dict[str, str] | None = None  # models/ name | package.module:callable | {onnx: path}
-    student_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    temperature: float = 4.0
-    alpha: float = 0.9  # weight of the soft (teacher) term; 0 = labels only
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.01  # peak of the one-cycle schedule (AdamW)
-    weight_decay: float = 1e-4
-    seed: int | None = None  # None: the recipe's seed
+    student_kwargs: dict[str, Any] = setting(default_factory=dict)
+    temperature: float = setting(4.0, low=0, low_open=True)
+    alpha: float = setting(0.9, low=0, high=1)  # weight of the soft (teacher) term; 0 = labels only
+    epochs: int = setting(10, low=1)
+    # >= 2: BatchNorm cannot normalize a batch of one sample in training mode.
+    batch_size: int = setting(64, low=2)
+    lr: float = setting(0.01, low=0, high=10, low_open=True)  # peak of the one-cycle schedule (AdamW)
+    weight_decay: float = setting(1e-4, low=0)
+    seed: int | None = setting(None, low=0)  # None: the recipe's seed
     augment: bool = True  # random shifts by up to crop_padding pixels (NCHW images)
-    crop_padding: int = 2
+    crop_padding: int = setting(2, low=0)
     flip: bool = False  # horizontal flips: off by default, they change digits and text
-    max_accuracy_drop: float = 0.01
+    max_accuracy_drop: float = setting(0.01, low=0, high=1)
     relative: bool = False  # max_accuracy_drop relative to the teacher's score
-    patience: int | None = 3  # epochs without better held-out agreement before stopping
-    holdout: float = 0.1  # fraction of the training set held out for agreement / early stopping
-    exporter: str = "auto"
-    export_tolerance: float = 1e-4  # max |torch - onnxruntime| of the exported student
-    latency_runs: int = 50  # timed runs per round for the teacher/student latency (0: skip)
+    patience: int | None = setting(3, low=1)  # epochs without better held-out agreement before stopping
+    # fraction of the training set held out for agreement / early stopping
+    holdout: float = setting(0.1, low=0, high=0.5)
+    exporter: str = setting("auto", choices=EXPORTERS)
+    export_tolerance: float = setting(1e-4, low=0)  # max |torch - onnxruntime| of the exported student
+    latency_runs: int = setting(50, low=0)  # timed runs per round for the teacher/student latency (0: skip)
 
     # -- settings -----------------------------------------------------------------------------
     def validate(self) -> None:
-        self._validate_student()
-        for field in ("augment", "flip", "relative"):
-            if not isinstance(getattr(self, field), bool):
-                raise UserError(f"{field}: expected true or false, got {getattr(self, field)!r}")
-        for field, low in (("epochs", 1), ("batch_size", 2), ("crop_padding", 0), ("latency_runs", 0)):
-            # batch_size >= 2: BatchNorm cannot normalize a batch of one sample in training mode.
-            self._check_int(field, getattr(self, field), low)
-        if self.seed is not None:
-            self._check_int("seed", self.seed, 0)
-        if self.patience is not None:
-            self._check_int("patience", self.patience, 1)
-        check_range("temperature", self.temperature, 0, None, low_open=True)
-        check_range("alpha", self.alpha, 0, 1)
-        check_range("lr", self.lr, 0, 10, low_open=True)
-        check_range("weight_decay", self.weight_decay, 0, None)
-        check_range("max_accuracy_drop", self.max_accuracy_drop, 0, 1)
-        check_range("holdout", self.holdout, 0, 0.5)
-        check_range("export_tolerance", self.export_tolerance, 0, None)
-        check_choice("exporter", self.exporter, EXPORTERS)
-
-    @staticmethod
-    def _check_int(field: str, value: Any, low: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{field}: expected an integer, got {value!r}")
-        check_range(field, value, low)
-
-    def _validate_student(self) -> None:
+        """The student spec, and student_kwargs only with a student built here."""
         spec = self.student
-        if not isinstance(self.student_kwargs, dict):
-            raise UserError(f"student_kwargs: expected a mapping, got {self.student_kwargs!r}")
         if isinstance(spec, dict):
-            if set(spec) != {"onnx"} or not isinstance(spec["onnx"], str) or not spec["onnx"]:
+            if set(spec) != {"onnx"} or not spec["onnx"]:
                 raise UserError(f"student: expected a model name, package.module:callable or {{onnx: PATH}}, "
                                 f"got {spec!r}")
             if self.student_kwargs:
@@ -142,7 +117,7 @@ class DistillPass(DeployFunctionalPass):
 
     # -- the pass -------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from deployopt.passes import _distill_train as dt
+        from deployopt.passes.distill import train as dt
 
         start = time.perf_counter()
         ctx = self.context
@@ -204,7 +179,7 @@ class DistillPass(DeployFunctionalPass):
             if value.name != want:
                 self._rename(student, value, want)
         self.note(f"student from {path}: evaluated as given (not trained here)")
-        self.context.details["training"] = None
+        self.details["training"] = None
         return student
 
     def _rename(self, model: ir.Model, value: ir.Value, name: str) -> None:
@@ -248,11 +223,9 @@ class DistillPass(DeployFunctionalPass):
         try:
             with torch.no_grad():
                 out = module(torch.zeros(shape))
-        except Exception as e:
-            from deployopt.passes._distill_train import one_line
-
+        except Exception as e:  # user code: any exception means the input does not fit
             raise UserError(f"{label}: does not accept the teacher's input {teacher_in}{expects} "
-                            f"({one_line(e, 160)})") from e
+                            f"({one_line(e, 160, with_type=True)})") from e
         if not isinstance(out, torch.Tensor):
             raise UserError(f"{label}: returns {type(out).__name__}; the teacher's output is one tensor "
                             f"{dims_text(teacher.output_dims)}")
@@ -332,7 +305,7 @@ class DistillPass(DeployFunctionalPass):
                 f", best held-out agreement {result.best_agreement:.4f} at epoch {result.best_epoch}")
         self.note(f"trained {self.student} on {len(fit)} samples ({n_hold} held out), {stop}{best}, "
                   f"{result.seconds:.1f} s")
-        self.context.details["training"] = {
+        self.details["training"] = {
             "student": self.student, "student_kwargs": dict(self.student_kwargs),
             "samples": len(fit), "holdout": n_hold, "labeled": y is not None, "seed": seed,
             "augment": {"padding": padding, "flip": flip}, "epochs_run": result.epochs_run,
@@ -348,7 +321,7 @@ class DistillPass(DeployFunctionalPass):
                                     tolerance=self.export_tolerance, input_name=teacher.input_name,
                                     output_name=teacher.output_name, seed=seed, exporter=self.exporter)
         timings["export_s"] = time.perf_counter() - t0
-        self.context.details["export"] = {
+        self.details["export"] = {
             "exporter": exported.exporter, "opset": exported.opset,
             "max_abs_diff": exported.max_abs_diff, "fallback_reason": exported.fallback_reason}
         return path
@@ -402,8 +375,7 @@ class DistillPass(DeployFunctionalPass):
         t_stats = {k: v for k, v in model_stats(teacher).items() if k in keys}
         s_stats = {k: v for k, v in model_stats(student).items() if k in keys}
         mac_ratio = (t_stats["macs"] / s_stats["macs"]) if t_stats["macs"] and s_stats["macs"] else None
-        details = self.context.details
-        details.update({"teacher": t_stats, "student": {"spec": self.student_label, **s_stats},
+        self.details.update({"teacher": t_stats, "student": {"spec": self.student_label, **s_stats},
                         "mac_ratio": mac_ratio, "decision": decision, "latency": latency,
                         "timings_s": {k: round(v, 3) for k, v in timings.items()},
                         "seconds": round(seconds, 3)})

@@ -5,8 +5,8 @@ Loss, for student logits s, teacher logits t, labels y, temperature T and weight
     L = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)
     KL(p || q) = sum_k p_k (log p_k - log q_k)          (averaged over the batch)
 
-The T^2 factor keeps the soft term's gradient on the scale of the hard one when T changes
-(Hinton et al., 2015). Without labels the loss is the KL term alone.
+The T^2 factor keeps the soft term's gradient on the scale of the hard one when T changes.
+Without labels the loss is the KL term alone.
 
 Teacher logits are computed once per training sample on the un-augmented input (onnxruntime, in
 batches) and cached; the student then sees randomly shifted/flipped views of a sample against
@@ -37,19 +37,15 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from deployopt.core.data import Dataset
-from deployopt.core.errors import UserError, WorkFailed
-
-
-def one_line(exc: BaseException, limit: int = 240) -> str:
-    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    return text[:limit] + ("..." if len(text) > limit else "")
+from deployopt.core.errors import UserError, WorkFailed, one_line
+from deployopt.core.session import open_session
+from deployopt.measure import metrics
 
 
 @contextlib.contextmanager
@@ -77,7 +73,7 @@ def load_arrays(dataset: Dataset, field: str, batch_size: int = 256) -> tuple[np
     """The whole dataset as float32 ``x`` [n, ...] and int64 ``y`` [n] (None when unlabelled).
 
     Shuffled mini-batches need random access, and the Dataset contract only streams, so the
-    training set is held in memory (MNIST: 12.5 MB; bound large sets with the spec's ``limit``).
+    training set is held in memory (bound large sets with the spec's ``limit``).
     """
     xs, ys = [], []
     for x, y in dataset.batches(batch_size):
@@ -94,20 +90,16 @@ def load_arrays(dataset: Dataset, field: str, batch_size: int = 256) -> tuple[np
     return x, (np.concatenate(ys) if ys else None)
 
 
-def session(model_bytes: bytes, threads: int) -> ort.InferenceSession:
-    """An onnxruntime CPU session over a serialized model (full graph optimizations)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+def session(model_bytes: bytes, threads: int):
+    """An onnxruntime session over the serialized teacher (full graph optimizations); a teacher
+    onnxruntime cannot load is bad input."""
     try:
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-        raise UserError(f"model: onnxruntime cannot load the teacher ({one_line(e)})") from e
+        return open_session(model_bytes, threads=threads, what="the teacher")
+    except WorkFailed as e:
+        raise UserError(f"model: {e}") from e
 
 
-def teacher_logits(sess: ort.InferenceSession, input_name: str, output_name: str, x: np.ndarray,
+def teacher_logits(sess, input_name: str, output_name: str, x: np.ndarray,
                    fixed_batch: int | None, batch_size: int = 256) -> np.ndarray:
     """Teacher logits [n, classes] for ``x``, one onnxruntime run per chunk.
 
@@ -125,7 +117,7 @@ def teacher_logits(sess: ort.InferenceSession, input_name: str, output_name: str
             out = sess.run([output_name], {input_name: chunk})[0]
         except Exception as e:
             raise WorkFailed(f"teacher: onnxruntime failed on a batch of shape {list(chunk.shape)} "
-                             f"({one_line(e)})") from e
+                             f"({one_line(e, 240, with_type=True)})") from e
         parts.append(np.asarray(out, dtype=np.float32)[:real])
     logits = np.concatenate(parts)
     if logits.ndim != 2 or len(logits) != len(x):
@@ -195,16 +187,16 @@ class TrainResult:
 
 
 @torch.no_grad()
-def holdout_scores(student: nn.Module, x: torch.Tensor, teacher_top1: torch.Tensor,
-                   labels: torch.Tensor | None, batch_size: int = 512) -> tuple[float, float | None]:
+def holdout_scores(student: nn.Module, x: torch.Tensor, teacher_logits: np.ndarray,
+                   labels: np.ndarray | None, batch_size: int = 512) -> tuple[float, float | None]:
     """Agreement ``mean[argmax student(x) == argmax teacher(x)]`` and top-1 vs the labels (None
-    without labels), with the student in eval mode."""
+    without labels), with the student in eval mode (``deployopt.measure.metrics``)."""
     was_training = student.training
     student.eval()
-    preds = torch.cat([student(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    logits = torch.cat([student(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
     student.train(was_training)
-    agree = float((preds == teacher_top1).double().mean())
-    return agree, None if labels is None else float((preds == labels).double().mean())
+    agree = metrics.top1_agreement(logits, teacher_logits)
+    return agree, None if labels is None else metrics.topk_accuracy(logits, labels)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -233,8 +225,7 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
     yt = None if y is None else torch.from_numpy(y)
     hx = ht = hy = None
     if holdout is not None:
-        hx, ht = torch.from_numpy(holdout[0]), torch.from_numpy(holdout[1]).argmax(1)
-        hy = None if holdout[2] is None else torch.from_numpy(holdout[2])
+        hx, ht, hy = torch.from_numpy(holdout[0]), holdout[1], holdout[2]
     generator = torch.Generator().manual_seed(cfg.seed)
     steps = steps_per_epoch(len(x), cfg.batch_size)
     if steps < 1:
