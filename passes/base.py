@@ -21,7 +21,11 @@ onnxruntime's file-based APIs).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import pathlib
+import tempfile
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -80,6 +84,16 @@ class _DeployPassMixin(Settings):
     def note(self, message: str) -> None:
         """Record a human-readable fact about this step (skips, fallbacks, choices)."""
         self.notes.append(message)
+
+    @contextlib.contextmanager
+    def private_folder(self) -> Iterator[pathlib.Path]:
+        """A temporary folder for this step's files, below the run's work folder
+        (``context.work_dir``, itself private to the run), removed when the step ends."""
+        parent = self.context.work_dir
+        if parent is not None:
+            pathlib.Path(parent).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{self.name or 'pass'}-", dir=parent) as folder:
+            yield pathlib.Path(folder)
 
     def fail(self, reason: str) -> None:
         """The pass missed its own tolerance: it returns its best model, the run exits 1 with ``reason``."""

@@ -4,7 +4,6 @@ ReduceMean -> GlobalAveragePool rewrite (and where it must not fire), refusals, 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import io as stdio
@@ -22,7 +21,6 @@ from torch import nn
 
 from deployopt import models
 from deployopt import cli
-from deployopt.models import export
 from deployopt.core.errors import UserError, WorkFailed
 from deployopt.models.export import export_model, reduce_mean_to_global_average_pool
 from tests.test_models import HAVE_WEIGHTS, foolbox_imagenet_photos, pretrained_efficientnet_logits

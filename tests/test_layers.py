@@ -68,3 +68,18 @@ def test_publishing_scripts_import_only_public_names(script):
             private = [part for part in module.split(".") if part.startswith("_")]
             private += [name for name in names if name.startswith("_")]
             assert not private, f"{script} imports private {module}: {private}"
+
+
+def test_every_package_folder_is_listed_for_installation():
+    """pyproject lists packages by hand (package-dir mapping); a folder missing there would import
+    in the editable checkout and be absent from a wheel."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    found = set()
+    for suffix, folder in PACKAGE_DIRS.items():
+        prefix = "deployopt" + (f".{suffix}" if suffix else "")
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            found.add(".".join((prefix, *parts)))
+    assert found == set(config["packages"])

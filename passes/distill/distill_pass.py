@@ -25,12 +25,9 @@ seed, data and thread count give the same student weights on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import pathlib
-import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,14 +41,6 @@ from deployopt.passes.base import DeployFunctionalPass
 
 LATENCY_ROUNDS = 3
 LATENCY_WARMUP = 5
-
-
-@contextlib.contextmanager
-def _private_dir(parent: pathlib.Path | None) -> Iterator[pathlib.Path]:
-    if parent is not None:
-        pathlib.Path(parent).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="distill-", dir=parent) as name:
-        yield pathlib.Path(name)
 
 
 # -- the pass ------------------------------------------------------------------------------------
@@ -132,7 +121,7 @@ class DistillPass(DeployFunctionalPass):
         teacher_bytes = ir.to_proto(model).SerializeToString()
         timings: dict[str, float] = {}
 
-        with _private_dir(ctx.work_dir) as tmp:
+        with self.private_folder() as tmp:
             teacher_path = tmp / "teacher.onnx"
             teacher_path.write_bytes(teacher_bytes)
             if isinstance(self.student, dict):

@@ -36,7 +36,6 @@ import functools
 import logging
 import pathlib
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import ClassVar, Literal
@@ -126,11 +125,8 @@ class QuantizePass(DeployFunctionalPass):
         n_cal = self._check_model_and_data(proto)
         reduce_range = self._decide_reduce_range()
         times = StepTimes(self.details.setdefault("timings_s", {}))
-        parent = self.context.work_dir  # every file of the pass goes into a private folder below it
-        if parent is not None:
-            pathlib.Path(parent).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="quantize-", dir=parent) as folder:
-            quantized = self._quantize(proto, pathlib.Path(folder), n_cal, reduce_range, times)
+        with self.private_folder() as folder:  # every file of the pass goes in here
+            quantized = self._quantize(proto, folder, n_cal, reduce_range, times)
         self._summarize(time.perf_counter() - start)
         if quantized is None:  # no int8 configuration was faster: the float model, unchanged
             return ir.passes.PassResult(ir.from_proto(proto), False)
