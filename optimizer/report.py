@@ -8,7 +8,8 @@ Keys of report.json (stable: other tools read them)::
     accuracy{input{top1,...}, output{top1,...}, drop, agreement},
     gates[{name, limit, value, passed}]
 
-plus ``exit_code``, ``reason`` (why the run failed, or null), ``warnings`` and ``seconds``.
+plus ``normalization[{action, count, what, why}]`` (rewrites of the input model on load, see
+``deployopt.core.normalize``), ``exit_code``, ``reason`` (why the run failed, or null), ``warnings`` and ``seconds``.
 Numbers stay numbers; formatting happens only in report.md and on the terminal. ``Report`` is
 the same document as a typed object, what ``deployopt.optimize`` returns.
 """
@@ -49,13 +50,14 @@ def _plain(value: Any) -> Any:
 
 
 def build(*, recipe, input_stats, output_stats, steps, benchmark, accuracy, gates, warnings,
-          exit_code, reason, seconds, profiles=None) -> dict[str, Any]:
+          exit_code, reason, seconds, profiles=None, normalization=None) -> dict[str, Any]:
     return _plain({
         "version": deployopt.__version__,
         "machine": _machine(),
         "recipe": recipe.raw,
         "input": input_stats,
         "output": output_stats,
+        "normalization": normalization or [],
         "steps": steps,
         "benchmark": benchmark,
         "accuracy": accuracy,
@@ -86,6 +88,8 @@ class Report:
     exit_code: int
     reason: str | None
     seconds: float
+    #: rewrites made to the input model on load, [{action, count, what, why}]
+    normalization: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     out_dir: pathlib.Path | None = dataclasses.field(default=None, compare=False)
 
     @property
@@ -172,6 +176,10 @@ def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None
              f"Total time: {doc['seconds']} s\n", "## Input vs output\n"]
     header, rows = comparison_rows(doc)
     parts.append(_table(header, rows))
+
+    if doc.get("normalization"):
+        parts.append("\n## Normalisation on load\n")
+        parts.extend(f"- {a['what']} ({a['why']})" for a in doc["normalization"])
 
     if doc.get("steps"):
         parts.append("\n## Steps\n")

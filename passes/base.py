@@ -54,6 +54,9 @@ class _DeployPassMixin(Settings):
     needs_evaluation: ClassVar[bool] = False
     #: The pass cannot run without ``context.training`` (which falls back to the calibration data).
     needs_training: ClassVar[bool] = False
+    #: The lowest ONNX opset the pass works on; the pipeline upgrades an older model before the
+    #: pass runs (and reports it). None: any opset.
+    min_opset: ClassVar[int | None] = None
 
     # The step guard (see the module docstring); None = off.
     min_step_speedup: float | None = setting(None, low=0, low_open=True)

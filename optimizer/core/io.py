@@ -23,7 +23,8 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from deployopt.core.errors import UserError
+from deployopt.core.errors import UserError, one_line
+
 
 def _np_dtype_known(dtype: int) -> bool:
     try:
@@ -40,11 +41,6 @@ _ITEM_BITS = {dtype: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).items
 for _name, _bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)):
     if hasattr(onnx.TensorProto, _name):  # packed sub-byte types (numpy widens them to a byte)
         _ITEM_BITS[getattr(onnx.TensorProto, _name)] = _bits
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _external_tensors(proto: onnx.ModelProto):
@@ -123,7 +119,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise UserError(f"{path}: not an ONNX model or truncated/corrupt protobuf ({_one_line(e)})") from e
+        raise UserError(f"{path}: not an ONNX model or truncated/corrupt protobuf ({one_line(e)})") from e
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise UserError(f"{path}: not an ONNX model (no graph or IR version in the protobuf)")
     newest = onnx.defs.onnx_opset_version()
@@ -134,7 +130,7 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read external data: {_one_line(e)}") from e
+        raise UserError(f"{path}: cannot read external data: {one_line(e)}") from e
     _check_tensor_sizes(proto, path)
     try:
         if proto.ByteSize() < _PROTOBUF_LIMIT:
@@ -143,9 +139,9 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
         else:  # the checker needs a path for models over 2 GB
             onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise UserError(f"{path}: invalid ONNX model: {_one_line(e)}") from e
+        raise UserError(f"{path}: invalid ONNX model: {one_line(e)}") from e
     except Exception as e:  # the checker's C++ core raises plain exceptions on some corruptions
-        raise UserError(f"{path}: invalid ONNX model: {_one_line(e)}") from e
+        raise UserError(f"{path}: invalid ONNX model: {one_line(e)}") from e
     return proto
 
 
@@ -155,7 +151,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     try:
         return ir.from_proto(proto)
     except Exception as e:
-        raise UserError(f"{path}: cannot be represented in onnx_ir: {_one_line(e)}") from e
+        raise UserError(f"{path}: cannot be represented in onnx_ir: {one_line(e)}") from e
 
 
 def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
@@ -226,4 +222,4 @@ def save(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *,
             os.replace(tmp_model, path)
         return path
     except OSError as e:
-        raise UserError(f"{path}: cannot write: {e.strerror or _one_line(e)}") from e
+        raise UserError(f"{path}: cannot write: {e.strerror or one_line(e)}") from e

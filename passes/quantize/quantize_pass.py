@@ -56,7 +56,7 @@ from deployopt.passes.quantize.cpu import auto_reduce_range
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, model_inputs, samples_in, scan
 from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
 from deployopt.passes.quantize.latency_probe import LatencyProbe
-from deployopt.passes.quantize.prepare import Prepared, matching_nodes, prepare
+from deployopt.passes.quantize.prepare import MIN_OPSET, PER_CHANNEL_OPSET, Prepared, matching_nodes, prepare
 from deployopt.passes.quantize.quantizer import QUANT_TYPES, Quantizer
 from deployopt.passes.quantize.refine import DAMP, Refiner
 from deployopt.passes.quantize.report import (QUANTIZABLE, activation_bounds, already_quantized, int8_nodes,
@@ -78,6 +78,11 @@ class QuantizePass(DeployFunctionalPass):
 
     name: ClassVar[str] = "quantize"
     needs_calibration: ClassVar[bool] = True
+
+    @property
+    def min_opset(self) -> int:  # the pipeline upgrades older models before this pass
+        return PER_CHANNEL_OPSET if self.per_channel else MIN_OPSET
+
     # int8 that the CPU does not fuse is slower than float, the most common surprise with int8
     # tools: the step guard is on by default here.
     min_step_speedup: float | None = setting(1.0, low=0, low_open=True)

@@ -5,7 +5,7 @@ Built-in data ships inside installed packages, never downloaded at run time: ``d
 (foolbox's 20 labelled ImageNet photos) and ``photos`` (deterministic crops of scikit-image's
 colour photos and the ImageNet samples). User data: a folder of images (flat, or one subfolder
 per class), an ``.npy`` array [n, ...] (memory-mapped), or an ``.npz`` archive with ``x`` and
-optional integer labels ``y``.
+optional integer labels ``y`` (or, for a model with several inputs, one array per input name).
 
 A source has ``n`` samples, ``labels`` (or None), ``raw_shape`` (per-sample shape of arrays;
 None for image files) and ``reader(preprocess)``, which returns a function from indices to a
@@ -87,6 +87,19 @@ class ImageSource:
 
     def describe(self, i: int) -> str:
         return f"sample {i} ({self.paths[i]})"
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every sample, from the file headers (no pixel is decoded)."""
+        if self.boxes is not None:
+            return [(bottom - top, right - left) for left, top, right, bottom in self.boxes]
+        sizes = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as im:
+                    sizes.append(im.size[::-1])
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                raise UserError(f"{path}: cannot read image ({' '.join(str(e).split())[:200]})") from e
+        return sizes
 
 
 def _package_dir(package: str, dataset: str) -> pathlib.Path:
@@ -247,44 +260,52 @@ def _open_npy(path: pathlib.Path) -> ArraySource:
     return ArraySource(lambda: np.load(path, mmap_mode="r", allow_pickle=False), shape, None, path.name)
 
 
-def _open_npz(path: pathlib.Path) -> ArraySource:
+def npz_arrays(path: pathlib.Path) -> list[str]:
+    """The names of the arrays in an ``.npz`` archive (UserError when it is not one)."""
     _existing_file(path, "npz")
     try:
         with zipfile.ZipFile(path) as archive:
-            members = archive.namelist()
-            if "x.npy" not in members:
-                arrays = ", ".join(m[:-4] for m in members if m.endswith(".npy")) or "none"
-                raise UserError(f"{path}: no array 'x' (arrays: {arrays})")
-            with archive.open("x.npy") as fp:
-                shape, dtype = _npy_header(fp, path)
-            y = None
-            if "y.npy" in members:
-                with archive.open("y.npy") as fp:
-                    y = np.lib.format.read_array(fp, allow_pickle=False)
+            return [m[:-4] for m in archive.namelist() if m.endswith(".npy")]
     except zipfile.BadZipFile as e:
         raise UserError(f"{path}: not an .npz archive ({e})") from e
+
+
+def _open_npz(path: pathlib.Path, member: str = "x") -> ArraySource:
+    arrays = npz_arrays(path)
+    if member not in arrays:
+        raise UserError(f"{path}: no array {member!r} (arrays: {', '.join(arrays) or 'none'})")
+    with zipfile.ZipFile(path) as archive:
+        with archive.open(f"{member}.npy") as fp:
+            shape, dtype = _npy_header(fp, path)
+        y = None
+        if "y" in arrays:
+            with archive.open("y.npy") as fp:
+                y = np.lib.format.read_array(fp, allow_pickle=False)
     _check_array(shape, dtype, path)
     if y is not None:
         if y.shape != (shape[0],):
-            raise UserError(f"{path}: y has shape {y.shape} but x has {shape[0]} samples (expected ({shape[0]},))")
+            raise UserError(f"{path}: y has shape {y.shape} but {member} has {shape[0]} samples "
+                            f"(expected ({shape[0]},))")
         if not (np.issubdtype(y.dtype, np.number) and np.all(y == np.round(y)) and np.all(y >= 0)):
             raise UserError(f"{path}: y must hold class indices (integers >= 0)")
         y = y.astype(np.int64)
 
-    # Arrays inside a zip cannot be memory-mapped: x is read when iteration starts (use .npy for
-    # arrays larger than memory).
+    # Arrays inside a zip cannot be memory-mapped: the array is read when iteration starts (use
+    # .npy for arrays larger than memory).
     def load() -> np.ndarray:
         with np.load(path, allow_pickle=False) as archive:
-            return archive["x"]
+            return archive[member]
 
-    return ArraySource(load, shape, y, path.name)
+    return ArraySource(load, shape, y, path.name if member == "x" else f"{path.name}[{member}]")
 
 
 Source = ArraySource | ImageSource
 
 
-def open_source(kind: str, path: pathlib.Path | None) -> tuple[Source, int | None, list[str] | None]:
-    """The source of a spec's ``kind`` (and path): ``(source, num_classes, class_names)``."""
+def open_source(kind: str, path: pathlib.Path | None, member: str = "x",
+                ) -> tuple[Source, int | None, list[str] | None]:
+    """The source of a spec's ``kind`` (and path; ``member``: the array of an npz archive):
+    ``(source, num_classes, class_names)``."""
     if kind in ("digits", "mnist"):
         return _open_builtin_arrays(kind), 10, None
     if kind == "imagenet-samples":
@@ -297,5 +318,5 @@ def open_source(kind: str, path: pathlib.Path | None) -> tuple[Source, int | Non
         return source, None if class_names is None else len(class_names), class_names
     if kind == "npy":
         return _open_npy(path), None, None
-    source = _open_npz(path)
+    source = _open_npz(path, member)
     return source, None if source.labels is None else int(source.labels.max()) + 1, None

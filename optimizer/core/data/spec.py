@@ -10,13 +10,17 @@ NAME is ``digits``, ``mnist``, ``imagenet-samples``, ``photos``, ``folder:PATH``
 or ``npz:PATH`` (in a string, ``?`` starts the options). The keys are the fields of
 ``DatasetSpec``: ``preprocess`` (a preset name, a mapping of ``PREPROCESS_KEYS``, or ``none``
 for arrays that are already preprocessed), ``limit`` (keep the first N), ``split``
-(``all|train|test``), ``shuffle`` (permute with the caller's seed before ``limit``). In a string
-only preset names can be given; custom preprocessing needs the mapping form.
+(``all|train|test``), ``shuffle`` (permute with the caller's seed before ``limit``), and
+``constants`` (for a model with several inputs: a value per input name that the dataset does not
+feed, repeated for every sample, e.g. ``{im_shape: [[800, 608]], scale_factor: [[1.0, 1.0]]}``;
+a leading dimension of 1 is the batch). In a string only preset names can be given; custom
+preprocessing and constants need the mapping form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -43,6 +47,8 @@ class DatasetSpec(Settings):
     limit: int | None = setting(None, low=1)
     split: Literal["all", "train", "test"] = "all"
     shuffle: bool = False
+    constants: dict[str, float | list[float] | list[list[float]]] | None = setting(
+        None, min_len=1, low=-math.inf, high=math.inf, low_open=True, high_open=True)
 
     @property
     def kind(self) -> str:
@@ -65,6 +71,10 @@ class DatasetSpec(Settings):
             raise UserError(f"dataset: {self.dataset!r} needs a path after '{self.kind}:'")
         if isinstance(self.preprocess, str):
             check_bounds("preprocess", self.preprocess, Bounds(choices=(*PRESETS, "none")))
+        for name, value in (self.constants or {}).items():
+            rows = value if isinstance(value, list) else [value]
+            if len({len(r) if isinstance(r, list) else -1 for r in rows}) > 1:
+                raise UserError(f"constants.{name}: rows of different lengths in {value!r}")
         self.pipeline()
 
     def pipeline(self) -> Preprocess | None:
