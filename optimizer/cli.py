@@ -299,17 +299,37 @@ def _bench(args) -> int:
 
 def _add_eval(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="accuracy and fidelity vs a reference model",
-        description="Top-1/top-5 of an ONNX classifier on a dataset (Wilson 95% intervals), and "
-                    "agreement, cosine, max abs difference and KL against a reference model.")
+        "eval", help="task metrics vs labels and a reference model",
+        description="Judge an ONNX model on a dataset by its task metric, against labels and a "
+                    "reference model: classification (top-1/top-5 with Wilson 95% intervals; "
+                    "agreement, cosine, max abs difference, KL), detection (box agreement F1 and "
+                    "mean IoU; mAP@0.5 and mAP@0.5:0.95 against COCO JSON), segmentation (pixel "
+                    "agreement, mIoU), sequence (CTC exact match, CER), regression (cosine, "
+                    "relative MAE). `deployopt inspect` suggests a metric per output.")
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--data", required=True, metavar="SPEC", help=DATA_HELP)
     p.add_argument("--reference", metavar="REF.onnx", help="compare outputs with this model")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                   help="full shape of an input whose dynamic dims the data does not fix (repeatable)")
+    p.add_argument("--metric", action="append", default=[], metavar="OUTPUT=KIND[:k=v,...]",
+                   help="metric of an output (repeatable): classification, detection, segmentation, "
+                        "sequence, regression, or package.module:function (user code: imported and run, "
+                        "only code you trust), e.g. detection:score_threshold=0.4 (default: "
+                        "classification for 2-D logits, regression for other outputs)")
+    p.add_argument("--labels", metavar="FILE", help="labels for the detection (COCO JSON), segmentation "
+                   "(folder of masks) or sequence (text, one per line) metric")
+    p.add_argument("--charset", metavar="FILE", help="the sequence metric's charset, one character per line")
     p.add_argument("--batch-size", default="32", help="samples per run (default 32)")
     p.add_argument("--threads", default="1", help="intra-op threads (default 1)")
     p.add_argument("--json", metavar="F", help="write the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
+
+
+def _metric_args(items: list[str]):
+    from deployopt.measure.tasks import parse_metric
+
+    return [parse_metric(item, "--metric") for item in items] or None
 
 
 def _eval(args) -> int:
@@ -324,11 +344,13 @@ def _eval(args) -> int:
     out = _writable("--json", args.json)
     try:
         result = api.evaluate(args.model, args.data, reference=args.reference, batch_size=values["--batch-size"],
-                              threads=values["--threads"], progress=not args.no_progress)
+                              threads=values["--threads"], progress=not args.no_progress,
+                              shapes=_shape_args(args.shape), metrics=_metric_args(args.metric),
+                              labels=args.labels, charset=args.charset)
     except UserError as e:
         if str(e).startswith("data ") and "nothing to measure" in str(e):
-            raise UserError(f"--data {args.data}: the dataset has no labels and no --reference was "
-                            "given, so there is nothing to measure") from e
+            raise UserError(f"--data {args.data}: the dataset has no labels and no --reference or --labels "
+                            "was given, so there is nothing to measure") from e
         raise
     sys.stdout.write(result.to_text())
     if out is not None:
@@ -378,7 +400,7 @@ def _raise_interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C: cleanup han
 def _cleanup_staging(args) -> None:
     """After a crashed or killed optimize child: remove its staged (never published) outputs."""
     if getattr(args, "verb", None) == "optimize":
-        from deployopt.pipeline import STAGING_PREFIX
+        from deployopt.core.contain import STAGING_PREFIX  # light: no onnxruntime import in the parent
 
         out_dir = _optimize_out_dir(args)
         for leftover in out_dir.glob(STAGING_PREFIX + "*") if out_dir.is_dir() else []:

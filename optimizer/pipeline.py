@@ -26,14 +26,16 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from deployopt import report
 from deployopt.core import io, stats
-from deployopt.core.contain import report_status
+from deployopt.core.contain import STAGING_PREFIX, Skipped, best_effort, report_status
 from deployopt.core.normalize import Action, data_inputs, default_opset, normalize, upgrade_opset
 from deployopt.passes.context import PassContext
-from deployopt.core.errors import DeployoptError, UserError, WorkFailed
+from deployopt.core.errors import DeployoptError, UserError, WorkFailed, one_line
+from deployopt.measure.model_io import TensorSpec, format_shape, with_shapes
 from deployopt.recipe import Recipe
 
 
@@ -59,13 +61,6 @@ class StepRecord:
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
     report_status(message)
-
-
-def input_shape(model: ir.Model) -> list[int | str | None]:
-    value = data_inputs(model)[0]
-    if value.shape is None:
-        return []
-    return [d if isinstance(d, int) else (d.value if hasattr(d, "value") else None) for d in value.shape]
 
 
 def _prepare_out_dir(out_dir: pathlib.Path) -> pathlib.Path:
@@ -102,18 +97,76 @@ def _export_input(spec: dict[str, Any], work_dir: pathlib.Path) -> pathlib.Path:
     return target
 
 
-def _open_datasets(recipe: Recipe, shape: list, input_name: str) -> dict[str, Any]:
-    from deployopt.core.data import open_dataset
+def _shapes_hint(name: str, example: list[int]) -> str:
+    """How ``optimize`` sets an input's shape: the recipe's ``shapes`` key."""
+    return f"set shapes.{name} in the recipe (--set shapes.{name}=[{','.join(map(str, example))}])"
+
+
+def _model_inputs(model: ir.Model, recipe: Recipe) -> tuple[list[TensorSpec], dict[str, tuple[int, ...]]]:
+    """The model's data inputs, and the recipe's ``shapes`` checked against them."""
+    specs = []
+    for value in data_inputs(model):
+        dims = None if value.shape is None else tuple(
+            d if isinstance(d, int) else getattr(d, "value", None) for d in value.shape)
+        try:
+            dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else None
+        except (TypeError, ValueError, AttributeError):  # element types numpy cannot hold
+            dtype = None
+        specs.append(TensorSpec(value.name, dtype, dims))
+    by_name = {s.name: s for s in specs}
+    given = {}
+    for name, dims in recipe.shapes.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise UserError(f"shapes.{name}: not an input of the model (inputs: {', '.join(by_name)})")
+        fixed = spec.dims or ()
+        if spec.dims is not None and (len(dims) != len(fixed) or any(
+                isinstance(w, int) and w != g for i, (w, g) in enumerate(zip(fixed, dims)) if i > 0)):
+            raise UserError(f"shapes.{name}: {dims} does not fit model input '{name}' ({spec.shape_text()})")
+        given[name] = tuple(dims)
+    return specs, given
+
+
+def _open_datasets(recipe: Recipe, inputs: list[TensorSpec]) -> dict[str, Any]:
+    from deployopt.core.data import UnfixedDims, open_model_data
 
     datasets = {}
     base_dir = recipe.path.parent if recipe.path else None  # relative data paths follow the recipe
     for key, spec in recipe.data.items():
         try:
-            datasets[key] = open_dataset(spec, input_shape=shape, seed=recipe.seed, input_name=input_name,
-                                         base_dir=base_dir)
+            datasets[key] = open_model_data(spec, inputs, seed=recipe.seed, base_dir=base_dir)
+        except UnfixedDims as e:
+            raise UserError(f"data.{key}: {e}; {_shapes_hint(e.input_name, e.example())}") from e
         except UserError as e:
             raise UserError(f"data.{key}: {e}") from e
     return datasets
+
+
+def _fed_shapes(recipe: Recipe, specs: list[TensorSpec], given: dict[str, tuple[int, ...]],
+                datasets: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """The shapes the latency harness feeds inputs whose non-batch dims are dynamic: the recipe's
+    ``shapes``, else the samples of the first dataset that feeds the input (every sample of a
+    dataset has one shape), with a note saying so. Refused before any work when neither fixes
+    them and something will time the model (the benchmark or a step guard)."""
+    shapes, notes = dict(given), []
+    timed = recipe.benchmark.enabled or any(p.min_step_speedup for p in recipe.passes)
+    for spec in specs:
+        open_dims = [f"{i} ({d or '?'})" for i, d in enumerate(spec.dims or ()) if i > 0 and not isinstance(d, int)]
+        if spec.name in shapes or (spec.dims is not None and not open_dims):
+            continue
+        for key, data in datasets.items():
+            sample = (data.sample_shapes or ({spec.name: data.sample_shape} if len(specs) == 1 else {})).get(spec.name)
+            if sample is not None:
+                shapes[spec.name] = (1, *sample)
+                notes.append(f"input '{spec.name}' ({spec.shape_text()}): dynamic dim {', '.join(open_dims)} "
+                             f"taken from the data: every sample of data.{key} is {format_shape(sample)}")
+                break
+        else:
+            if timed:
+                example = [d if isinstance(d, int) else (1 if i == 0 else 224) for i, d in enumerate(spec.dims or ())]
+                raise UserError(f"model input '{spec.name}' ({spec.shape_text()}) has dynamic dims that no dataset "
+                                f"of the recipe fixes; {_shapes_hint(spec.name, example)}")
+    return shapes, notes
 
 
 def _check_requirements(recipe: Recipe, datasets: dict[str, Any]) -> None:
@@ -136,15 +189,29 @@ def _step_accuracy(model: ir.Model, index: int, input_path: pathlib.Path, ctx: P
     the evaluation data, after this step. None without evaluation data."""
     if ctx.evaluation is None:
         return None
-    from deployopt.measure.accuracy import evaluate
-
     path = ctx.work_dir / f"step{index}_eval.onnx"
     io.save(model, path)
     try:
-        result = evaluate(path, ctx.evaluation, reference_path=input_path, threads=ctx.threads, progress=False)
+        result = _evaluate("evaluation", path, ctx.evaluation, reference_path=input_path, threads=ctx.threads,
+                           progress=False)
+    except UserError:  # the evaluation data does not fit the model: bad input
+        raise
+    except Exception as e:  # anything else only costs this report-only figure; the step stands
+        return Skipped.of(e).to_json()
     finally:
         path.unlink(missing_ok=True)
     return {k: result.get(k) for k in ("top1", "agreement", "cosine", "n")}
+
+
+def _evaluate(key: str, path: pathlib.Path, data: Any, **kwargs) -> dict:
+    """``evaluate`` whose bad-data errors name the recipe key and the model: ``data.<key>: <model>: ...``."""
+    from deployopt.measure.accuracy import evaluate
+
+    try:
+        return evaluate(path, data, **kwargs)
+    except UserError as e:
+        where = "" if str(path) in str(e) else f"{path}: "
+        raise UserError(f"data.{key}: {where}{e}") from e
 
 
 def _upgrade_opset_for(p, index: int, model: ir.Model, normalization: list[Action], source: str) -> ir.Model:
@@ -159,7 +226,8 @@ def _upgrade_opset_for(p, index: int, model: ir.Model, normalization: list[Actio
 
 
 def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: list[StepRecord],
-                input_path: pathlib.Path, normalization: list[Action], source: str) -> tuple[ir.Model, str | None]:
+                input_path: pathlib.Path, normalization: list[Action], source: str,
+                shapes: dict[str, tuple[int, ...]]) -> tuple[ir.Model, str | None]:
     total = len(recipe.passes)
     for i, p in enumerate(recipe.passes):
         model = _upgrade_opset_for(p, i, model, normalization, source)
@@ -172,8 +240,9 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: l
         try:
             result = p(model)
         except DeployoptError as e:
-            if isinstance(e, UserError):
-                raise UserError(f"passes[{i}].{p.name}: {e}") from e
+            if isinstance(e, UserError):  # "setting: why" names the recipe key passes[i].NAME.setting
+                sep = "." if str(e).split(":")[0] in {f.name for f in dataclasses.fields(p)} else ": "
+                raise UserError(f"passes[{i}].{p.name}{sep}{e}") from e
             raise WorkFailed(f"passes[{i}].{p.name}: {e}") from e
         except KeyboardInterrupt:
             raise
@@ -185,8 +254,13 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: l
         model = result.model
         status = "ok"
         if guard and result.modified and not result.failure:
-            verdict = _step_guard(p.name, snapshot, model, guard, recipe, base_ctx.work_dir, i)
+            verdict = best_effort(_step_guard, p.name, snapshot, model, guard, recipe, base_ctx.work_dir, i, shapes)
+            if isinstance(verdict, Skipped):  # not measured: the step is kept, and the note says why
+                verdict = {"limit": guard, "speedup": None, "reverted": False, "skipped": verdict.reason,
+                           "message": f"{p.name} step guard not measured: {verdict.reason}"}
             result.details["step_guard"] = verdict
+            if verdict["speedup"] is None:
+                result.notes.append(verdict["message"])
             if verdict["reverted"]:
                 result.notes.append(verdict["message"])
                 _log(verdict["message"])
@@ -195,6 +269,8 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: l
         record = StepRecord(p.name, p.params(), seconds, bool(result.modified) and status != "reverted",
                             before, after, result.notes, result.details, status)
         record.accuracy = _step_accuracy(model, i, input_path, base_ctx)
+        if "skipped" in (record.accuracy or {}):
+            record.notes.append(f"accuracy after this step skipped: {record.accuracy['skipped']}")
         steps.append(record)
         cost = record.accuracy or {}
         _log(f"[{i + 1}/{total}] {p.name} {status} in {seconds:.1f} s: "
@@ -209,12 +285,15 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: l
 
 
 def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: Recipe,
-                work_dir: pathlib.Path, index: int) -> dict[str, Any]:
-    """Short interleaved benchmark of a step's input vs its output on the first thread setting.
+                work_dir: pathlib.Path, index: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Interleaved benchmark of a step's input vs its output on the first thread setting.
 
-    The step is reverted only when it is slower with confidence: the whole 95% interval of its
-    speedup lies below ``limit``. On shared machines (±15-30% noise) a point estimate alone would
-    revert good steps at random.
+    A short benchmark first: the step is reverted when it is slower with confidence (the whole 95%
+    interval of its speedup lies below ``limit``) and kept when it is faster with confidence. When
+    the interval straddles ``limit`` the short run cannot tell (timings on shared machines vary by
+    15-30%), so a longer one (six rounds instead of three) decides on its point estimate: a step that
+    is not at least ``limit`` faster there is reverted, because it buys no latency and the run must
+    never ship a model slower than its input.
     """
     from deployopt.measure import latency
 
@@ -223,26 +302,36 @@ def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: R
     io.save(before, step_in)
     io.save(model, step_out)
     threads = recipe.benchmark.threads[0]
-    result = latency.compare([step_in, step_out], labels=["step input", "step output"], threads=(threads,),
-                             batch=(1,), warmup=5, runs=max(20, recipe.benchmark.runs // 2), rounds=3,
-                             timeout=recipe.benchmark.timeout, seed=recipe.seed, progress=False)
-    rows = {row["model"]: row for row in result.rows}
-    out, inp = rows["step output"], rows["step input"]
-    if out.get("error") or inp.get("error"):
-        return {"limit": limit, "speedup": None, "reverted": False,
-                "message": f"{name} step guard not measured: {out.get('error') or inp.get('error')}"}
-    speedup, (low, high) = out["speedup"], out.get("speedup_ci") or (out["speedup"], out["speedup"])
-    reverted = high < limit
+    runs = max(20, recipe.benchmark.runs // 2)  # per round; the first run has 3 rounds, the second 6
+    verdict: dict[str, Any] = {"limit": limit, "threads": threads, "reverted": False}
+    for attempt, (runs, rounds) in enumerate(((runs, 3), (runs, 6))):
+        result = latency.compare([step_in, step_out], labels=["step input", "step output"], threads=(threads,),
+                                 batch=(1,), warmup=5, runs=runs, rounds=rounds, timeout=recipe.benchmark.timeout,
+                                 seed=recipe.seed + attempt, progress=False, shapes=shapes)
+        rows = {row["model"]: row for row in result.rows}
+        out, inp = rows["step output"], rows["step input"]
+        if out.get("error") or inp.get("error"):
+            return {**verdict, "speedup": None,
+                    "message": f"{name} step guard not measured: {out.get('error') or inp.get('error')}"}
+        speedup, (low, high) = out["speedup"], out.get("speedup_ci") or (out["speedup"], out["speedup"])
+        verdict.update(speedup=speedup, speedup_ci=[low, high], p50_ms_input=inp["p50_ms"],
+                       p50_ms_output=out["p50_ms"], measurements=attempt + 1)
+        if attempt == 0 and not low < limit <= high:
+            verdict["reverted"] = high < limit
+            break
+        verdict["reverted"] = speedup < limit  # the longer run, on its point estimate
     slower = f"{1 / speedup:.2f}x slower" if speedup < 1 else f"only {speedup:.2f}x faster"
-    message = (f"{name} reverted: {slower} than its input (p50 {out['p50_ms']:.2f} ms vs {inp['p50_ms']:.2f} ms, "
-               f"speedup 95% CI [{low:.2f}, {high:.2f}] below min_step_speedup {limit:g})")
-    return {"limit": limit, "speedup": speedup, "speedup_ci": [low, high], "p50_ms_input": inp["p50_ms"],
-            "p50_ms_output": out["p50_ms"], "threads": threads, "reverted": reverted,
-            "message": message if reverted else f"{name} kept: {speedup:.2f}x vs its input"}
+    how = ("95% CI below" if verdict["measurements"] == 1
+           else "not above it in a longer second benchmark:")
+    verdict["message"] = (f"{name} reverted: {slower} than its input (p50 {verdict['p50_ms_output']:.2f} ms vs "
+                          f"{verdict['p50_ms_input']:.2f} ms, speedup {speedup:.2f} [{low:.2f}, {high:.2f}], "
+                          f"{how} min_step_speedup {limit:g})" if verdict["reverted"]
+                          else f"{name} kept: {speedup:.2f}x vs its input")
+    return verdict
 
 
-def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path,
-             datasets: dict[str, Any]) -> tuple[list[dict], dict[str, Any], list[str], dict[str, Any]]:
+def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path, datasets: dict[str, Any],
+             shapes: dict[str, tuple[int, ...]]) -> tuple[list[dict], dict[str, Any], list[str], dict[str, Any]]:
     bench_rows: list[dict] = []
     warnings: list[str] = []
     profiles: dict[str, Any] = {}
@@ -253,40 +342,39 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
         result = latency.compare([input_path, output_path], labels=["input", "output"],
                                  threads=tuple(settings.threads), batch=tuple(settings.batch),
                                  warmup=settings.warmup, runs=settings.runs, rounds=settings.rounds,
-                                 timeout=settings.timeout, seed=recipe.seed)
+                                 timeout=settings.timeout, seed=recipe.seed, shapes=shapes)
         bench_rows = [{k: v for k, v in row.items() if k != "samples_ms"} for row in result.rows]
         warnings.extend(result.warnings)
         failed = [row for row in bench_rows if row.get("error")]
         if failed:
             raise WorkFailed(f"benchmark of {failed[0]['model']} failed: {failed[0]['error']}")
-        profiles = _profiles(recipe, input_path, output_path, warnings)
+        profiles = _profiles(recipe, input_path, output_path, warnings, shapes)
     accuracy: dict[str, Any] = {}
     if "evaluation" in datasets:
-        from deployopt.measure.accuracy import evaluate
-
         data = datasets["evaluation"]
         threads = settings.threads[0]
-        acc_in = evaluate(input_path, data, threads=threads)
-        acc_out = evaluate(output_path, data, reference_path=input_path, threads=threads)
+        acc_in = _evaluate("evaluation", input_path, data, threads=threads)
+        acc_out = _evaluate("evaluation", output_path, data, reference_path=input_path, threads=threads)
         accuracy = {"dataset": data.name, "input": acc_in, "output": acc_out,
                     "agreement": acc_out.get("agreement")}
         if acc_in.get("top1") is not None and acc_out.get("top1") is not None:
             accuracy["metric"] = "top1"
             accuracy["drop"] = acc_in["top1"] - acc_out["top1"]
-        else:
+        elif acc_out.get("agreement") is not None:
             accuracy["metric"] = "agreement"
             accuracy["drop"] = 1.0 - acc_out["agreement"]
+        else:  # not a classifier: the fidelity of all outputs to the input model's
+            accuracy["metric"] = "cosine"
+            accuracy["drop"] = 1.0 - acc_out["cosine"]
     if "fidelity" in datasets:
-        from deployopt.measure.accuracy import evaluate
-
         data = datasets["fidelity"]
-        fidelity = evaluate(output_path, data, reference_path=input_path, threads=settings.threads[0])
+        fidelity = _evaluate("fidelity", output_path, data, reference_path=input_path, threads=settings.threads[0])
         accuracy["fidelity"] = {"dataset": data.name, **fidelity}
     return bench_rows, accuracy, warnings, profiles
 
 
 def _profiles(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path,
-              warnings: list[str]) -> dict[str, Any]:
+              warnings: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """Where the time goes in the input and the output model: the 10 most expensive nodes."""
     from deployopt.measure.profile import profile_model
 
@@ -294,9 +382,12 @@ def _profiles(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Pat
     for label, path in (("input", input_path), ("output", output_path)):
         try:
             profile = profile_model(path, threads=recipe.benchmark.threads[0], runs=20, warmup=5,
-                                    seed=recipe.seed, label=label, timeout=recipe.benchmark.timeout or 600.0)
-        except DeployoptError as e:  # the latency numbers stand without it; say why it is missing
-            warnings.append(f"profile of {label} not available: {e}")
+                                    seed=recipe.seed, label=label, timeout=recipe.benchmark.timeout or 600.0,
+                                    shapes=shapes)
+        except Exception as e:  # report-only: the latency numbers stand without it; say why it is missing
+            reason = one_line(e, with_type=not isinstance(e, DeployoptError))
+            warnings.append(f"profile of {label} not available: {reason}")
+            profiles[label] = {"summary": {"skipped": reason}, "markdown": f"profile of {label} skipped: {reason}"}
             continue
         data = profile.to_dict()
         data["rows"] = data["rows"][:10]
@@ -328,9 +419,6 @@ def _gate_reason(gate: dict[str, Any]) -> str:
     return f"gate {gate['name']} not met: {value} {relation} {gate['limit']:g}"
 
 
-STAGING_PREFIX = ".deployopt-staging-"
-
-
 def run(recipe: Recipe, out_dir: str | pathlib.Path) -> report.Report:
     """Run the recipe; outputs are staged in a hidden folder inside ``out_dir`` and renamed into
     place only at the end, so a crash or an interrupt leaves no partial files behind."""
@@ -339,20 +427,40 @@ def run(recipe: Recipe, out_dir: str | pathlib.Path) -> report.Report:
     if not isinstance(recipe.model, dict):
         io.check_output_path(out_dir / "model.onnx", input_path=recipe.model)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    names = report.UserPaths()
+    names.add(staging, str(out_dir))  # staged outputs are named where they will be
     try:
-        result = _run(recipe, out_dir, staging, started)
+        result = _run(recipe, out_dir, staging, started, names)
         for name in ("input.onnx", "model.onnx", "report.json", "report.md"):
             if (staging / name).exists():
                 os.replace(staging / name, out_dir / name)
         return result
+    except DeployoptError as e:  # the message names the user's files, not the run's copies
+        message = names(str(e))
+        if message == str(e):
+            raise
+        raise (UserError if isinstance(e, UserError) else WorkFailed)(message) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: float) -> report.Report:
+def _name_work_files(names: report.UserPaths, work_dir: pathlib.Path, recipe: Recipe, source: str) -> None:
+    """What the run's working files are to the user: the model they gave, at a recipe step."""
+    names.add_scratch(work_dir, f"a working copy of {source}")
+    for i, p in enumerate(recipe.passes):
+        step = f"passes[{i}].{p.name}"
+        names.add(work_dir / f"step{i}_input.onnx", f"{source} before {step}")
+        names.add(work_dir / f"step{i}_output.onnx", f"{source} after {step}")
+        names.add(work_dir / f"step{i}_eval.onnx", f"{source} after {step}")
+
+
+def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: float,
+         names: report.UserPaths) -> report.Report:
     output_path = staging / "model.onnx"
     with tempfile.TemporaryDirectory(prefix="deployopt-") as tmp:
         work_dir = pathlib.Path(tmp)
+        _name_work_files(names, work_dir, recipe,
+                         str(out_dir / "input.onnx") if isinstance(recipe.model, dict) else str(recipe.model))
         if isinstance(recipe.model, dict):
             exported = _export_input(recipe.model, work_dir)
             input_path = staging / "input.onnx"
@@ -364,9 +472,12 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
         model, normalization = normalize(model, source=source)
         for action in normalization:
             _log(f"normalised on load: {action.line()}")
-        shape = input_shape(model)
-        datasets = _open_datasets(recipe, shape, data_inputs(model)[0].name)
+        specs, given = _model_inputs(model, recipe)
+        datasets = _open_datasets(recipe, with_shapes(specs, given))
         _check_requirements(recipe, datasets)
+        shapes, shape_notes = _fed_shapes(recipe, specs, given, datasets)
+        for note in shape_notes:
+            _log(note)
 
         input_stats = stats.model_stats(model, path=str(input_path))
         if isinstance(recipe.model, dict):  # report where the file will be, not the staging folder
@@ -378,12 +489,16 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
                                reference=reference, seed=recipe.seed, work_dir=work_dir,
                                threads=recipe.benchmark.threads[0])
         steps: list[StepRecord] = []
-        model, failure = _run_passes(recipe, model, base_ctx, steps, input_path, normalization, source)
+        model, failure = _run_passes(recipe, model, base_ctx, steps, input_path, normalization, source, shapes)
+        if steps:  # the shapes every step's data and timing used
+            steps[0].notes[:0] = shape_notes
 
         io.save(model, output_path, input_path=input_path)
         output_stats = stats.model_stats(io.load_proto(output_path), path=str(output_path))
         output_stats["path"] = str(out_dir / "model.onnx")
-        bench_rows, accuracy, warnings, profiles = _measure(recipe, input_path, output_path, datasets)
+        bench_rows, accuracy, warnings, profiles = _measure(recipe, input_path, output_path, datasets, shapes)
+        if not steps:
+            warnings[:0] = shape_notes
         gates = _evaluate_gates(recipe, output_stats, bench_rows, accuracy)
 
     reasons = ([failure] if failure else []) + [_gate_reason(g) for g in gates if not g["passed"]]
@@ -392,6 +507,6 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
                        steps=[s.to_json() for s in steps], benchmark=bench_rows, accuracy=accuracy,
                        gates=gates, warnings=warnings, exit_code=exit_code, profiles=profiles,
                        reason="; ".join(reasons) or None, seconds=time.time() - started,
-                       normalization=[a.to_json() for a in normalization])
+                       normalization=[a.to_json() for a in normalization], names=names)
     report.write(doc, staging, {k: v["markdown"] for k, v in profiles.items()})
     return report.Report.from_dict(doc, out_dir)

@@ -7,7 +7,8 @@ Every section is a settings dataclass (``deployopt.core.settings``): pass parame
 pass classes' own typed fields, so the recipe layer only knows the pass contract, not any pass.
 
 ``--set KEY=VALUE`` overrides use the same paths: ``passes[1].prune.sparsity=0.7``,
-``gates.min_speedup=2``, ``benchmark.threads=[1,2]``; VALUE is parsed as YAML.
+``gates.min_speedup=2``, ``benchmark.threads=[1,2]``, ``shapes.input1=[1,1,64,224]``; VALUE is
+parsed as YAML.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import Any
 import yaml
 
 from deployopt.core.errors import UserError
-from deployopt.core.settings import Settings, build_settings, setting
+from deployopt.core.settings import Bounds, Settings, build_settings, check_value, setting
 
-TOP_KEYS = ("model", "data", "passes", "benchmark", "gates", "seed")
+TOP_KEYS = ("model", "data", "passes", "benchmark", "gates", "seed", "shapes")
 # calibration: passes that calibrate or reconstruct; evaluation: accuracy (labels) and agreement;
 # training: distillation (defaults to calibration); fidelity: an extra unlabeled set on which the
 # output's agreement with the input model is measured (e.g. many natural-photo crops).
@@ -62,6 +63,9 @@ class Recipe:
     gates: Gates
     seed: int
     raw: dict[str, Any]  # the recipe after overrides, as written to report.json
+    # Full shapes of model inputs by name, for dims neither the model nor the data fixes (the
+    # width of a text-line recognizer fed random inputs); checked against the model on load.
+    shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 # -- overrides -------------------------------------------------------------------------------------
@@ -191,6 +195,15 @@ def _build_passes(entries: Any, base: pathlib.Path | None = None) -> list[Any]:
     return built
 
 
+def _validate_shapes(shapes: Any) -> dict[str, list[int]]:
+    if shapes is None:
+        return {}
+    check_value("shapes", shapes, dict[str, list[int]])
+    for name, dims in shapes.items():
+        check_value(f"shapes.{name}", dims, list[int], Bounds(low=1, min_len=1))
+    return {name: list(dims) for name, dims in shapes.items()}
+
+
 def _scalar_lists(benchmark: Any) -> Any:
     """``threads: 2`` means ``threads: [2]`` (and the same for ``batch``)."""
     if not isinstance(benchmark, dict):
@@ -219,6 +232,7 @@ def from_mapping(raw: Any, path: pathlib.Path | None = None) -> Recipe:
         gates=build_settings(Gates, raw.get("gates"), "gates"),
         seed=seed,
         raw=raw,
+        shapes=_validate_shapes(raw.get("shapes")),
     )
 
 

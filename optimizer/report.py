@@ -11,7 +11,9 @@ Keys of report.json (stable: other tools read them)::
 plus ``normalization[{action, count, what, why}]`` (rewrites of the input model on load, see
 ``deployopt.core.normalize``), ``exit_code``, ``reason`` (why the run failed, or null), ``warnings`` and ``seconds``.
 Numbers stay numbers; formatting happens only in report.md and on the terminal. ``Report`` is
-the same document as a typed object, what ``deployopt.optimize`` returns.
+the same document as a typed object, what ``deployopt.optimize`` returns. Every text in it (and
+every error a run raises) names the user's files and recipe keys, never the run's staging or
+working files: ``UserPaths`` rewrites those.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
+import re
 from typing import Any
 
 import deployopt
@@ -32,25 +36,66 @@ def _machine() -> dict[str, Any]:
     return stamp()
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python numbers, NaN/inf to null, tuples to lists."""
+class UserPaths:
+    """Rewrites the run's internal paths in a text into what the user knows.
+
+    ``add(path, name)``: the file or folder ``path`` reads ``name`` (a folder's files keep their
+    relative path: the staging folder becomes the output folder). ``add_scratch(folder, name)``:
+    any file under ``folder`` (the run's working folder, a pass's private folder, onnxruntime's
+    temporary folders inside them) reads ``<file name> (<name>)``. Longer paths win.
+    """
+
+    # the folder itself (not a longer name that starts like it), then the rest of the path
+    _TAIL = r"(?![^/\s'\"`:,;()\[\]{}])(?:/[^\s'\"`:,;()\[\]{}]*)?"
+
+    def __init__(self) -> None:
+        self._exact: dict[str, str] = {}
+        self._scratch: dict[str, str] = {}
+
+    def add(self, path: str | os.PathLike, name: str) -> None:
+        self._exact[str(path)] = name
+
+    def add_scratch(self, folder: str | os.PathLike, name: str) -> None:
+        self._scratch[str(folder)] = name
+
+    def __call__(self, text: str) -> str:
+        for path in sorted(self._exact, key=len, reverse=True):
+            text = text.replace(path, self._exact[path])
+        for folder in sorted(self._scratch, key=len, reverse=True):
+            text = re.sub(re.escape(folder) + self._TAIL, self._scratch_name(folder), text)
+        return text
+
+    def _scratch_name(self, folder: str):
+        name = self._scratch[folder]
+
+        def replace(match: re.Match) -> str:
+            path = match.group(0).rstrip("/")
+            return name if path == folder else f"{path.rsplit('/', 1)[-1]} ({name})"
+        return replace
+
+
+def _plain(value: Any, names: UserPaths | None = None) -> Any:
+    """JSON-safe copy: numpy scalars to Python numbers, NaN/inf to null, tuples to lists; texts
+    through ``names``."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, names) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, names) for v in value]
     if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, str):
+        return value if names is None else names(value)
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
-    if isinstance(value, pathlib.Path):
-        return str(value)
-    return str(value)
+    return _plain(str(value), names)
 
 
 def build(*, recipe, input_stats, output_stats, steps, benchmark, accuracy, gates, warnings,
-          exit_code, reason, seconds, profiles=None, normalization=None) -> dict[str, Any]:
+          exit_code, reason, seconds, profiles=None, normalization=None,
+          names: UserPaths | None = None) -> dict[str, Any]:
+    """report.json's document; with ``names``, every text names what the user knows."""
     return _plain({
         "version": deployopt.__version__,
         "machine": _machine(),
@@ -67,7 +112,7 @@ def build(*, recipe, input_stats, output_stats, steps, benchmark, accuracy, gate
         "exit_code": exit_code,
         "reason": reason,
         "seconds": round(seconds, 1),
-    })
+    }, names)
 
 
 @dataclasses.dataclass
@@ -178,7 +223,7 @@ def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None
     parts.append(_table(header, rows))
 
     if doc.get("normalization"):
-        parts.append("\n## Normalisation on load\n")
+        parts.append("\n## Normalisation of the input model (before the passes)\n")
         parts.extend(f"- {a['what']} ({a['why']})" for a in doc["normalization"])
 
     if doc.get("steps"):

@@ -18,7 +18,8 @@ Which library does what (and what is written here by hand):
 - constant folding: ``onnxscript.optimizer.fold_constants`` (also turns inference-mode
   Dropout into Identity and forwards Identity values), then onnx_ir's
   ``LiftConstantsToInitializersPass`` so folded values and Constant nodes become initializers
-  (the BN rule only accepts initializers).
+  (the BN rule only accepts initializers); a model below IR 4, where every initializer must
+  also be a graph input, is raised to IR 4 (``deployopt.core.normalize.raise_ir_version``).
 - BN folding: onnxscript's ``FuseBatchNormInto{Conv,ConvTranspose,Gemm}`` rewrite rules. They
   refuse shared Conv outputs, non-initializer parameters and shared weights, but silently: they
   do not say why, they do not look at ``training_mode``, and the fused Conv gets a generated
@@ -58,6 +59,7 @@ from onnxscript.rewriter.rules.common._fuse_batchnorm import (
     FuseBatchNormIntoGemm,
 )
 
+from deployopt.core.normalize import raise_ir_version
 from deployopt.core.stats import op_histogram
 from deployopt.passes.base import DeployInPlacePass
 
@@ -187,8 +189,10 @@ class CleanupPass(DeployInPlacePass):
             modified |= onnxscript_optimizer.fold_constants(
                 model, onnx_shape_inference=True,
                 should_fold=_fold_small_constant_of_shape).modified
-            modified |= ir_common.LiftConstantsToInitializersPass(
-                lift_all_constants=True, size_limit=0)(model).modified
+            lifted = ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+            if lifted.modified and (raised := raise_ir_version(model)) is not None:
+                self.note(f"{raised.what}: {raised.why}")  # IR 3 requires initializers to be inputs
+            modified |= lifted.modified
         if self.remove_identity:
             modified |= self._dropouts_to_identity(model)
             modified |= ir_common.IdentityEliminationPass()(model).modified

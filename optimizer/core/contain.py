@@ -10,13 +10,23 @@ segfault or hang, which no ``try`` in Python can catch. The CLI therefore runs `
 - SIGINT/SIGTERM reach the CLI: the child is asked to stop (it cleans up), the CLI exits 130.
 
 The child's temporary files live under a folder the parent creates (``TMPDIR``) and always
-removes, so even a killed child leaves no temporary directories behind. The step in progress is
-reported through a small status file (see ``report_status``).
+removes, so even a killed child leaves no temporary directories behind; onnxruntime's telemetry
+(which writes ``$TMPDIR/.ses`` and a device id under ``~/.cache`` when imported) is off in the
+child unless the caller's environment says otherwise. The step in progress is reported through a
+small status file (see ``report_status``).
+
+Inside the work, two smaller kinds of containment:
+
+- ``confined(folder)``: library calls that write scratch files into the current folder or the
+  temp folder (onnxruntime's shape inference and quantization tools) write them into ``folder``;
+- ``best_effort(compute)``: a diagnostic that fails becomes a ``Skipped`` with a one-line reason
+  instead of failing the work it describes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import pathlib
@@ -25,12 +35,62 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
-from deployopt.core.errors import WorkFailed
+from deployopt.core.errors import WorkFailed, one_line
 
 _STATUS_ENV = "DEPLOYOPT_STATUS_FILE"
+_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 _GRACE_SECONDS = 10.0
+#: Hidden folder inside the output folder where ``optimize`` stages its outputs; what a killed
+#: child leaves of it is removed by the parent.
+STAGING_PREFIX = ".deployopt-staging-"
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def confined(folder: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Run a library call whose scratch files go to the current folder or the temp folder (both
+    relative to the process) with both set to ``folder``, restored afterwards.
+
+    The current folder and ``tempfile.tempdir`` are process-wide. That is safe here: the work runs
+    single-threaded in its process (workers are separate processes, the RSS sampler thread reads
+    /proc only), and paths passed into the call must be absolute (they are: the pass's files).
+    """
+    folder = pathlib.Path(folder).resolve()
+    cwd, tempdir = os.getcwd(), tempfile.tempdir
+    os.chdir(folder)
+    tempfile.tempdir = str(folder)
+    try:
+        yield folder
+    finally:
+        tempfile.tempdir = tempdir
+        os.chdir(cwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A diagnostic that could not be computed, and why (one line)."""
+
+    reason: str
+
+    @classmethod
+    def of(cls, error: Exception) -> Skipped:
+        """The reason as one line (with the exception type unless it is deployopt's own)."""
+        return cls(one_line(error, 200, with_type=not isinstance(error, WorkFailed)))
+
+    def to_json(self) -> dict[str, str]:
+        return {"skipped": self.reason}
+
+
+def best_effort(compute: Callable[..., T], *args, **kwargs) -> T | Skipped:
+    """``compute(*args, **kwargs)``, or ``Skipped(reason)`` when it raises: for report-only work
+    whose failure must not change the result it describes. Interrupts still propagate."""
+    try:
+        return compute(*args, **kwargs)
+    except Exception as e:  # whatever onnxruntime, onnx or numpy raise on an unusual graph
+        return Skipped.of(e)
 
 
 def report_status(text: str) -> None:
@@ -71,9 +131,10 @@ def run_contained(target: Callable[[], int], *, verb: str, timeout: float | None
     status = scratch / "status"
     child_tmp = scratch / "tmp"
     child_tmp.mkdir()
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", _STATUS_ENV)}
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", _STATUS_ENV, _TELEMETRY_ENV)}
     os.environ["TMPDIR"] = str(child_tmp)  # the spawned child inherits the environment
     os.environ[_STATUS_ENV] = str(status)
+    os.environ.setdefault(_TELEMETRY_ENV, "1")
     process = multiprocessing.get_context("spawn").Process(target=_child, args=(target,))  # not a daemon: it spawns workers
     try:
         process.start()

@@ -8,9 +8,10 @@ unchanged: the same values reach the same operators.
 - **Initializers listed as graph inputs** (IR < 4 required it; Caffe2 and old zoo graphs keep
   it): such an input is a weight with a default value that a caller may override, not data.
   Nobody deploying the model feeds its weights, so the input is dropped from ``graph.inputs`` and
-  the initializer stays. The value every node reads is the initializer's, as before. IR 4 is the
-  first version that allows an initializer which is not an input, so a model below it is
-  raised to IR 4 (nothing else changed between IR 3 and 4).
+  the initializer stays. The value every node reads is the initializer's, as before.
+- **IR version below 4** is raised to 4, the first version that allows an initializer which is
+  not a graph input (the only rule that changed between IR 3 and 4), so that the rewrites here
+  and the passes' own lifting of constants keep the model valid.
 - **Constant nodes that hold weights** (paddle2onnx writes every weight as a ``Constant`` node
   and no initializer) become initializers of the same name, type and value, through onnx_ir's
   ``LiftConstantsToInitializersPass``: a Constant node's output and an initializer are the same
@@ -24,15 +25,17 @@ unchanged: the same values reach the same operators.
   definition of the same operator (e.g. ``Upsample``-9 to ``Resize``, attributes to inputs),
   whose semantics the ONNX adapters preserve; the tests compare outputs before and after.
 
-Refused (``UserError``, before any work): a weight, initializer or Constant node, holding NaN or
-Inf. Quantization scales, BatchNorm folding and every statistic would propagate them silently or
-fail deep inside onnxruntime; the user must fix the model.
+Refused (``UserError``, before any work): a weight, initializer or Constant node, holding NaN, or
+holding ±Inf unless only bounding and selecting operators read it (``Clip(x, 0, inf)``, a mask
+in ``Where``). Quantization scales, BatchNorm folding and every statistic would propagate them
+silently or fail deep inside onnxruntime; the user must fix the model.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from typing import Any
 
 import numpy as np
@@ -47,6 +50,10 @@ LIFT_MIN_ELEMENTS = 16
 #: The first IR version in which an initializer need not be listed as a graph input.
 IR_INITIALIZERS_NOT_INPUTS = 4
 DEFAULT_DOMAINS = ("", "ai.onnx")
+#: Operators for which an infinite constant is a legitimate bound or fill, not a broken weight.
+_INF_BOUND_READERS = frozenset({"Clip", "Min", "Max", "Where", "Less", "LessOrEqual", "Greater",
+                                "GreaterOrEqual", "Equal"})
+_CONVERTER_LOCATION = re.compile(r"^\S+\.(?:h|cc|cpp):\d+: \S+\(\): ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,19 +85,25 @@ def data_inputs(model: ir.Model) -> list[ir.Value]:
 
 
 def _weights(model: ir.Model):
-    """(name, tensor) of every initializer and every tensor-valued Constant node, subgraphs too."""
+    """(value, tensor) of every initializer and every tensor-valued Constant node, subgraphs too."""
     for graph in model.graphs():
-        for name, value in graph.initializers.items():
+        for value in graph.initializers.values():
             if value.const_value is not None:
-                yield name, value.const_value
+                yield value, value.const_value
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS:
             continue
         for attr in node.attributes.values():
             if attr.name == "value":
-                yield node.outputs[0].name, attr.as_tensor()
+                yield node.outputs[0], attr.as_tensor()
             elif attr.name in ("value_float", "value_floats"):
-                yield node.outputs[0].name, ir.tensor(np.asarray(attr.value, dtype=np.float32))
+                yield node.outputs[0], ir.tensor(np.asarray(attr.value, dtype=np.float32))
+
+
+def _inf_is_a_bound(value: ir.Value) -> bool:
+    """True when every reader uses ±Inf as a bound or a fill (``Clip(x, 0, inf)``, masks)."""
+    return not value.is_graph_output() and all(
+        use.node.op_type in _INF_BOUND_READERS and use.node.domain in DEFAULT_DOMAINS for use in value.uses())
 
 
 def _non_finite(tensor: ir.TensorProtocol) -> tuple[int, int]:
@@ -108,11 +121,13 @@ def _non_finite(tensor: ir.TensorProtocol) -> tuple[int, int]:
 def check_finite(model: ir.Model, source: str) -> None:
     """UserError naming the first weight that holds NaN or Inf (and how many others do)."""
     bad = []
-    for name, tensor in _weights(model):
+    for value, tensor in _weights(model):
         nans, infs = _non_finite(tensor)
+        if infs and not nans and _inf_is_a_bound(value):
+            continue
         if nans or infs:
             counts = " and ".join(f"{n} {kind}" for n, kind in ((nans, "NaN"), (infs, "Inf")) if n)
-            bad.append(f"weight '{name}' has {counts} value{'s' if nans + infs > 1 else ''}")
+            bad.append(f"weight '{value.name}' has {counts} value{'s' if nans + infs > 1 else ''}")
     if bad:
         more = f" ({len(bad) - 1} more weights hold NaN or Inf)" if len(bad) > 1 else ""
         raise UserError(f"{source}: {bad[0]}{more}")
@@ -120,11 +135,14 @@ def check_finite(model: ir.Model, source: str) -> None:
 
 # -- rewrites ---------------------------------------------------------------------------------------
 
-def _raise_ir_version(model: ir.Model) -> str:
-    if model.ir_version is not None and model.ir_version < IR_INITIALIZERS_NOT_INPUTS:
-        old, model.ir_version = model.ir_version, IR_INITIALIZERS_NOT_INPUTS
-        return f"; IR version {old} -> {IR_INITIALIZERS_NOT_INPUTS}"
-    return ""
+def raise_ir_version(model: ir.Model) -> Action | None:
+    """IR 3 and older require every initializer to be a graph input; IR 4 dropped only that rule,
+    so raising the version lets weights stop being inputs and keeps the rest as it was."""
+    if model.ir_version is None or model.ir_version >= IR_INITIALIZERS_NOT_INPUTS:
+        return None
+    old, model.ir_version = model.ir_version, IR_INITIALIZERS_NOT_INPUTS
+    return Action("ir_version_raised", 1, f"IR version {old} raised to {IR_INITIALIZERS_NOT_INPUTS}",
+                  "from IR 4 on, an initializer need not be listed as a graph input")
 
 
 def drop_initializer_inputs(model: ir.Model) -> Action | None:
@@ -133,8 +151,7 @@ def drop_initializer_inputs(model: ir.Model) -> Action | None:
         return None
     shown = ", ".join(weights[:3]) + (", ..." if len(weights) > 3 else "")
     return Action("initializer_inputs_dropped", len(weights),
-                  f"{len(weights)} initializers no longer listed as graph inputs ({shown})"
-                  + _raise_ir_version(model),
+                  f"{len(weights)} initializers no longer listed as graph inputs ({shown})",
                   "an input with an initializer is a weight with a default, not data to feed")
 
 
@@ -149,7 +166,7 @@ def lift_constant_weights(model: ir.Model) -> Action | None:
     after = constants()
     return Action("constants_lifted", before - after,
                   f"{before - after} Constant nodes became initializers ({after} below "
-                  f"{LIFT_MIN_ELEMENTS} elements stay nodes)" + _raise_ir_version(model),
+                  f"{LIFT_MIN_ELEMENTS} elements stay nodes)",
                   "passes read and edit weights as initializers")
 
 
@@ -181,7 +198,7 @@ def normalize(model: ir.Model, *, source: str = "model") -> tuple[ir.Model, list
 
     ``source`` names the model in errors (the user's file)."""
     check_finite(model, source)
-    actions = [drop_initializer_inputs(model), lift_constant_weights(model),
+    actions = [raise_ir_version(model), drop_initializer_inputs(model), lift_constant_weights(model),
                remove_unused_opsets(model), list_custom_nodes(model)]
     return model, [a for a in actions if a is not None]
 
@@ -193,8 +210,9 @@ def upgrade_opset(model: ir.Model, target: int, *, source: str, why: str) -> tup
     try:
         proto = onnx.version_converter.convert_version(ir.to_proto(model), target)
     except Exception as e:  # the converter raises its own (C++) exception types
+        reason = _CONVERTER_LOCATION.sub("", one_line(e, 300))  # drop "adapters/x.h:35: operator(): "
         raise UserError(f"{source}: opset {opset} cannot be upgraded to {target} ({why}): "
-                        f"{one_line(e, 200)}") from None
+                        f"{reason[:200]}") from None
     proto.ir_version = max(proto.ir_version, onnx.helper.find_min_ir_version_for(
         [onnx.helper.make_opsetid("", target)]))
-    return ir.from_proto(proto), Action("opset_upgraded", 1, f"opset {opset} -> {target}", why)
+    return ir.from_proto(proto), Action("opset_upgraded", 1, f"ONNX opset {opset} upgraded to {target}", why)

@@ -32,14 +32,16 @@ import math
 import os
 import pathlib
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from deployopt.core.errors import UserError
+from deployopt.core.contain import confined
+from deployopt.core.errors import UserError, one_line
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _ZLIB_LEVEL = 6
@@ -267,11 +269,13 @@ def _symbolic_shapes(probe: onnx.ModelProto, notes: list[str]) -> dict[str, list
     try:
         # guess_output_rank: an op it does not know (com.microsoft.QGemm,
         # QLinearGlobalAveragePool) gets symbolic dims instead of aborting the whole inference.
-        inferred = SymbolicShapeInference.infer_shapes(probe, auto_merge=True,
-                                                       guess_output_rank=True)
+        # It saves sym_shape_infer_temp.onnx into the current folder when it gets stuck: run it
+        # in a scratch folder of its own so nothing lands in the user's folder.
+        with tempfile.TemporaryDirectory(prefix="deployopt-shapes-") as scratch, confined(scratch):
+            inferred = SymbolicShapeInference.infer_shapes(probe, auto_merge=True,
+                                                           guess_output_rank=True)
     except Exception as e:
-        notes.append(f"onnxruntime symbolic shape inference failed: "
-                     f"{' '.join(str(e).split())[:200]}")
+        notes.append(f"onnxruntime symbolic shape inference failed: {one_line(e, 200)}")
         return None
     return _shapes_of(inferred.graph) if inferred is not None else None
 
@@ -421,6 +425,65 @@ def model_stats(model: ir.Model | onnx.ModelProto, path: str | None = None) -> d
     }
 
 
+# -- metric suggestion --------------------------------------------------------------------------
+# Which task metric (``deployopt.measure.tasks``) fits an output, from its shape alone: what
+# ``inspect`` suggests, and the rules the detection metric uses to recognise its layout.
+
+def is_logits(shape: Sequence[Any]) -> bool:
+    """[N, C], or [N, C, 1, ...] (a 1x1-conv classifier head)."""
+    return len(shape) == 2 or (len(shape) > 2 and all(d == 1 for d in shape[2:]))
+
+
+def detect_layout(shapes: Sequence[Sequence[int]]) -> str | None:
+    """The detection layout concrete output shapes imply (yolov5, yolov8, gfl, decoded; the
+    layouts are described in ``deployopt.measure.tasks.boxes``), or None when ambiguous."""
+    if len(shapes) >= 2 and len(shapes) % 2 == 0 and all(len(s) == 3 for s in shapes) and \
+            len({s[-1] for s in shapes}) == 2:
+        return "gfl"
+    if len(shapes) == 3 and len(shapes[0]) in (2, 3) and shapes[0][-1] == 4:
+        return "decoded"  # boxes, scores, classes
+    if len(shapes) != 1 or len(shapes[0]) not in (2, 3):
+        return None
+    if len(shapes[0]) == 2:
+        return "decoded" if shapes[0][-1] == 6 else None
+    rows, cols = shapes[0][1], shapes[0][2]
+    if cols == 6 and rows < 1000:
+        return None  # a few decoded (box, score, class) rows or a one-class YOLO head: say which
+    if rows > cols >= 6:
+        return "yolov5"
+    if cols > rows >= 5:
+        return "yolov8"
+    return None
+
+
+def suggest_metrics(outputs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A metric per output from the shapes alone (``inspect``): [{outputs, metric, why}]."""
+    shapes = [tuple(1 if not isinstance(d, int) else d for d in (o["shape"] or ())) for o in outputs]
+    names = [o["name"] for o in outputs]
+    if len(shapes) > 1 and detect_layout(shapes) == "gfl":
+        return [{"outputs": names, "metric": "detection",
+                 "why": "pairs of score and box-distribution maps (layout gfl: PicoDet/GFL heads)"}]
+    found = []
+    for name, shape in zip(names, shapes):
+        layout = detect_layout([shape]) if len(shape) == 3 and max(shape[1:]) >= 1000 else None
+        if not shape:
+            metric, why = "regression", "rank unknown: generic fidelity to the reference"
+        elif is_logits(shape):
+            metric, why = "classification", "logits [batch, classes]"
+        elif layout in ("yolov5", "yolov8"):
+            metric, why = "detection", f"{'x'.join(map(str, shape))} looks like a YOLO head (layout {layout})"
+        elif len(shape) == 3:
+            metric, why = "sequence", "per-step class scores [N, T, C]: CTC greedy decoding (needs --charset for text)"
+        elif len(shape) == 4 and shape[1] == 1:
+            metric, why = "segmentation", "a 1-channel probability map (threshold 0.5)"
+        elif len(shape) == 4:
+            metric, why = "segmentation", f"class maps [N, C, H, W] with {shape[1]} classes"
+        else:
+            metric, why = "regression", "generic fidelity to the reference (cosine, relative MAE)"
+        found.append({"outputs": [name], "metric": metric, "why": why})
+    return found
+
+
 # -- text ---------------------------------------------------------------------------------------
 def _si(value: float | None, unit: str = "") -> str:
     if value is None:
@@ -444,6 +507,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         for i, v in enumerate(stats[label]):
             head = f"{label:<13}" if i == 0 else " " * 13
             lines.append(f"{head}{v['name']}: {v['dtype']} {_shape_text(v['shape'])}")
+    for i, suggestion in enumerate(suggest_metrics(stats["outputs"])):
+        head = f"{'metric':<13}" if i == 0 else " " * 13
+        lines.append(f"{head}{', '.join(suggestion['outputs'])}: {suggestion['metric']} ({suggestion['why']})")
     params, nonzero = stats["params"], stats["nonzero_params"]
     sparsity = f" ({1 - nonzero / params:.1%} zeros)" if params else ""
     lines += [

@@ -1,96 +1,155 @@
-"""Accuracy against labels and fidelity against a reference model, on onnxruntime CPU.
+"""Accuracy of a model on a dataset, judged by its task metrics, on onnxruntime CPU.
 
-A classifier runs over a dataset in batches; top-1/top-5 against the labels and the fidelity to a
-reference model's logits (agreement, cosine, max |diff|, KL) are accumulated batch by batch with
-``deployopt.measure.metrics`` (where the formulas are), so memory does not grow with the number of
-samples. Rates carry Wilson 95% intervals.
+The model (and an optional reference model) runs over the dataset in batches; every batch's
+outputs go to the task metrics of ``deployopt.measure.tasks`` (classification, detection,
+segmentation, sequence, regression, user code), each reading its outputs, the reference's
+outputs and the batch's labels, accumulating batch by batch so memory stays flat. Without a
+metric spec, 2-D logits are judged by classification (top-1/top-5 against the dataset's labels,
+agreement/cosine/max |diff|/KL against the reference; formulas in ``deployopt.measure.metrics``)
+and any other output by the generic fidelity metric. Rates carry Wilson 95% intervals.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
 from deployopt.core.errors import UserError, WorkFailed, one_line
 from deployopt.core.session import open_session
-from deployopt.measure.metrics import FidelitySums, topk_hits, wilson_interval
 from deployopt.measure.model_io import (fits_sample, format_shape, input_specs, load_proto,
                                         output_specs)
+from deployopt.measure.tasks import (LABEL_KINDS, CocoLabels, MaskLabels, MetricSpec, TextLabels, build_metric,
+                                     default_specs, is_logits, metric_specs)
+
+LABEL_READERS = {"detection": CocoLabels, "segmentation": MaskLabels, "sequence": TextLabels}
+# The keys ``eval`` has always printed for a classifier; None when no classification metric ran.
+CLASSIFICATION_KEYS = ("classes", "top1", "top1_ci", "top5", "top5_ci", "agreement", "agreement_ci", "cosine",
+                       "max_abs_diff", "kl")
+
 
 # -- running a model over a dataset -------------------------------------------------------------
 
 class _Runner:
-    """One onnxruntime session over a single-input classifier, checked against the dataset."""
+    """One onnxruntime session over a model, checked against the dataset; all outputs by name."""
 
     def __init__(self, path, dataset, threads: int, role: str):
         self.path = str(path)
         proto = load_proto(path)
-        specs, out_spec = input_specs(proto), output_specs(proto)[0]
+        specs, self.output_specs = input_specs(proto), output_specs(proto)
         del proto
-        if len(specs) != 1:
+        self.multi = getattr(dataset, "sample_shapes", None) is not None and len(specs) > 1
+        if len(specs) != 1 and not self.multi:
             raise UserError(f"{path}: {role} needs a single-input model, it has {len(specs)} "
                             f"inputs ({', '.join(s.name for s in specs)})")
+        self.specs = specs
         self.spec = spec = specs[0]
-        sample = tuple(dataset.sample_shape)
-        if not fits_sample(spec, sample):
-            raise UserError(f"{path}: input '{spec.name}' has shape {spec.shape_text()} but "
-                            f"dataset {dataset.name} gives samples of shape "
-                            f"{format_shape(sample)}")
-        if spec.dtype is None or spec.dtype.kind != "f":
-            raise UserError(f"{path}: input '{spec.name}' is {spec.dtype}; datasets give float "
-                            f"samples")
-        out_dims = out_spec.dims
-        # Refuse a non-logits output before loading when its rank is known (run time re-checks).
-        if out_dims is not None and (len(out_dims) < 2 or any(
-                isinstance(d, int) and d != 1 for d in out_dims[2:])):
-            raise UserError(f"{path}: output '{out_spec.name}' has shape {out_spec.shape_text()}; "
-                            f"eval needs 2-D logits [batch, classes]")
+        if not self.multi:
+            sample = tuple(dataset.sample_shape)
+            if not fits_sample(spec, sample):
+                raise UserError(f"{path}: input '{spec.name}' has shape {spec.shape_text()} but "
+                                f"dataset {dataset.name} gives samples of shape "
+                                f"{format_shape(sample)}")
+            if spec.dtype is None or spec.dtype.kind != "f":
+                raise UserError(f"{path}: input '{spec.name}' is {spec.dtype}; datasets give float "
+                                f"samples")
         self.fixed_batch = spec.dims[0] if spec.dims and isinstance(spec.dims[0], int) else None
         try:
             self.session = open_session(self.path, threads=threads, what=self.path)
         except WorkFailed as e:  # a model onnxruntime refuses is bad input here
             raise UserError(str(e)) from e.__cause__
-        self.output = self.session.get_outputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """Logits [len(x), classes]; a fixed-batch model is fed in chunks (last one padded)."""
-        x = x.astype(self.spec.dtype, copy=False)
-        step = self.fixed_batch or len(x)
-        parts = []
-        for start in range(0, len(x), step):
-            chunk = x[start:start + step]
-            real = len(chunk)
-            if real < step:  # pad by repeating the last sample; the padded rows are dropped
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, axis=0)])
+    @property
+    def output_dims(self) -> dict[str, tuple]:
+        """Output name -> declared dims (symbolic or None where unknown; () when the rank is)."""
+        return {s.name: tuple(s.dims) if s.dims is not None else () for s in self.output_specs}
+
+    def run(self, x, step: int | None = None) -> list[tuple[int, int, dict[str, np.ndarray]]]:
+        """The outputs of one batch, as (start, stop, {name: array}) per chunk of samples
+        start..stop-1 fed at once (``step`` samples, default the model's fixed batch or the whole
+        batch). A chunk smaller than a fixed-batch model's batch is padded by repeating its last
+        sample; padded rows are dropped from every output whose first axis is the batch."""
+        feeds = x if isinstance(x, dict) else {self.spec.name: np.asarray(x).astype(self.spec.dtype, copy=False)}
+        total = len(next(iter(feeds.values())))
+        step = step or self.fixed_batch or total
+        width = self.fixed_batch or step
+        chunks = []
+        for start in range(0, total, step):
+            chunk = {n: a[start:start + step] for n, a in feeds.items()}
+            real = len(next(iter(chunk.values())))
+            if real < width:
+                chunk = {n: np.concatenate([a, np.repeat(a[-1:], width - real, axis=0)]) for n, a in chunk.items()}
             try:
-                out = self.session.run([self.output], {self.spec.name: chunk})[0]
+                out = self.session.run(self.outputs, chunk)
             except Exception as e:
-                raise WorkFailed(f"{self.path}: onnxruntime failed on a batch of shape "
-                                 f"{format_shape(chunk.shape)} ({one_line(e)})") from e
-            parts.append(self._as_logits(out, len(chunk))[:real])
-        return np.concatenate(parts)
+                shape = format_shape(next(iter(chunk.values())).shape)
+                raise WorkFailed(f"{self.path}: onnxruntime failed on a batch of shape {shape} "
+                                 f"({one_line(e)})") from e
+            chunks.append((start, start + real,
+                           {n: (a[:real] if a.ndim and a.shape[0] == width else a) for n, a in zip(self.outputs, out)}))
+        return chunks
 
-    def _as_logits(self, out: np.ndarray, rows: int) -> np.ndarray:
-        # [N, C, 1, 1] heads (1x1 conv classifiers) are logits with trailing unit dims.
-        if out.ndim > 2 and all(d == 1 for d in out.shape[2:]):
-            out = out.reshape(out.shape[:2])
-        if out.ndim != 2 or out.shape[0] != rows:
-            raise UserError(f"{self.path}: output '{self.output}' has shape "
-                            f"{format_shape(out.shape)} for a batch of {rows}; eval needs 2-D "
-                            f"logits [batch, classes]")
-        return out
+    def input_hw(self, dataset) -> tuple[int, int] | None:
+        """Height and width of the image input, for metrics that work in input pixels."""
+        image = next((s for s in self.specs if s.dims is not None and len(s.dims) == 4), self.spec)
+        shapes = getattr(dataset, "sample_shapes", None) or {image.name: tuple(dataset.sample_shape)}
+        sample = shapes.get(image.name, ())
+        return tuple(int(d) for d in sample[-2:]) if len(sample) == 3 else None
+
+
+def _not_logits(runner: _Runner, name: str, shape) -> UserError:
+    return UserError(f"{runner.path}: output '{name}' has shape {format_shape(shape)}; eval needs 2-D logits "
+                     f"[batch, classes]")
+
+
+def _metrics(model: _Runner, dataset, specs: list[MetricSpec], *, reference: bool, labels, charset):
+    """[(spec, metric, reads)] with ``reads`` the labels each metric gets: "file", "dataset" or None."""
+    dims = model.output_dims
+    if not specs:
+        first, shape = next(iter(dims.items()))
+        if shape and not is_logits(shape) and not reference and dataset.labeled:
+            raise _not_logits(model, first, shape)  # class labels to judge, and no classifier output
+        specs = default_specs(dims)
+        if not reference:
+            specs = specs[:1]  # only the classifier can use the dataset's labels
+    file_kind = next((s for s in specs if s.kind in LABEL_KINDS), None) if labels is not None else None
+    if labels is not None and file_kind is None:
+        raise UserError(f"--labels {labels}: no metric reads a labels file; name one with --metric "
+                        f"OUTPUT={'|'.join(LABEL_KINDS)}")
+    if charset is not None and not any(s.kind == "sequence" for s in specs):
+        raise UserError(f"--charset {charset}: only the sequence metric uses a charset; name it with "
+                        "--metric OUTPUT=sequence")
+    if charset is not None:
+        for spec in specs:
+            if spec.kind == "sequence":
+                spec.options.setdefault("charset", str(charset))
+    reader = LABEL_READERS[file_kind.kind](labels, dataset) if file_kind is not None else None
+    hw = model.input_hw(dataset)
+    built = []
+    for spec in specs:
+        metric = build_metric(spec, dims, input_hw=hw, labels=reader if spec is file_kind else None)
+        reads = "file" if spec is file_kind else ("dataset" if spec.kind == "classification" or spec.custom
+                                                  else None)
+        built.append((spec, metric, reads))
+    return built, reader
 
 
 def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, threads: int = 1,
-             progress: bool = True) -> dict:
-    """Top-1/top-5 of ``model_path`` on ``dataset`` (labels), and fidelity vs ``reference_path``.
+             progress: bool = True, metrics: Any = None, labels=None, charset=None) -> dict:
+    """The task metrics of ``model_path`` on ``dataset``, against its labels and ``reference_path``.
 
-    Returns {model, dataset, n, classes, top1, top1_ci, top5, top5_ci, reference, agreement,
-    agreement_ci, cosine, max_abs_diff, kl, seconds}. top1/top5 are None on an unlabeled dataset;
-    top5 is also None with 5 classes or fewer (it would be trivially 1.0). The fidelity keys are
-    None without a reference. Intervals are Wilson 95% [low, high].
+    ``metrics``: metric specs (``deployopt.measure.tasks.choose``), None for the defaults;
+    ``labels``: a label file for the detection/segmentation/sequence metric; ``charset``: the
+    sequence metric's charset file. Returns {model, dataset, n, classes, top1, top1_ci, top5,
+    top5_ci, reference, agreement, agreement_ci, cosine, max_abs_diff, kl, score, score_name,
+    metrics, seconds}: the classification keys come from the first classification metric (None
+    without one; top1/top5 None on unlabelled data, top5 also with 5 classes or fewer; the
+    fidelity keys None without a reference); ``metrics`` lists every metric's result with its
+    ``outputs`` and ``kind``; ``score``/``score_name`` are the first metric's.
     """
     from tqdm import tqdm
 
@@ -101,50 +160,42 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
     n_total = len(dataset)
     if n_total == 0:
         raise UserError(f"dataset {dataset.name}: no samples")
+    specs = metric_specs(metrics)
     model = _Runner(model_path, dataset, threads, "eval")
-    ref = None if reference_path is None else _Runner(reference_path, dataset, threads,
-                                                      "the reference")
+    ref = None if reference_path is None else _Runner(reference_path, dataset, threads, "the reference")
+    built, reader = _metrics(model, dataset, specs, reference=ref is not None, labels=labels, charset=charset)
+    fixed = [r.fixed_batch for r in (model, ref) if r is not None and r.fixed_batch]
+    step = math.gcd(*fixed) if fixed else None  # chunks both models take, so their outputs pair up
     t0 = time.perf_counter()
-    n = top1 = top5 = 0
-    classes = None
-    sums = FidelitySums() if ref is not None else None
+    n = 0
     bar = tqdm(total=n_total, desc="eval", unit="img", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     try:
         for x, y in dataset.batches(batch_size):
-            z = model.logits(np.asarray(x))
-            if classes is None:
-                classes = z.shape[1]
-            if dataset.labeled and y is not None:
-                y = np.asarray(y, dtype=np.int64)
-                if y.min() < 0 or y.max() >= classes:
-                    raise UserError(f"dataset {dataset.name}: label {int(y.max())} is outside "
-                                    f"the {classes} classes of {model_path}'s output")
-                top1 += topk_hits(z, y, 1)
-                if classes > 5:
-                    top5 += topk_hits(z, y, 5)
-            if ref is not None:
-                r = ref.logits(np.asarray(x))
-                if r.shape != z.shape:
-                    raise UserError(f"{reference_path}: output shape {format_shape(r.shape)} "
-                                    f"differs from {model_path}'s {format_shape(z.shape)}")
-                sums.add(z, r)
-            n += len(z)
-            bar.update(len(z))
+            mine = model.run(x, step)
+            theirs = [None] * len(mine) if ref is None else [outs for _, _, outs in ref.run(x, step)]
+            for (start, stop, outs), ref_outs in zip(mine, theirs):
+                given = {"file": reader.batch(n + start, n + stop) if reader is not None else None,
+                         "dataset": None if y is None or not dataset.labeled else np.asarray(y)[start:stop]}
+                for _, metric, reads in built:
+                    metric.accumulate(outs, ref_outs, given.get(reads))
+            size = len(next(iter(x.values())) if isinstance(x, dict) else x)
+            n += size
+            bar.update(size)
     finally:
         bar.close()
-    labeled = dataset.labeled
-    result = {
-        "model": str(model_path), "dataset": dataset.name, "n": n, "classes": classes,
-        "top1": top1 / n if labeled else None,
-        "top1_ci": list(wilson_interval(top1, n)) if labeled else None,
-        "top5": top5 / n if labeled and classes > 5 else None,
-        "top5_ci": list(wilson_interval(top5, n)) if labeled and classes > 5 else None,
-        "reference": None if reference_path is None else str(reference_path),
-        "agreement": None, "agreement_ci": None, "cosine": None, "max_abs_diff": None,
-        "kl": None,
-    }
-    if sums is not None:
-        result.update(sums.result())
-    result["seconds"] = time.perf_counter() - t0
+    return _result(model_path, dataset, reference_path, n, built, time.perf_counter() - t0)
+
+
+def _result(model_path, dataset, reference_path, n: int, built, seconds: float) -> dict:
+    results = []
+    for spec, metric, _ in built:
+        res = metric.result()
+        results.append({"outputs": list(metric.outputs), "kind": spec.kind, **res})
+    first_class = next((r for r in results if r["kind"] == "classification"), {})
+    result = {"model": str(model_path), "dataset": dataset.name, "n": n,
+              **{k: first_class.get(k) for k in CLASSIFICATION_KEYS},
+              "reference": None if reference_path is None else str(reference_path),
+              "score": results[0].get("score"), "score_name": results[0].get("score_name"),
+              "metrics": results, "seconds": seconds}
     return result

@@ -5,8 +5,8 @@ that cannot be resolved and data that does not fit are a ``UserError`` naming th
 file and the input, never a failed row.
 
 Shapes come, in order of precedence, from an explicit full shape (``--shape NAME=...``), a
-dataset's sample shape (batch dimension + sample), or the model's own dims; a dynamic first
-dimension then takes the batch size. Random inputs are seeded per (seed, input name), so every
+dataset's sample shape (batch dimension + sample; a dataset for a model with several inputs gives
+one per input), or the model's own dims; a dynamic first dimension then takes the batch size. Random inputs are seeded per (seed, input name), so every
 model with an input of that name gets the same array and side-by-side numbers compare like with
 like.
 """
@@ -42,12 +42,17 @@ def check_settings(*, threads, batch, warmup, runs, rounds, timeout=None,
                         f"{', '.join(OPT_LEVELS)}")
 
 
+def shape_flag(name: str, example: list[int]) -> str:
+    """How ``bench``, ``eval`` and ``profile`` take a shape: ``--shape x=1x3x224x224``."""
+    return f"pass --shape {name}={format_shape(example)}"
+
+
 def resolve_shape(spec: TensorSpec, path, batch: int, shapes: dict,
-                  sample_shape: tuple | None = None) -> tuple[int, ...]:
+                  sample_shape: tuple | None = None, hint=shape_flag) -> tuple[int, ...]:
     """The concrete shape to feed ``spec`` at ``batch`` (precedence in the module doc).
 
     A dynamic first dimension takes ``batch``; any other dimension still not a number is an
-    error naming the input.
+    error naming the input and, by ``hint(name, example shape)``, how the caller's verb sets it.
     """
     where = f"{path}: input '{spec.name}'"
     model_dims = spec.dims
@@ -56,7 +61,7 @@ def resolve_shape(spec: TensorSpec, path, batch: int, shapes: dict,
         given = (batch, *sample_shape)
     if model_dims is None:  # rank unknown: only an explicit shape can say what to feed
         if given is None:
-            raise UserError(f"{where} has an unknown shape; pass --shape {spec.name}=1x3x224x224")
+            raise UserError(f"{where} has an unknown shape; {hint(spec.name, [1, 3, 224, 224])}")
         model_dims = (None,) * len(given)
     if given is not None:
         if len(given) != len(model_dims):
@@ -78,9 +83,9 @@ def resolve_shape(spec: TensorSpec, path, batch: int, shapes: dict,
         dims[0] = batch
     unresolved = [f"{i}: {d or '?'}" for i, d in enumerate(dims) if not isinstance(d, int)]
     if unresolved:
-        example = format_shape([d if isinstance(d, int) else 224 for d in dims])
+        example = [d if isinstance(d, int) else 224 for d in dims]
         raise UserError(f"{where} has unresolved dynamic dims ({', '.join(unresolved)}) in "
-                        f"{spec.shape_text()}; pass --shape {spec.name}={example}")
+                        f"{spec.shape_text()}; {hint(spec.name, example)}")
     return tuple(int(d) for d in dims)
 
 
@@ -100,47 +105,64 @@ def random_input(name: str, shape: tuple, dtype: np.dtype, seed: int) -> np.ndar
                     f"pass --data with real samples")
 
 
-def data_batch(data, batch: int) -> np.ndarray:
-    """The first ``batch`` samples of ``data`` (repeated when the set is smaller)."""
+def _first_rows(x: np.ndarray, batch: int) -> np.ndarray:
+    return np.resize(x, (batch, *x.shape[1:])) if len(x) < batch else x[:batch]
+
+
+def data_batch(data, batch: int) -> dict[str, np.ndarray] | np.ndarray:
+    """The first ``batch`` samples of ``data`` (repeated when the set is smaller): one array, or
+    ``{input name: array}`` from a dataset that feeds several inputs."""
     parts, have = [], 0
     for x, _ in data.batches(batch):
-        parts.append(np.asarray(x))
-        have += len(x)
+        parts.append(x)
+        have += len(next(iter(x.values())) if isinstance(x, dict) else x)
         if have >= batch:
             break
     if have == 0:
         raise UserError(f"--data {data.name}: the dataset is empty")
-    x = np.concatenate(parts)
-    return np.resize(x, (batch, *x.shape[1:])) if have < batch else x[:batch]
+    if isinstance(parts[0], dict):
+        return {name: _first_rows(np.concatenate([p[name] for p in parts]), batch) for name in parts[0]}
+    return _first_rows(np.concatenate([np.asarray(p) for p in parts]), batch)
+
+
+def _data_feed(path, spec: TensorSpec, data, batch: int, arrays) -> np.ndarray:
+    """The array ``data`` gives input ``spec`` at ``batch``, checked against the model."""
+    by_name = isinstance(arrays, dict)  # then cast to each input's type by the dataset
+    if by_name and spec.name not in arrays:
+        raise UserError(f"--data {data.name}: gives no samples for {path} input '{spec.name}'")
+    array = arrays[spec.name] if by_name else arrays
+    sample = tuple(array.shape[1:])
+    if not fits_sample(spec, sample):
+        raise UserError(f"--data {data.name}: samples of shape "
+                        f"{format_shape(sample)} do not match {path} input "
+                        f"'{spec.name}' ({spec.shape_text()})")
+    resolve_shape(spec, path, batch, {}, sample)  # the batch dimension must fit too
+    if not by_name and spec.dtype.kind != "f":
+        raise UserError(f"--data {data.name}: float samples cannot feed {path} "
+                        f"input '{spec.name}' of type {spec.dtype}")
+    return array.astype(spec.dtype, copy=False)
 
 
 def plan_feeds(path, specs: list[TensorSpec], batches: Iterable[int], shapes: dict, data,
                seed: int) -> dict[int, dict[str, np.ndarray]]:
     """{batch: {input name: array}} for one model; UserError on anything that cannot run.
 
-    ``data`` (a Dataset, or None for seeded random inputs) must feed a single float input.
+    ``data`` (a Dataset, or None for seeded random inputs) feeds a single float input, or every
+    input by name when its batches are ``{input name: array}``.
     """
-    if data is not None and len(specs) != 1:
+    if data is not None and len(specs) != 1 and not getattr(data, "sample_shapes", None):
         raise UserError(f"--data {data.name}: {path} has {len(specs)} inputs "
-                        f"({', '.join(s.name for s in specs)}); a dataset feeds exactly one")
+                        f"({', '.join(s.name for s in specs)}); this dataset feeds one")
     feeds = {}
     for b in batches:
         feeds[b] = {}
+        arrays = data_batch(data, b) if data is not None else None
         for spec in specs:
             if spec.dtype is None or spec.dtype.kind not in "fbiu":
                 raise UserError(f"{path}: input '{spec.name}' has an element type the benchmark "
                                 f"cannot feed")
             if data is not None:
-                sample = tuple(data.sample_shape)
-                if not fits_sample(spec, sample):
-                    raise UserError(f"--data {data.name}: samples of shape "
-                                    f"{format_shape(sample)} do not match {path} input "
-                                    f"'{spec.name}' ({spec.shape_text()})")
-                resolve_shape(spec, path, b, {}, sample)  # the batch dimension must fit too
-                if spec.dtype.kind != "f":
-                    raise UserError(f"--data {data.name}: float samples cannot feed {path} "
-                                    f"input '{spec.name}' of type {spec.dtype}")
-                feeds[b][spec.name] = data_batch(data, b).astype(spec.dtype, copy=False)
+                feeds[b][spec.name] = _data_feed(path, spec, data, b, arrays)
             else:
                 shape = resolve_shape(spec, path, b, shapes)
                 feeds[b][spec.name] = random_input(spec.name, shape, spec.dtype, seed)

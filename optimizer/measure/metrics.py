@@ -80,6 +80,13 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def row_cosine(z: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Cosine of each row pair of [rows, k] arrays: 1 when both rows are zero, 0 when one is."""
+    nz, nr = np.linalg.norm(z, axis=1), np.linalg.norm(r, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((nz > 0) & (nr > 0), (z * r).sum(axis=1) / (nz * nr), np.where(nz == nr, 1.0, 0.0))
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float64."""
     x = x.astype(np.float64)
@@ -99,11 +106,7 @@ class FidelitySums:
         z, r = z.astype(np.float64), r.astype(np.float64)
         self.n += len(z)
         self.agree += int((z.argmax(axis=1) == r.argmax(axis=1)).sum())
-        nz, nr = np.linalg.norm(z, axis=1), np.linalg.norm(r, axis=1)
-        dot = (z * r).sum(axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.where((nz > 0) & (nr > 0), dot / (nz * nr), np.where(nz == nr, 1.0, 0.0))
-        self.cosine += float(cos.sum())
+        self.cosine += float(row_cosine(z, r).sum())
         self.max_abs = max(self.max_abs, float(np.abs(z - r).max()))
         log_r, log_z = log_softmax(r), log_softmax(z)
         self.kl += float((np.exp(log_r) * (log_r - log_z)).sum())

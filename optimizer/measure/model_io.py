@@ -1,8 +1,8 @@
 """Model facts the harnesses need before any session exists: loading, I/O signatures, shapes.
 
-The harnesses read a model's graph inputs (name, element type, dims) in the parent process to
-resolve concrete input shapes (``--batch``, ``--shape``, a dataset's sample shape) and to refuse
-bad input before a worker starts. Sessions themselves are opened by ``deployopt.core.session``.
+The harnesses read a model's graph inputs (name, element type, dims) and outputs in the parent
+process to resolve concrete input shapes (``--batch``, ``--shape``, a dataset's sample shapes) and
+to refuse bad input before a worker starts. Sessions themselves are opened by ``deployopt.core.session``.
 """
 
 from __future__ import annotations
@@ -100,17 +100,20 @@ def fits_sample(spec: TensorSpec, sample_shape: tuple) -> bool:
                for want, got in zip(spec.dims[1:], sample_shape))
 
 
-def open_data(spec: str, inputs: list[TensorSpec], shapes: dict | None = None):
-    """``deployopt.core.data.open_dataset`` sized for the model's (single) input; errors name --data."""
-    from deployopt.core.data import open_dataset
+def with_shapes(inputs: list[TensorSpec], shapes: dict | None) -> list[TensorSpec]:
+    """The inputs with the full shapes given by name (``--shape``, a recipe's ``shapes``) as dims."""
+    shapes = shapes or {}
+    return [dataclasses.replace(s, dims=tuple(shapes[s.name])) if s.name in shapes else s for s in inputs]
 
-    if len(inputs) != 1:
-        raise UserError(f"--data {spec}: the model has {len(inputs)} inputs "
-                        f"({', '.join(s.name for s in inputs)}); a dataset feeds exactly one")
-    first = inputs[0]
-    dims = (shapes or {}).get(first.name, first.dims)
-    input_shape = None if dims is None else [d if isinstance(d, int) else None for d in dims]
+
+def open_data(spec, inputs: list[TensorSpec], shapes: dict | None = None):
+    """``deployopt.core.data.open_model_data`` for the model's inputs (all of them fed: see that
+    module); errors name --data, and dims the data leaves open name --shape."""
+    from deployopt.core.data import UnfixedDims, open_model_data
+
     try:
-        return open_dataset(spec, input_shape=input_shape, input_name=first.name)
+        return open_model_data(spec, with_shapes(inputs, shapes))
+    except UnfixedDims as e:
+        raise UserError(f"--data {spec}: {e}; pass --shape {e.input_name}={format_shape(e.example())}") from None
     except UserError as e:
         raise UserError(f"--data {spec}: {e}") from None

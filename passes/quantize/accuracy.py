@@ -8,6 +8,10 @@ meets the rule when ``drop <= max_accuracy_drop``. The fallback and the latency 
 Without it (``AgreementCheck``, latency trials only): top-1 agreement with the float model on up
 to ``AGREEMENT_SAMPLES`` samples may fall at most ``AGREEMENT_SLACK`` below the first
 quantization's, so that trading accuracy for speed is never silent.
+
+A model with several outputs is not a classifier: there the score is the fidelity of all its
+outputs to the float model's (``output_cosine``: the mean per-sample cosine of the concatenated
+outputs, 1 for the float model itself), and both rules read it in place of top-1.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import onnxruntime as ort
 
 from deployopt.core.data import Dataset
 from deployopt.core.session import open_session
-from deployopt.measure.metrics import class_agreement, predicted_class
+from deployopt.measure.metrics import class_agreement, predicted_class, row_cosine
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds
 
 #: Without max_accuracy_drop, a trial's top-1 agreement with the float model may fall at most
@@ -56,6 +60,24 @@ def predicted_classes(sess: ort.InferenceSession, stream: Iterable[Feed]) -> np.
     return np.concatenate(parts) if parts else np.empty(0)
 
 
+def is_classifier(sess: ort.InferenceSession) -> bool:
+    """One output: read as class scores (top-1); several outputs: compared by ``output_cosine``."""
+    return len(sess.get_outputs()) == 1
+
+
+def output_cosine(sess: ort.InferenceSession, float_sess: ort.InferenceSession, stream: Iterable[Feed]) -> float:
+    """Mean per-sample cosine of all of ``sess``'s outputs to ``float_sess``'s, each sample's
+    outputs flattened and concatenated, over the stream (both models run batch by batch, so
+    nothing of the dataset is held)."""
+    total, count = 0.0, 0
+    for feed in stream:
+        rows = [np.concatenate([np.asarray(o, np.float64).reshape(len(o), -1) for o in s.run(None, feed)], axis=1)
+                for s in (sess, float_sess)]
+        total += float(row_cosine(*rows).sum())
+        count += len(rows[0])
+    return total / count if count else float("nan")
+
+
 class Scorer:
     """``max_accuracy_drop`` on data.evaluation (module doc); the float model runs once, here."""
 
@@ -63,7 +85,11 @@ class Scorer:
                  tolerance: float, relative: bool, batch_size: int, threads: int):
         self.dataset, self.inputs, self.batch_size, self.threads = dataset, inputs, batch_size, threads
         self.tolerance, self.relative = float(tolerance), relative
-        reference, labels = predict(_session(float_path, threads), self._stream())
+        self.float_session = _session(float_path, threads)
+        if not is_classifier(self.float_session):
+            self.metric, self.target, self.base = "cosine", None, 1.0
+            return
+        reference, labels = predict(self.float_session, self._stream())
         self.metric = "top1" if labels is not None else "agreement"
         self.target = labels if labels is not None else reference
         self.base = class_agreement(labels, reference) if labels is not None else 1.0
@@ -73,8 +99,12 @@ class Scorer:
 
     def score(self, path: pathlib.Path) -> tuple[float, float]:
         """(score, drop) of the model at ``path``."""
-        preds, _ = predict(_session(path, self.threads), self._stream())
-        value = class_agreement(self.target, preds)
+        if self.metric == "cosine":
+            value = output_cosine(_session(path, self.threads), self.float_session,
+                                  (feed for feed, _ in self._stream()))
+        else:
+            preds, _ = predict(_session(path, self.threads), self._stream())
+            value = class_agreement(self.target, preds)
         drop = self.base - value
         return value, (drop / self.base if self.relative and self.base > 0 else drop)
 
@@ -96,15 +126,23 @@ class AgreementCheck:
         self.dataset, self.inputs, self.batch_size, self.threads = dataset, inputs, batch_size, threads
         self.first = first
         self.floor: float | None = None
-        self.reference = self._classes(float_path)
+        self.float_session = _session(float_path, threads)
+        self.metric = "agreement" if is_classifier(self.float_session) else "cosine"
+        self.reference = self._classes(self.float_session) if self.metric == "agreement" else None
 
-    def _classes(self, path: pathlib.Path) -> np.ndarray:
-        stream = feeds(self.dataset, self.inputs, AGREEMENT_SAMPLES, self.batch_size)
-        return predicted_classes(_session(path, self.threads), (feed for feed, _ in stream))
+    def _stream(self) -> Iterator[Feed]:
+        return (feed for feed, _ in feeds(self.dataset, self.inputs, AGREEMENT_SAMPLES, self.batch_size))
+
+    def _classes(self, sess: ort.InferenceSession) -> np.ndarray:
+        return predicted_classes(sess, self._stream())
 
     def __call__(self, path: pathlib.Path) -> dict:
-        value = class_agreement(self.reference, self._classes(path))
+        sess = _session(path, self.threads)
+        if self.metric == "cosine":
+            value = output_cosine(sess, self.float_session, self._stream())
+        else:
+            value = class_agreement(self.reference, self._classes(sess))
         if path == self.first and self.floor is None:
             self.floor = value - AGREEMENT_SLACK
-        return {"agreement": round(value, 5), "data": self.dataset.name,
+        return {self.metric: round(value, 5), "data": self.dataset.name,
                 "met": bool(value >= self.floor - 1e-12)}

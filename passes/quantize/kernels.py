@@ -33,9 +33,12 @@ def ort_kernels(model_path: pathlib.Path, work_dir: pathlib.Path, threads: int) 
     }
 
 
-def internal_unfused(kernels: dict, proto: onnx.ModelProto) -> int:
+def internal_unfused(kernels: dict, proto: onnx.ModelProto) -> int | None:
     """Unfused Q/DQ kernels onnxruntime runs inside the graph: beyond one Q per graph input and
-    one DQ per graph output (``kernels`` as ``ort_kernels`` returns it)."""
+    one DQ per graph output (``kernels`` as ``ort_kernels`` returns it; None when the count was
+    skipped)."""
+    if "skipped" in kernels:
+        return None
     initializers = {t.name for t in proto.graph.initializer}
     n_in = sum(1 for v in proto.graph.input if v.name not in initializers)
     n_out = len(proto.graph.output)

@@ -3,8 +3,11 @@
 Constant nodes become initializers (their weights can then be quantized), every node gets a name
 (``nodes_to_exclude`` and the per-node profile need names), the opset is raised to what QDQ
 needs (per-channel weights need DequantizeLinear's ``axis``, opset 13; below 11 onnxruntime does
-not fuse Q/DQ at all), then ``quant_pre_process`` runs shape inference and onnxruntime's basic
-optimization, which keeps node names.
+not fuse Q/DQ at all) together with the IR version that opset needs (an IR 3 graph upgraded to
+opset 13 but left at IR 3 has untyped value_info entries onnxruntime refuses: "Invalid tensor data
+type 0"), then ``quant_pre_process`` runs shape inference and onnxruntime's basic optimization,
+which keeps node names. onnxruntime's shape inference writes scratch files into the current
+folder and the temp folder, so it runs confined to the pass's private folder.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from deployopt.core.contain import confined
 from deployopt.core.errors import UserError, one_line
 from deployopt.passes.quantize.data import InputSpec, model_inputs
 
@@ -72,15 +76,23 @@ def prepare(proto: onnx.ModelProto, folder: pathlib.Path, *, per_channel: bool) 
         need = "per-channel QDQ weights need DequantizeLinear axis" if per_channel \
             else "onnxruntime fuses Q/DQ only from opset 11"
         notes.append(f"opset upgraded from {opset} to {target} ({need})")
+    ir_version = onnx.helper.find_min_ir_version_for(proto.opset_import, ignore_unknown=True)
+    if proto.ir_version < ir_version:
+        notes.append(f"IR version raised from {proto.ir_version} to {ir_version} (what opset "
+                     f"{max(opset, target)} needs)")
+        proto.ir_version = ir_version
     src, pre = folder / FLOAT_FILE, folder / PREPROCESSED_FILE
     onnx.save(proto, str(src))
-    try:
-        quant_pre_process(str(src), str(pre))
-        preprocess = "symbolic + onnx shape inference, onnxruntime basic optimization"
-    except Exception as e:  # symbolic shape inference does not know every op
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        notes.append(f"symbolic shape inference skipped ({type(e).__name__}); onnx shape inference used")
-        preprocess = "onnx shape inference, onnxruntime basic optimization"
+    # symbolic shape inference saves the graph it could not finish as sym_shape_infer_temp.onnx
+    # (+ <uuid>.data) in the current folder: confined, that is the private folder
+    with confined(folder):
+        try:
+            quant_pre_process(str(src), str(pre))
+            preprocess = "symbolic + onnx shape inference, onnxruntime basic optimization"
+        except Exception as e:  # symbolic shape inference does not know every op
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            notes.append(f"symbolic shape inference skipped ({one_line(e, 120)}); onnx shape inference used")
+            preprocess = "onnx shape inference, onnxruntime basic optimization"
     pre_proto = onnx.load(str(pre))
     if any(not n.name for n in pre_proto.graph.node):
         # Inlined function bodies (HardSwish -> HardSigmoid, Mul) come out unnamed.

@@ -12,7 +12,9 @@ QGemm / QLinearAdd kernels (VNNI ``vpdpbusd`` multiplies uint8 by int8); onnxrun
 Flow of ``call``:
 
 1. checks: the model is float and has runtime inputs; every dataset batch fits them (before
-   anything is written); ``reduce_range`` for this CPU (cpu.py).
+   anything is written); the run's peak memory, estimated from the model's activation sizes,
+   against ``max_memory_mb`` (memory.py: refused when it cannot fit); ``reduce_range`` for this
+   CPU (cpu.py).
 2. ``prepare``: constants lifted, nodes named, opset raised, ``quant_pre_process`` (prepare.py).
 3. calibration streamed chunk by chunk into a range cache (calibration.py).
 4. the first quantization, by ``quantize_static`` reading that cache, its int8 weights and int32
@@ -27,6 +29,10 @@ Flow of ``call``:
    the float model is returned unchanged.
 8. the node accounting of the model returned: which nodes run int8, which stayed float and why
    (report.py), and the kernels onnxruntime runs (kernels.py).
+
+The SQNR ranking and the kernel count are diagnostics: when one cannot be computed on a graph its
+report section reads ``{"skipped": reason}``, a note says why, and the model returned is the same
+(the fallback then ranks by output sensitivity; the latency search assumes unfused Q/DQ).
 """
 
 from __future__ import annotations
@@ -45,11 +51,12 @@ import onnx_ir as ir
 from onnxruntime.quantization import QuantFormat
 from onnxruntime.quantization.calibrate import save_tensors_data
 
-from deployopt.core.errors import UserError
+from deployopt.core.contain import Skipped, best_effort
+from deployopt.core.errors import UserError, WorkFailed
 from deployopt.core.settings import setting
 from deployopt.measure.memory import RssSampler, peak_rss_mb
 from deployopt.passes.base import DeployFunctionalPass
-from deployopt.passes.quantize import fallback, latency_search
+from deployopt.passes.quantize import fallback, latency_search, memory
 from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck, Scorer
 from deployopt.passes.quantize.calibration import METHODS, calibrate, chunked, clamp_to_activations
 from deployopt.passes.quantize.cpu import auto_reduce_range
@@ -58,7 +65,7 @@ from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
 from deployopt.passes.quantize.latency_probe import LatencyProbe
 from deployopt.passes.quantize.prepare import MIN_OPSET, PER_CHANNEL_OPSET, Prepared, matching_nodes, prepare
 from deployopt.passes.quantize.quantizer import QUANT_TYPES, Quantizer
-from deployopt.passes.quantize.refine import DAMP, Refiner
+from deployopt.passes.quantize.refine import DAMP, MAX_COLUMNS, Refiner
 from deployopt.passes.quantize.report import (QUANTIZABLE, activation_bounds, already_quantized, int8_nodes,
                                               node_accounting)
 from deployopt.passes.quantize.sensitivity import most_sensitive, tensor_sensitivity
@@ -110,6 +117,8 @@ class QuantizePass(DeployFunctionalPass):
     latency_aware: bool = True  # time int8 against float here; keep int8 only where it is faster
     latency_min_ms: float = setting(0.1, low=0)  # float models faster than this are left to the step guard
     latency_budget_s: float = setting(60.0, low=0, low_open=True)  # wall time the latency search may spend
+    # MiB the run may peak at (estimated before any work, memory.py); None: 75% of what is available
+    max_memory_mb: float | None = setting(None, low=0, low_open=True)
     #: What the latency search measures (onnxruntime in this process); tests put synthetic timings here.
     probe: LatencyProbe = dataclasses.field(default_factory=LatencyProbe, init=False, repr=False, compare=False)
 
@@ -128,10 +137,12 @@ class QuantizePass(DeployFunctionalPass):
         start = time.perf_counter()
         proto = ir.to_proto(model)
         n_cal = self._check_model_and_data(proto)
+        self._chunk_samples = self._check_memory(proto)
         reduce_range = self._decide_reduce_range()
         times = StepTimes(self.details.setdefault("timings_s", {}))
-        with self.private_folder() as folder:  # every file of the pass goes in here
+        with RssSampler() as rss, self.private_folder() as folder:  # every file of the pass goes in here
             quantized = self._quantize(proto, folder, n_cal, reduce_range, times)
+        self.details["memory"]["measured_peak_mb"] = None if rss.peak_mb is None else round(rss.peak_mb)
         self._summarize(time.perf_counter() - start)
         if quantized is None:  # no int8 configuration was faster: the float model, unchanged
             return ir.passes.PassResult(ir.from_proto(proto), False)
@@ -148,8 +159,9 @@ class QuantizePass(DeployFunctionalPass):
         quantizer = Quantizer(prepared.path, cache, self._static_options(reduce_range), times,
                               self._refiner(prepared, reduce_range), float_nodes=excluded)
         best = quantizer([], folder / "trial0.onnx")
-        with times("sqnr"):
+        with times("sqnr"), RssSampler() as rss:
             ranked = self._rank_by_sqnr(prepared, best, folder)
+        self.details["memory"]["sqnr_peak_mb"] = None if rss.peak_mb is None else round(rss.peak_mb)
         scorer = self._scorer(prepared)
         reasons = {n: "excluded by exclude_nodes" for n in excluded}
         fallback_nodes: list[str] = []
@@ -159,7 +171,7 @@ class QuantizePass(DeployFunctionalPass):
             best, fallback_nodes = chosen.path, chosen.nodes()
             reasons.update(chosen.reasons())
         with times("ort_kernels"):
-            self.details["ort_optimized"] = ort_kernels(best, folder, self.context.threads)
+            self._kernels(best, folder)
         latency: dict[str, str] = {}
         if self.latency_aware and self.failure is not None:
             self.note("latency-aware: not run, the accuracy tolerance is not met")
@@ -176,7 +188,7 @@ class QuantizePass(DeployFunctionalPass):
                                             excluded={**reasons, **latency}))
         if latency:  # the kernels of the model returned, not of the first quantization
             with times("ort_kernels"):
-                self.details["ort_optimized"] = ort_kernels(best, folder, self.context.threads)
+                self._kernels(best, folder)
         return ir.from_proto(best_proto)
 
     # -- 1. checks --------------------------------------------------------------------------------
@@ -198,6 +210,25 @@ class QuantizePass(DeployFunctionalPass):
         elif self.latency_aware and ctx.evaluation is not None:  # the latency trials' agreement check
             scan(ctx.evaluation, inputs, "data.evaluation", AGREEMENT_SAMPLES, self.batch_size)
         return n_cal
+
+    def _check_memory(self, proto: onnx.ModelProto) -> int:
+        """The run's memory estimate against ``max_memory_mb`` (memory.py), before any work:
+        refused when it cannot fit. Returns the calibration chunk (samples) that fits."""
+        inputs = model_inputs(proto)
+        fixed = max((s.fixed_batch or 0) for s in inputs)  # 0: the batch is dynamic
+        feed = next(feeds(self.context.calibration, inputs, fixed or 1, fixed or 1))[0]
+        shapes = {k: v.shape for k, v in feed.items()}
+        per_feed = samples_in(feed)
+        work = memory.Workload(
+            method=self.calibration, run_samples=fixed or self.batch_size, batch_size=self.batch_size,
+            sqnr_samples=fixed or min(self.batch_size, SQNR_BATCH),
+            fixed_batch=fixed > 0, refine=self.rounding == "gptq" or self.bias_correction, max_columns=MAX_COLUMNS)
+        budget = self.max_memory_mb if self.max_memory_mb is not None else memory.default_budget_mb()
+        est = memory.estimate(proto, shapes, work, budget, samples_per_shape=per_feed)
+        self.details["memory"] = est.to_json(budget)
+        memory.check_budget(est, budget)
+        self._sqnr_batch, self._sqnr_group_mb = est.sqnr_samples, est.sqnr_group_mb
+        return est.chunk_samples
 
     def _decide_reduce_range(self) -> bool:
         """``reduce_range`` as set, else for this CPU (a warning when it costs a bit of precision)."""
@@ -243,7 +274,7 @@ class QuantizePass(DeployFunctionalPass):
         stream = feeds(ctx.calibration, prepared.inputs, self.samples, self.batch_size)
         with RssSampler() as rss:
             ranges = calibrate(prepared.path, folder, method=self.calibration, percentile=self.percentile,
-                               op_types=self._op_types(), chunks=chunked(stream, self.batch_size),
+                               op_types=self._op_types(), chunks=chunked(stream, self._chunk_samples),
                                threads=ctx.threads)
         clamped = clamp_to_activations(ranges, activation_bounds(prepared.proto))
         if clamped:
@@ -257,7 +288,7 @@ class QuantizePass(DeployFunctionalPass):
         seconds = time.perf_counter() - start
         self.details["calibration"] = {
             "method": self.calibration, "samples": n_cal, "dataset": ctx.calibration.name,
-            "chunk_samples": self.batch_size, "tensors": len(ranges.data),
+            "chunk_samples": self._chunk_samples, "tensors": len(ranges.data),
             "seconds": round(seconds, 3),
             # highest RSS sampled during calibration, and the process's peak so far
             "rss_peak_during_mb": None if rss.peak_mb is None else round(rss.peak_mb, 1),
@@ -292,15 +323,32 @@ class QuantizePass(DeployFunctionalPass):
         """Up to SQNR_SAMPLES samples of data.evaluation (else data.calibration), small batches."""
         data = self.context.evaluation if self.context.evaluation is not None else self.context.calibration
         # Small batches: both augmented models return every intermediate tensor of the batch.
-        for feed, _ in feeds(data, inputs, SQNR_SAMPLES, min(self.batch_size, SQNR_BATCH)):
+        for feed, _ in feeds(data, inputs, SQNR_SAMPLES, self._sqnr_batch):
             yield feed
 
     def _rank_by_sqnr(self, prepared: Prepared, qdq_path: pathlib.Path, folder: pathlib.Path) -> list[dict]:
-        """All quantized tensors ranked worst first; the ten worst go into the report."""
-        ranked = ranked_tensors(prepared.path, qdq_path, folder, self._sample_feeds(prepared.inputs),
-                                self.context.threads)
+        """All quantized tensors ranked worst first; the ten worst go into the report (empty when
+        the SQNR cannot be computed on this graph)."""
+        ranked = best_effort(ranked_tensors, prepared.path, qdq_path, folder,
+                             lambda: self._sample_feeds(prepared.inputs), self.context.threads,
+                             self._sqnr_group_mb * memory.MB)
+        if isinstance(ranked, Skipped):
+            self._skipped("worst_sqnr", "per-tensor SQNR", ranked)
+            return []
         self.details["worst_sqnr"] = ranked[:10]
         return ranked
+
+    def _skipped(self, key: str, what: str, skipped: Skipped) -> None:
+        """A diagnostic that could not be computed: its report section and a note say why."""
+        self.details[key] = skipped.to_json()
+        self.note(f"{what} skipped: {skipped.reason}")
+
+    def _kernels(self, qdq_path: pathlib.Path, folder: pathlib.Path) -> None:
+        kernels = best_effort(ort_kernels, qdq_path, folder, self.context.threads)
+        if isinstance(kernels, Skipped):
+            self._skipped("ort_optimized", "onnxruntime kernel count", kernels)
+        else:
+            self.details["ort_optimized"] = kernels
 
     # -- 6. accuracy fallback ---------------------------------------------------------------------
     def _scorer(self, prepared: Prepared) -> Scorer | None:
@@ -336,12 +384,21 @@ class QuantizePass(DeployFunctionalPass):
     def _fallback_ranking(self, ranked: list[dict], prepared: Prepared, trial0: pathlib.Path) -> list[dict]:
         """The fallback's order: with ``fallback_rank: sensitivity``, activation tensors whose
         quantization adds output error, most first, then the rest in SQNR order; with ``sqnr``,
-        worst SQNR first."""
-        if self.fallback_rank == "sqnr":
+        worst SQNR first. When the chosen ranking cannot be computed, the other one is used."""
+        if self.fallback_rank == "sqnr" and ranked:
             return ranked
+        if self.fallback_rank == "sqnr":
+            self.note("fallback: ranked by output sensitivity (the SQNR ranking is not available)")
         sample = list(self._sample_feeds(prepared.inputs))
         t0 = time.perf_counter()
-        sensitivity = tensor_sensitivity(prepared.path, trial0, sample, self.context.threads)
+        sensitivity = best_effort(tensor_sensitivity, prepared.path, trial0, sample, self.context.threads)
+        if isinstance(sensitivity, Skipped):
+            self._skipped("sensitivity", "output sensitivity", sensitivity)
+            if not ranked:
+                raise WorkFailed(f"no ranking for the float fallback: output sensitivity failed "
+                                 f"({sensitivity.reason}) and so did the SQNR")
+            self.note("fallback: ranked by SQNR (output sensitivity is not available)")
+            return ranked
         order = most_sensitive(sensitivity)
         total = sum(v for v in sensitivity.values() if v > 0) or 1.0
         self.details["sensitivity"] = {
@@ -397,10 +454,13 @@ class QuantizePass(DeployFunctionalPass):
         if "ort_optimized" not in d:  # the float model was returned; the latency note says why
             return
         ort_opt = d["ort_optimized"]
-        self.note(f"{sum(d['int8_ops'].values())} nodes int8, {sum(d['float_ops'].values())} float; "
-                  f"onnxruntime fused {ort_opt['fused_int8_total']} int8 kernels, "
-                  f"{ort_opt['unfused_quantize_linear']} QuantizeLinear / "
-                  f"{ort_opt['unfused_dequantize_linear']} DequantizeLinear left unfused")
+        counted = f"{sum(d['int8_ops'].values())} nodes int8, {sum(d['float_ops'].values())} float"
+        if "skipped" in ort_opt:
+            self.note(counted)
+        else:
+            self.note(f"{counted}; onnxruntime fused {ort_opt['fused_int8_total']} int8 kernels, "
+                      f"{ort_opt['unfused_quantize_linear']} QuantizeLinear / "
+                      f"{ort_opt['unfused_dequantize_linear']} DequantizeLinear left unfused")
         r = d.get("refinement")
         if r and r.get("layers_gptq", 0) + r.get("biases_corrected", 0):
             self.note(f"weights refined on {r['samples']} calibration samples: {r['layers_gptq']} layers "

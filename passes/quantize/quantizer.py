@@ -3,7 +3,8 @@
 Every quantized tensor is stored as ``q = clamp(round(x / s) + z, qmin, qmax)`` and read back as
 ``x' = s (q - z)``. The ranges come from a calibration cache, so fallback and latency trials
 re-quantize with more nodes in float without re-calibrating; each result's integer weights and
-biases are then refined (refine.py) against float statistics collected once.
+biases are then refined (refine.py) against float statistics collected once. onnxruntime's
+quantizer round-trips the model through temporary folders: they go in the folder of the result.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from onnxruntime.quantization import QuantType, quantize_static
 
+from deployopt.core.contain import confined
 from deployopt.core.errors import WorkFailed, one_line
 from deployopt.passes.quantize.refine import Refiner
 from deployopt.passes.quantize.step_times import StepTimes
@@ -38,7 +40,7 @@ class Quantizer:
 
     def __call__(self, float_nodes: Sequence[str], path: pathlib.Path) -> pathlib.Path:
         """Quantize with ``float_nodes`` (beyond ``self.float_nodes``) in float into ``path``."""
-        with self.times("quantize"):
+        with self.times("quantize"), confined(path.parent):
             try:
                 quantize_static(str(self.float_path), str(path), calibration_data_reader=None,
                                 calibration_cache_path=str(self.cache),

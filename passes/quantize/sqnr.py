@@ -5,44 +5,101 @@ fallback ranking.
 and ``x_q`` after it (local error, qdq_loss_debug's ``qdq_err``), plus the same against the float
 model's tensor (accumulated error, ``xmodel_err``). Same formula and tensor matching as
 onnxruntime.quantization.qdq_loss_debug, but the sums are accumulated batch by batch instead of
-keeping every activation of every sample (qdq_loss_debug.collect_activations does).
+keeping every activation of every sample (qdq_loss_debug.collect_activations does), and the
+tensors are returned a group at a time, so one run never holds more than a group's tensors.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
+import math
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
 from onnxruntime.quantization import qdq_loss_debug
 from onnxruntime.quantization.calibrate import CalibraterBase
-from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX
+from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX, QUANT_INPUT_SUFFIX, TENSOR_NAME_QUANT_SUFFIX
 
-from deployopt.core.session import open_session
+from deployopt.core.contain import confined
+from deployopt.core.session import open_session, session_options
 from deployopt.passes.quantize.data import Feed
+from deployopt.passes.quantize.memory import tensor_bytes
 from deployopt.passes.quantize.report import folded_activations
 
 
-def _augment(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Expose every float tensor onnxruntime would calibrate as a graph output, keeping its shape
-    (qdq_loss_debug.modify_model_output_intermediate_tensors flattens them, which loses the
-    channel axis the per-channel SQNR needs)."""
-    saver = CalibraterBase(str(src))  # loads with shape inference, as qdq_loss_debug does
+def _exposable(src: pathlib.Path, work_dir: pathlib.Path) -> tuple[onnx.ModelProto, dict[str, onnx.ValueInfoProto]]:
+    """The model, shape-inferred, and every float tensor onnxruntime would calibrate (name ->
+    value info, keeping its shape: qdq_loss_debug.modify_model_output_intermediate_tensors
+    flattens them, which loses the channel axis the per-channel SQNR needs)."""
+    with confined(work_dir):  # its shape inference round-trips the model through a temp folder
+        saver = CalibraterBase(str(src))  # loads with shape inference, as qdq_loss_debug does
     model = saver.model
     tensors, value_infos = saver.select_tensors_to_calibrate(model)
+    # Q/DQ outputs get value_info entries without an element type, which onnxruntime refuses
+    # ("Invalid tensor data type 0") in models of IR version < 4; they say nothing, drop them.
+    untyped = [v for v in model.graph.value_info if not v.type.tensor_type.elem_type]
+    for value in untyped:
+        model.graph.value_info.remove(value)
     present = {o.name for o in model.graph.output}
-    for name in sorted(tensors - present):
-        model.graph.output.append(value_infos[name])
-    onnx.save(model, str(dst))
+    return model, {name: value_infos[name] for name in sorted(tensors - present)}
 
 
-def _outputs(sess, feed) -> dict[str, list[np.ndarray]]:
-    names = [o.name for o in sess.get_outputs()]
-    return {n: [v] for n, v in zip(names, sess.run(names, feed))}
+def _session(model: onnx.ModelProto, exposed: list[onnx.ValueInfoProto], threads: int, what: str):
+    """A session over ``model`` with ``exposed`` as extra graph outputs (the proto is left as it
+    was). Its arena is off: it would keep a second copy of the exposed tensors between runs."""
+    outputs = len(model.graph.output)
+    model.graph.output.extend(exposed)
+    try:
+        data = model.SerializeToString()
+    finally:
+        del model.graph.output[outputs:]
+    options = session_options(threads, "disable")
+    options.enable_cpu_mem_arena = False
+    return open_session(data, options=options, what=what)
+
+
+_PAIR_SUFFIXES = (QUANT_INPUT_SUFFIX, qdq_loss_debug._POST_QDQ_POSTFIX1, DEQUANT_OUTPUT_SUFFIX)
+
+
+def pair_components(names: list[str]) -> list[list[str]]:
+    """The quantized model's tensors that qdq_loss_debug.create_activation_matching can pair,
+    in sets it only ever pairs within: a name with a Q/DQ suffix joins the name without it (a
+    chain of suffixes joins transitively). Names no suffix links are left out (never paired)."""
+    parent = {n: n for n in names}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    linked = set()
+    for name in names:
+        suffix = next((s for s in _PAIR_SUFFIXES if name.endswith(s)), None)
+        if suffix is not None and name[: -len(suffix)] in parent:
+            parent[root(name)] = root(name[: -len(suffix)])
+            linked.update((name, name[: -len(suffix)]))
+    components: dict[str, list[str]] = {}
+    for name in names:
+        if name in linked:
+            components.setdefault(root(name), []).append(name)
+    return list(components.values())
+
+
+def pack(components: list[list[str]], sizes: dict[str, float], cap_bytes: float) -> list[list[str]]:
+    """Consecutive components packed into groups of names holding at most ``cap_bytes`` (a
+    component larger than the cap is a group of its own)."""
+    groups: list[list[str]] = []
+    held = cap_bytes + 1.0
+    for component in components:
+        size = sum(sizes[n] for n in component)
+        if not groups or held + size > cap_bytes:
+            groups.append([])
+            held = 0.0
+        groups[-1].extend(component)
+        held += size
+    return groups
 
 
 def _db(signal, noise):
@@ -50,14 +107,24 @@ def _db(signal, noise):
     return 10 * np.log10(np.maximum(signal, eps) / np.maximum(noise, eps))
 
 
-def _energy(x: np.ndarray) -> np.ndarray:
-    """Sum of squares per channel (axis 1), or one total for tensors without a channel axis."""
-    x = x.astype(np.float64) ** 2
-    return x.sum(axis=tuple(i for i in range(x.ndim) if i != 1)) if x.ndim >= 2 else np.array([x.sum()])
+def _energy(x: np.ndarray, minus: np.ndarray | None = None) -> np.ndarray:
+    """Sum of squares of ``x`` (or of ``x - minus``) per channel (axis 1), or one total for
+    tensors without a channel axis; float64, one channel at a time (a float64 copy of a whole
+    high-resolution tensor would be the largest allocation of the pass)."""
+    if x.ndim < 2:
+        x, minus = x.reshape(1, 1, -1), None if minus is None else minus.reshape(1, 1, -1)
+    sums = np.empty(x.shape[1])
+    for c in range(x.shape[1]):
+        v = x[:, c].astype(np.float64)
+        if minus is not None:
+            v -= minus[:, c]
+        sums[c] = np.dot(v.ravel(), v.ravel())
+    return sums
 
 
 def tensor_sqnr(float_path: pathlib.Path, qdq_path: pathlib.Path, work_dir: pathlib.Path,
-                feeds: Iterator[Feed], threads: int) -> dict[str, dict[str, float]]:
+                feeds: Callable[[], Iterable[Feed]], threads: int,
+                group_bytes: float = math.inf) -> dict[str, dict[str, float]]:
     """``{tensor: {"sqnr_db", "channel_sqnr_db", "xmodel_sqnr_db"}}`` over the feeds.
 
     ``sqnr_db`` is the whole-tensor local SQNR (qdq_loss_debug's ``qdq_err``); ``channel_sqnr_db``
@@ -65,32 +132,39 @@ def tensor_sqnr(float_path: pathlib.Path, qdq_path: pathlib.Path, work_dir: path
     per-tensor scale carries most of the energy, so the whole-tensor figure stays high while the
     other channels round to zero; the channel average exposes that. ``xmodel_sqnr_db`` compares
     with the float model's tensor (error accumulated up to here).
+
+    Memory: the tensors are split into groups of at most ``group_bytes`` per session run (sized
+    by shape inference at the first feed's shapes; ``pack``), and both models run over all feeds
+    once per group, returning only that group's tensors. ``feeds()`` gives the same feeds each
+    time. A tensor's sums are those of one group, added feed by feed in the same order, so the
+    result does not depend on the grouping.
     """
     folded = folded_activations(onnx.load(str(float_path)), onnx.load(str(qdq_path)))
-    float_aug, qdq_aug = work_dir / "sqnr_float.onnx", work_dir / "sqnr_qdq.onnx"
-    _augment(float_path, float_aug)
-    _augment(qdq_path, qdq_aug)
-    float_sess = open_session(float_aug, threads=threads, optimization_level="disable",
-                              what="the float model with its tensors as outputs")
-    qdq_sess = open_session(qdq_aug, threads=threads, optimization_level="disable",
-                            what="the quantized model with its tensors as outputs")
+    float_model, float_tensors = _exposable(float_path, work_dir)
+    qdq_model, qdq_tensors = _exposable(qdq_path, work_dir)
+    # the graph outputs are returned by every run; they pair within the group of their partner
+    components = pair_components([*qdq_tensors, *(o.name for o in qdq_model.graph.output)])
+    groups = [[n for component in components for n in component]]  # one group unless capped
+    if math.isfinite(group_bytes):
+        first = next(iter(feeds()), None)
+        sizes, _ = tensor_bytes(qdq_model, {} if first is None else {k: v.shape for k, v in first.items()})
+        largest = max(sizes.values(), default=0)
+        # a tensor of both models is returned twice per feed
+        held = {n: 0 if n not in qdq_tensors else sizes.get(n, largest) * (2 if n in float_tensors else 1)
+                for c in components for n in c}
+        groups = pack(components, held, group_bytes)
     # per tensor: [signal, noise] per channel (local), [signal, noise] in total (vs float model)
     sums: dict[str, list] = {}
-    for feed in feeds:
-        matched = qdq_loss_debug.create_activation_matching(_outputs(qdq_sess, feed), _outputs(float_sess, feed))
-        for name, m in matched.items():
-            pre, post = m["pre_qdq"][0], m["post_qdq"][0]
-            if name in folded:
-                pre = np.clip(pre, *folded[name])
-            ref = m["float"][0] if "float" in m else pre
-            acc = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
-            acc[0] = acc[0] + _energy(pre)
-            acc[1] = acc[1] + _energy(pre.astype(np.float64) - post)
-            acc[2] += float(np.sum(ref.astype(np.float64) ** 2))
-            acc[3] += float(np.sum((ref.astype(np.float64) - post) ** 2))
-    del float_sess, qdq_sess
-    float_aug.unlink()
-    qdq_aug.unlink()
+    for names in groups:
+        members = set(names)  # a pair of graph outputs only is counted in its own group
+        qdq_sess = _session(qdq_model, [qdq_tensors[n] for n in names if n in qdq_tensors], threads,
+                            "the quantized model with its tensors as outputs")
+        float_sess = _session(float_model, [float_tensors[n] for n in names if n in float_tensors], threads,
+                              "the float model with its tensors as outputs")
+        for feed in feeds():
+            matched = qdq_loss_debug.create_activation_matching(_outputs(qdq_sess, feed), _outputs(float_sess, feed))
+            _accumulate(sums, {k: m for k, m in matched.items() if k in members}, folded)
+        del float_sess, qdq_sess
     result = {}
     for name, (signal, noise, ref_signal, ref_noise) in sums.items():
         live = signal > 0  # dead channels (always 0) carry no signal to lose
@@ -101,38 +175,78 @@ def tensor_sqnr(float_path: pathlib.Path, qdq_path: pathlib.Path, work_dir: path
     return result
 
 
-@contextlib.contextmanager
-def _drop_log_records(marker: str):
-    """Drop root-logger records whose message contains ``marker`` (others pass)."""
-    def keep(record: logging.LogRecord) -> bool:
-        return marker not in record.getMessage()
-    root = logging.getLogger()
-    root.addFilter(keep)
-    try:
-        yield
-    finally:
-        root.removeFilter(keep)
+def _outputs(sess, feed) -> dict[str, list[np.ndarray]]:
+    names = [o.name for o in sess.get_outputs()]
+    return {n: [v] for n, v in zip(names, sess.run(names, feed))}
+
+
+def _accumulate(sums: dict[str, list], matched: dict, folded: dict) -> None:
+    """Add one feed's energies of every matched tensor to ``sums``."""
+    for name, m in matched.items():
+        pre, post = m["pre_qdq"][0], m["post_qdq"][0]
+        if name in folded:
+            pre = np.clip(pre, *folded[name])
+        ref = m["float"][0] if "float" in m else pre
+        acc = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+        acc[0] = acc[0] + _energy(pre)
+        acc[1] = acc[1] + _energy(pre, post)
+        acc[2] += float(_energy(ref).sum())
+        acc[3] += float(_energy(ref, post).sum())
+
+
+def _dequantized(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """``s (q - z)`` of a DequantizeLinear over initializers, in float64 (integer ``q - z`` in
+    the stored type would wrap around for uint8), per channel along ``axis`` (ONNX default 1)."""
+    q = onnx.numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+    scale = onnx.numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    zero = (onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2] in inits else np.zeros_like(scale))
+    if scale.size > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (q - zero) * scale
 
 
 def weight_sqnr(float_path: pathlib.Path, qdq_path: pathlib.Path) -> dict[str, float]:
-    """SQNR of each quantized weight against its float values (qdq_loss_debug's own helpers)."""
-    with contextlib.redirect_stdout(io.StringIO()), _drop_log_records("_bias_correction"):
-        # Biases added by bias correction (refine.py) have no float original, which
-        # create_weight_matching logs as an error for each.
-        matched = qdq_loss_debug.create_weight_matching(str(float_path), str(qdq_path))
-    qdq = onnx.load(str(qdq_path), load_external_data=False)
-    int32 = {t.name for t in qdq.graph.initializer if t.data_type == onnx.TensorProto.INT32}
-    # Biases (int32 at scale s_x * s_w) are left out: their error follows the input's scale, which
-    # the activation entries already rank.
-    matched = {k: v for k, v in matched.items() if k + TENSOR_NAME_QUANT_SUFFIX not in int32}
-    return {k: round(v, 2) for k, v in qdq_loss_debug.compute_weight_error(matched).items()}
+    """SQNR of each quantized weight against its float values, any rank (scalars included).
+
+    The weights are matched as qdq_loss_debug.create_weight_matching does (``<name>_quantized``
+    read by a DequantizeLinear), but dequantized here: onnxruntime's helper subtracts uint8 zero
+    points without widening (wrong SQNR for uint8 weights), assumes ``axis`` -1 when the attribute
+    is absent, and its SQNR fails on a scalar (a BatchNorm-like scale feeding Mul)."""
+    floats = {t.name: t for t in onnx.load(str(float_path)).graph.initializer}
+    qdq = onnx.load(str(qdq_path))
+    inits = {t.name: t for t in qdq.graph.initializer}
+    result = {}
+    for node in qdq.graph.node:
+        stored = node.input[0] if node.op_type == "DequantizeLinear" else ""
+        name = stored[: -len(TENSOR_NAME_QUANT_SUFFIX)]
+        if (stored not in inits or not stored.endswith(TENSOR_NAME_QUANT_SUFFIX) or name not in floats
+                or inits[stored].data_type == onnx.TensorProto.INT32):
+            # Biases (int32 at scale s_x * s_w) are left out: their error follows the input's
+            # scale, which the activation entries already rank. Biases added by bias correction
+            # have no float original.
+            continue
+        result[name] = round(_weight_db(onnx.numpy_helper.to_array(floats[name]), _dequantized(node, inits)), 2)
+    return result
+
+
+def _weight_db(x: np.ndarray, x_q: np.ndarray) -> float:
+    """``20 log10(|x| / |x - x_q|)`` with both norms clamped at float eps (qdq_loss_debug's
+    compute_signal_to_quantization_noice_ratio, for any rank)."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    diff = x - np.asarray(x_q, dtype=np.float64).ravel()
+    eps = float(np.finfo(float).eps)
+    return 20 * float(np.log10(max(float(np.linalg.norm(x)), eps) / max(float(np.linalg.norm(diff)), eps)))
 
 
 def ranked_tensors(float_path: pathlib.Path, qdq_path: pathlib.Path, work_dir: pathlib.Path,
-                   feeds: Iterator[Feed], threads: int) -> list[dict]:
+                   feeds: Callable[[], Iterable[Feed]], threads: int, group_bytes: float = math.inf) -> list[dict]:
     """Every quantized activation and weight as ``{tensor, kind, sqnr_db, ...}``, worst first: by
     the worse of the whole-tensor and the channel-averaged SQNR (see ``tensor_sqnr``)."""
-    acts = tensor_sqnr(float_path, qdq_path, work_dir, feeds, threads)
+    acts = tensor_sqnr(float_path, qdq_path, work_dir, feeds, threads, group_bytes)
     weights = weight_sqnr(float_path, qdq_path)
     ranked = [{"tensor": k, "kind": "activation", **v} for k, v in acts.items()]
     ranked += [{"tensor": k, "kind": "weight", "sqnr_db": v} for k, v in weights.items()]

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from deployopt.core.data.preprocess import Preprocess
-from deployopt.core.data.sources import Source, open_source
+from deployopt.core.data.sources import ImageSource, Source, open_source
 from deployopt.core.data.spec import DatasetSpec, check_spec, spec_name
 from deployopt.core.errors import UserError
 from deployopt.core.settings import Bounds, check_value
@@ -35,12 +35,27 @@ SPLIT_SEED = 0
 SHUFFLED_BUILTINS = ("digits", "mnist")  # stored sorted by label: "all" serves them in the order P
 
 
+class UnfixedDims(UserError):
+    """The data does not fix a dynamic dimension of a model input. The message says why; the
+    caller adds the setting that fixes it on its verb (``--shape``, a recipe's ``shapes``)."""
+
+    def __init__(self, message: str, input_name: str, dims: Sequence[Any]):
+        super().__init__(message)
+        self.input_name, self.dims = input_name, list(dims)
+
+    def example(self) -> list[int]:
+        """A full shape to suggest: the model's fixed dims, batch 1, other dynamic dims 224."""
+        return [int(d) if _fixed(d) else (1 if i == 0 else 224) for i, d in enumerate(self.dims)]
+
+
 class Dataset(abc.ABC):
     """Abstract base: subclasses implement ``__len__`` and ``batches``."""
 
     name: str = "dataset"
     labeled: bool = False
     sample_shape: tuple[int, ...] = ()
+    #: Per model input, for datasets that feed several inputs ({name: sample shape}); None otherwise.
+    sample_shapes: dict[str, tuple[int, ...]] | None = None
     num_classes: int | None = None
     class_names: list[str] | None = None
 
@@ -122,7 +137,28 @@ def _shape_text(dims: Sequence[Any]) -> str:
     return "x".join(str(d) if _is_dim(d) or isinstance(d, str) else "?" for d in dims)
 
 
-def _sample_shape(kind: str, pp: Preprocess | None, source: Source) -> tuple[int, ...]:
+def _image_hw(kind: str, pp: Preprocess, source: Source, input_shape: Sequence[Any] | None,
+              input_name: str | None) -> tuple[int, int]:
+    """The one sample height/width of image files whose size the preprocessing leaves open: read
+    from the file headers when every file gives the same; otherwise a UserError (``UnfixedDims``
+    when the model input leaves that size open too)."""
+    sizes = sorted({pp.output_hw(hw) for hw in source.sizes()}) if isinstance(source, ImageSource) else []
+    if len(sizes) == 1:
+        return sizes[0]
+    model = list(input_shape or [])[1:]
+    if sizes and input_name is not None and len(model) == 3:
+        hw_dims = model[1:] if pp.layout == "nchw" else model[:2]
+        if not all(_fixed(d) for d in hw_dims):
+            a, b = (_shape_text(pp.sample_shape(hw)) for hw in (sizes[0], sizes[-1]))
+            raise UnfixedDims(f"{kind} samples differ in size ({a} and {b}), so they do not fix the dynamic "
+                              f"dims of model input {input_name!r} ({_shape_text(input_shape)})",
+                              input_name, input_shape)
+    raise UserError("preprocess: images from files differ in size, so a resize to a short side "
+                    "alone cannot be batched; add crop, or give resize as [height, width]")
+
+
+def _sample_shape(kind: str, pp: Preprocess | None, source: Source, input_shape: Sequence[Any] | None = None,
+                  input_name: str | None = None) -> tuple[int, ...]:
     if pp is None:
         return tuple(source.raw_shape)
     raw_hw = None
@@ -134,8 +170,7 @@ def _sample_shape(kind: str, pp: Preprocess | None, source: Source) -> tuple[int
         raw_hw = (raw[0], raw[1])
     hw = pp.output_hw(raw_hw)
     if hw is None:
-        raise UserError("preprocess: images from files differ in size, so a resize to a short side "
-                        "alone cannot be batched; add crop, or give resize as [height, width]")
+        hw = _image_hw(kind, pp, source, input_shape, input_name)
     return pp.sample_shape(hw)
 
 
@@ -165,24 +200,27 @@ def _select(n: int, spec: DatasetSpec, seed: int) -> np.ndarray:
 
 
 def open_dataset(spec: str | Mapping[str, Any], *, input_shape: Sequence[Any] | None = None, seed: int = 0,
-                 input_name: str | None = None, base_dir: str | os.PathLike | None = None) -> StreamingDataset:
+                 input_name: str | None = None, base_dir: str | os.PathLike | None = None,
+                 member: str = "x") -> StreamingDataset:
     """Open the dataset a spec names (``deployopt.core.data.spec``), ready to stream.
 
     ``input_shape`` is the model input's shape with its batch dim (ints, or None/str for dynamic
     dims); sizes follow it where the preset allows and a mismatch is a ``UserError``
     (``samples are 1x28x28 but model input 'input' expects 3x224x224``). ``seed`` drives
     ``shuffle``. Relative paths resolve against ``base_dir`` (e.g. the recipe's folder), else the
-    working directory. Messages carry no ``data.KEY`` prefix: the caller adds it.
+    working directory. ``member`` names the array of an npz archive. Image files whose size the
+    preprocessing leaves open are used at their own size when they all have one (read from the
+    headers). Messages carry no ``data.KEY`` prefix: the caller adds it.
     """
     checked = check_spec(spec)
     preprocess = checked.pipeline()
     name = spec_name(spec, preprocess)
     path = None if checked.path is None else pathlib.Path(base_dir or ".") / pathlib.Path(checked.path).expanduser()
-    source, num_classes, class_names = open_source(checked.kind, path)
+    source, num_classes, class_names = open_source(checked.kind, path, member)
 
     if preprocess is not None and input_shape is not None:
         preprocess = _fit(preprocess, input_shape)
-    sample_shape = _sample_shape(checked.kind, preprocess, source)
+    sample_shape = _sample_shape(checked.kind, preprocess, source, input_shape, input_name)
     if input_shape is not None:
         expected = list(input_shape)[1:]
         if len(expected) != len(sample_shape) or any(

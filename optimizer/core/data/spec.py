@@ -91,6 +91,7 @@ class DatasetSpec(Settings):
 
 
 DATASET_KEYS = tuple(f.name for f in setting_fields(DatasetSpec))
+_STRING_KEYS = tuple(k for k in DATASET_KEYS[1:] if k != "constants")  # what a spec string may set
 # How option text in a spec string reads as the field's type; text that does not read stays a
 # string, which the settings check then refuses with the expected type.
 _FROM_TEXT = {
@@ -119,7 +120,7 @@ def parse_spec(text: str, where: str | None = None) -> dict[str, Any]:
         key, eq, value = part.partition("=")
         if not eq or not key:
             raise UserError(_at(where, f"dataset: expected KEY=VALUE after '?' in {text!r}, got {part!r}"))
-        _check_keys([key], DATASET_KEYS[1:], where)
+        _check_keys([key], _STRING_KEYS, where)
         if key in spec:
             raise UserError(_at(where, f"{key}: given twice in {text!r}"))
         spec[key] = _FROM_TEXT.get(key, str)(value)
@@ -158,5 +159,5 @@ def spec_name(spec: str | Mapping[str, Any], pipeline: Preprocess | None) -> str
     if isinstance(spec, str):
         return spec
     options = [f"{k}={v if not isinstance(v, Mapping) else pipeline.name if pipeline else 'none'}"
-               for k, v in spec.items() if k != "dataset"]
+               for k, v in spec.items() if k not in ("dataset", "constants")]
     return spec["dataset"] + ("?" + "&".join(options) if options else "")
