@@ -19,12 +19,14 @@ data's input shape, batch 1), ``W`` the weight bytes and ``n`` the samples of on
 - SQNR: the float and the quantized model run once per group of tensors, each run returning
   only its group's tensors (the quantized ones before and after their Q/DQ pair), at most
   ``g = min(SQNR_GROUP_MB, budget / 8)`` per run:
-  ``S = RUN_FACTOR · A · n_sqnr + SQNR_FACTOR · min(g, SQNR_EXPOSED · A · n_sqnr)``;
+  ``S = A · n_sqnr + SQNR_FACTOR · min(g, SQNR_EXPOSED · A · n_sqnr)`` (the sessions run without
+  onnxruntime's arena, so a run holds at most its live tensors besides the group's);
 - sensitivity, latency trials: one run each, below the SQNR stage.
 
 The factors were fitted on the peaks that deployopt.measure.memory.RssSampler recorded per stage
-on a 640x640 segmentation net and on small classifiers, rounded up; the estimate is meant to be
-within a factor of two of the measured peak, and above it rather than below.
+on a 640x640 segmentation net, an 800x608 detector and small classifiers; the estimate is meant
+to be within a factor of 1.5 of the measured peak. It does not count the pages of a memory-mapped
+``.npy`` dataset that the run reads (resident while it is mapped, up to the file's size).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from deployopt.measure.memory import current_rss_mb
 MB = 1024 * 1024
 #: Bytes a session run holds per activation byte (the tensors, onnxruntime's arena, which grows
 #: in powers of two, the copies handed to numpy).
-RUN_FACTOR = 3.5
+RUN_FACTOR = 3.3
 #: Extra copies of a chunk's outputs a histogram calibrator makes (np.asarray, flatten).
 HISTOGRAM_COPIES = 2.0
 #: SQNR: bytes held per byte of the tensors one run of a group returns (onnxruntime's buffers and
@@ -210,7 +212,7 @@ def estimate(proto: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], work: W
     if not work.fixed_batch:
         sqnr = max(1, min(sqnr, int(SQNR_RUN_MB // max(per_run, 1e-9))))
     group = sqnr_group_mb(budget_mb)
-    stages = {"sqnr": per_run * sqnr + SQNR_FACTOR * min(group, SQNR_EXPOSED * a * sqnr)}
+    stages = {"sqnr": a * sqnr + SQNR_FACTOR * min(group, SQNR_EXPOSED * a * sqnr)}
     if work.refine:
         stages["refine"] = RUN_FACTOR * a * work.run_samples + hessian_bytes(proto, work.max_columns) / MB
     chunk = max(work.batch_size, work.run_samples)

@@ -252,12 +252,44 @@ def _existing_file(path: pathlib.Path, kind: str) -> pathlib.Path:
     return path
 
 
+class NpyRows:
+    """Rows of a C-ordered ``.npy`` file read on demand, ``rows[idx]`` like an array.
+
+    A memory map would do the same, but every page it has read stays in the process's resident
+    memory while the file is mapped, so a pass over many samples grows RSS with the file size.
+    Reading the requested rows with ``seek`` keeps memory at one batch.
+    """
+
+    def __init__(self, path: pathlib.Path, shape: tuple[int, ...], dtype: np.dtype, offset: int):
+        self.path, self.row_shape, self.dtype, self.offset = path, tuple(shape[1:]), dtype, offset
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
+
+    def __getitem__(self, idx) -> np.ndarray:
+        rows = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        out = np.empty((len(rows), *self.row_shape), self.dtype)
+        with open(self.path, "rb") as fp:
+            for k, i in enumerate(rows):
+                fp.seek(self.offset + int(i) * self.row_bytes)
+                out[k] = np.frombuffer(fp.read(self.row_bytes), self.dtype).reshape(self.row_shape)
+        return out
+
+
 def _open_npy(path: pathlib.Path) -> ArraySource:
     _existing_file(path, "npy")
     with open(path, "rb") as fp:
         shape, dtype = _npy_header(fp, path)
+        offset = fp.tell()
     _check_array(shape, dtype, path)
-    return ArraySource(lambda: np.load(path, mmap_mode="r", allow_pickle=False), shape, None, path.name)
+    if _fortran_order(path) or dtype.hasobject:
+        return ArraySource(lambda: np.load(path, mmap_mode="r", allow_pickle=False), shape, None, path.name)
+    return ArraySource(lambda: NpyRows(path, shape, dtype, offset), shape, None, path.name)
+
+
+def _fortran_order(path: pathlib.Path) -> bool:
+    with open(path, "rb") as fp:
+        version = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return bool(read(fp)[1])
 
 
 def npz_arrays(path: pathlib.Path) -> list[str]:
