@@ -225,14 +225,15 @@ def _open_folder(root: pathlib.Path) -> tuple[ImageSource, list[str] | None]:
     return ImageSource(paths, labels), classes
 
 
-def _npy_header(fp: Any, path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:
+def _npy_header(fp: Any, path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, Fortran order) of the ``.npy`` array ``fp`` starts with."""
     try:
         version = np.lib.format.read_magic(fp)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(fp)
+        shape, fortran, dtype = read(fp)
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: not a .npy array ({e})") from e
-    return shape, dtype
+    return shape, dtype, bool(fortran)
 
 
 def _check_array(shape: tuple[int, ...], dtype: np.dtype, path: pathlib.Path) -> None:
@@ -277,19 +278,12 @@ class NpyRows:
 def _open_npy(path: pathlib.Path) -> ArraySource:
     _existing_file(path, "npy")
     with open(path, "rb") as fp:
-        shape, dtype = _npy_header(fp, path)
+        shape, dtype, fortran = _npy_header(fp, path)
         offset = fp.tell()
     _check_array(shape, dtype, path)
-    if _fortran_order(path) or dtype.hasobject:
+    if fortran or dtype.hasobject:
         return ArraySource(lambda: np.load(path, mmap_mode="r", allow_pickle=False), shape, None, path.name)
     return ArraySource(lambda: NpyRows(path, shape, dtype, offset), shape, None, path.name)
-
-
-def _fortran_order(path: pathlib.Path) -> bool:
-    with open(path, "rb") as fp:
-        version = np.lib.format.read_magic(fp)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return bool(read(fp)[1])
 
 
 def npz_arrays(path: pathlib.Path) -> list[str]:
@@ -308,7 +302,7 @@ def _open_npz(path: pathlib.Path, member: str = "x") -> ArraySource:
         raise UserError(f"{path}: no array {member!r} (arrays: {', '.join(arrays) or 'none'})")
     with zipfile.ZipFile(path) as archive:
         with archive.open(f"{member}.npy") as fp:
-            shape, dtype = _npy_header(fp, path)
+            shape, dtype, _ = _npy_header(fp, path)
         y = None
         if "y" in arrays:
             with archive.open("y.npy") as fp:

@@ -157,15 +157,7 @@ class TextLabels:
 
     def __init__(self, path, dataset):
         self.path = pathlib.Path(path)
-        try:
-            lines = self.path.read_text(encoding="utf-8").split("\n")
-        except OSError as e:
-            raise UserError(f"labels {self.path}: cannot read ({e.strerror or e})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"labels {self.path}: not a UTF-8 text file") from None
-        if lines and lines[-1] == "":
-            lines.pop()
-        self.lines = [line.rstrip("\r") for line in lines]
+        self.lines = _text_lines(self.path, "labels")
         if len(self.lines) != len(dataset):
             raise _count_mismatch(self.path, "lines", len(self.lines), len(dataset))
 
@@ -176,14 +168,20 @@ class TextLabels:
 def read_charset(path) -> list[str]:
     """A charset file: one character (or token) per line, class i+1 is line i (class 0: blank)."""
     path = pathlib.Path(path)
+    lines = _text_lines(path, "charset")
+    if not lines:
+        raise UserError(f"charset {path}: empty")
+    return lines
+
+
+def _text_lines(path: pathlib.Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (no trailing empty line, no \\r); errors name ``what``."""
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except OSError as e:
-        raise UserError(f"charset {path}: cannot read ({e.strerror or e})") from None
+        raise UserError(f"{what} {path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
-        raise UserError(f"charset {path}: not a UTF-8 text file") from None
+        raise UserError(f"{what} {path}: not a UTF-8 text file") from None
     if lines and lines[-1] == "":
         lines.pop()
-    if not lines:
-        raise UserError(f"charset {path}: empty")
     return [line.rstrip("\r") for line in lines]
