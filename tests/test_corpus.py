@@ -4,8 +4,12 @@ finishes on every one with a checker-valid, loadable model that is never slower 
 Each case builds its graph, calibration data and recipe in its own tmp_path and runs the recipe
 through ``deployopt.optimize`` in a watched child process (``isolate=True``: a graph that makes
 onnxruntime abort fails its case instead of the session), from a working directory that must stay
-empty. "Never slower": the quantize step was reverted by its step guard, or the 95% interval of
-the final speedup (input p50 / output p50) reaches 1.
+empty. "Never slower" is the step guard's contract, checked on the guard's own measurement: a
+quantize step that changed the model was either reverted, or kept because its speedup over its
+input reached ``min_step_speedup`` (the whole 95% interval in the short benchmark, the point
+estimate in the longer one). The final benchmark's speedup is not asserted here: on a shared
+2-core machine one short run can land either side of 1 for an unchanged model, so a test on it
+would test the load; benchmarks/run_corpus.py publishes those ratios.
 """
 
 from __future__ import annotations
@@ -107,10 +111,10 @@ def test_optimize_finishes_and_is_never_slower(name, tmp_path, monkeypatch):
 
     steps = {step["pass"]: step for step in report.steps}
     assert set(steps) == {"cleanup", "quantize"}
-    output_row = next(r for r in report.benchmark if r["model"] == "output")
-    # When no step changed the model (quantize found no faster int8 and returned the float model),
-    # the output is the input as loaded (normalisation moves weights, it adds no work): a measured
-    # difference is the machine's noise, which a short benchmark on a busy machine does not average out.
-    unchanged = not any(step["modified"] for step in report.steps)
-    assert steps["quantize"]["status"] == "reverted" or unchanged or output_row["speedup_ci"][1] >= 1.0, (
-        f"output slower than input: speedup {output_row['speedup']:.2f}, 95% CI {output_row['speedup_ci']}")
+    assert any(r["model"] == "output" and r.get("speedup") for r in report.benchmark)
+    quantize = steps["quantize"]
+    if quantize["status"] != "reverted" and quantize["modified"]:
+        guard = quantize["details"]["step_guard"]
+        assert guard["speedup"] is not None, guard.get("message")
+        reached = guard["speedup_ci"][0] if guard["measurements"] == 1 else guard["speedup"]
+        assert reached >= guard["limit"], f"kept a step slower than its input: {guard}"
