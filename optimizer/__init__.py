@@ -1,6 +1,6 @@
 """deployopt: optimize ONNX vision models for CPU deployment and prove what every step bought.
 
-The Python API (see ``deployopt.api``): ``optimize``, ``bench``, ``profile``, ``evaluate``, ``export``,
+The Python API (see ``deployopt.api``): ``optimize``, ``sweep``, ``bench``, ``profile``, ``evaluate``, ``export``,
 ``inspect`` and their typed results ``Report``, ``BenchResult``, ``EvalResult``. Errors:
 ``UserError`` (bad input) and ``WorkFailed`` (the work ran and failed).
 
@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 from deployopt.core.errors import DeployoptError, UserError, WorkFailed  # noqa: E402
 
-_API = ("optimize", "bench", "profile", "evaluate", "export", "inspect", "Report", "BenchResult", "EvalResult")
+_API = ("optimize", "sweep", "bench", "profile", "evaluate", "export", "inspect", "Report", "BenchResult", "EvalResult")
 __all__ = [*_API, "DeployoptError", "UserError", "WorkFailed", "__version__"]
 
 

@@ -6,6 +6,7 @@ import deployopt
 report = deployopt.optimize("recipe.yaml", "runs/out")       # -> Report (report.json as an object)
 if not report.passed:
     raise SystemExit(report.reason)
+sweep = deployopt.sweep("sweep.yaml", "runs/sweep")        # -> SweepResult (sweep.json)
 bench = deployopt.bench(["a.onnx", "b.onnx"], threads=[1, 2])  # -> BenchResult
 result = deployopt.evaluate("b.onnx", "imagenet-samples", reference="a.onnx")  # -> EvalResult
 deployopt.export("resnet18", "resnet18.onnx", input_shape=[1, 3, 224, 224])  # needs deployopt[torch]
@@ -33,15 +34,18 @@ from deployopt.report import Report
 
 PathLike = str | os.PathLike
 
-__all__ = ["optimize", "bench", "profile", "evaluate", "export", "inspect", "Report", "BenchResult", "EvalResult"]
+__all__ = ["optimize", "sweep", "bench", "profile", "evaluate", "export", "inspect", "Report", "BenchResult", "EvalResult"]
 
 
 # -- optimize ----------------------------------------------------------------------------------------
 
 def optimize(recipe: PathLike | Mapping[str, Any], out_dir: PathLike | None = None, *,
-             overrides: Sequence[str] = (), isolate: bool = False, timeout: float | None = None) -> Report:
+             overrides: Sequence[str] = (), isolate: bool = False, timeout: float | None = None,
+             runtime: str | None = None, ep: str | None = None) -> Report:
     """Run a recipe (a YAML path or the same mapping) and write ``out_dir``/model.onnx, report.json,
-    report.md. ``overrides`` are ``KEY=VALUE`` strings as for ``--set``.
+    report.md. ``overrides`` are ``KEY=VALUE`` strings as for ``--set``. ``runtime``/``ep`` set the
+    recipe's ``benchmark.runtime``/``benchmark.ep``: the target every latency decision and number
+    of the run is measured on.
 
     ``isolate=True`` runs the work in a watched child process (what the CLI does), so a model that
     makes onnxruntime abort or hang raises ``WorkFailed`` instead of taking the caller down;
@@ -52,13 +56,17 @@ def optimize(recipe: PathLike | Mapping[str, Any], out_dir: PathLike | None = No
 
     if timeout is not None and not isolate:
         raise UserError("timeout: only with isolate=True (a run in this process cannot be stopped safely)")
+    target = {k: v for k, v in (("runtime", runtime), ("ep", ep)) if v is not None}
     if isinstance(recipe, Mapping):
         if overrides:
             raise UserError("overrides: apply them to the mapping itself")
-        parsed = from_mapping(dict(recipe))
+        recipe = dict(recipe)
+        if target:
+            recipe["benchmark"] = {**(recipe.get("benchmark") or {}), **target}
+        parsed = from_mapping(recipe)
         default_name = "recipe"
     else:
-        parsed = load_recipe(recipe, list(overrides))
+        parsed = load_recipe(recipe, [*overrides, *(f"benchmark.{k}={v}" for k, v in target.items())])
         default_name = pathlib.Path(recipe).stem
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path("runs") / default_name
     if isolate:
@@ -75,14 +83,35 @@ def _optimize_in_child(recipe, out_dir: pathlib.Path) -> int:
     return pipeline.run(recipe, out_dir).exit_code
 
 
+# -- sweep -------------------------------------------------------------------------------------------
+
+def sweep(sweep: PathLike | Mapping[str, Any], out_dir: PathLike | None = None, *, engine: str | None = None,
+          workers: int | None = None, address: str | None = None, cache: bool = True):
+    """Run a sweep file (a YAML path or the same mapping): one optimize run per trial into
+    ``out_dir``/trials/NNN, sharing a step cache in ``out_dir``/cache (``cache=False``: none), then
+    sweep.json, sweep.md, pareto.png and the fastest trial that meets the gates in ``out_dir``/best.
+    ``engine`` (local | ray), ``workers`` and ``address`` (a Ray cluster) override the file's.
+    Returns ``deployopt.sweeps.SweepResult``; ``exit_code`` 1 when no trial meets the gates.
+    """
+    from deployopt.sweeps import run_sweep
+
+    return run_sweep(dict(sweep) if isinstance(sweep, Mapping) else sweep, out_dir, engine=engine,
+                     workers=workers, address=address, cache=cache)
+
+
 # -- bench -------------------------------------------------------------------------------------------
 
 def bench(models: Sequence[PathLike], *, labels: Sequence[str] | None = None, threads: Sequence[int] = (1,),
           batch: Sequence[int] = (1,), warmup: int = 10, runs: int = 100, rounds: int = 3,
           shapes: Mapping[str, Sequence[int]] | None = None, data: Any = None, seed: int = 0,
-          timeout: float | None = None, optimization_level: str = "all", progress: bool = False) -> BenchResult:
+          timeout: float | None = None, optimization_level: str = "all", progress: bool = False,
+          runtime: str = "onnxruntime", ep: str | None = None, instances: int = 1) -> BenchResult:
     """Side-by-side latency of ``models`` in interleaved rounds, one worker process per model;
     speedups are p50 ratios against the first model with a 95% bootstrap interval.
+
+    ``runtime`` (onnxruntime or openvino) and ``ep`` (an onnxruntime execution provider) name the
+    target; ``instances`` > 1 runs that many concurrent worker processes per model (each with
+    ``threads`` intra-op threads) and reports their aggregate throughput and latency under load.
 
     ``data`` is a dataset spec (``"photos"``, ``"folder:imgs/"``, a recipe-style mapping) or a
     Dataset whose samples are fed instead of seeded random inputs. A model that crashes or fails gives a failure row.
@@ -91,28 +120,34 @@ def bench(models: Sequence[PathLike], *, labels: Sequence[str] | None = None, th
     from deployopt.measure.inputs import check_settings
     from deployopt.measure.latency import compare
     from deployopt.measure.model_io import input_specs, open_data
+    from deployopt.measure.runtime import check_target
 
     threads, batch = list(threads), list(batch)
-    check_settings(threads=threads, batch=batch, warmup=warmup, runs=runs, rounds=rounds, timeout=timeout)
+    check_settings(threads=threads, batch=batch, warmup=warmup, runs=runs, rounds=rounds, timeout=timeout,
+                   instances=instances)
+    check_target(runtime, ep, key="runtime", ep_key="ep")
     shapes = {name: tuple(dims) for name, dims in (shapes or {}).items()}
     specs = [input_specs(io.load_proto(path)) for path in models]  # an unreadable model is bad input
     if isinstance(data, (str, Mapping)):
         data = open_data(data, specs[0], shapes)  # feeds every input (npz by name, constants)
     return compare(list(models), labels=labels, threads=threads, batch=batch, warmup=warmup, runs=runs,
                    rounds=rounds, shapes=shapes, data=data, seed=seed, timeout=timeout,
-                   progress=progress, optimization_level=optimization_level)
+                   progress=progress, optimization_level=optimization_level, runtime=runtime, ep=ep,
+                   instances=instances)
 
 
 def profile(model: PathLike, *, threads: int = 1, batch: int | None = None, runs: int = 50, warmup: int = 10,
             shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, data: Any = None,
-            optimization_level: str = "all", timeout: float | None = 600.0, label: str | None = None):
+            optimization_level: str = "all", timeout: float | None = 600.0, label: str | None = None,
+            runtime: str = "onnxruntime", ep: str | None = None):
     """Per-node profile of ``model`` with onnxruntime's profiler, mapped back to the model's own node
     names (fused kernels list the nodes they replaced). Returns ``deployopt.measure.profile.Profile``."""
     from deployopt.measure.profile import profile_model
 
     return profile_model(model, threads=threads, batch=batch, runs=runs, warmup=warmup,
                          shapes={k: tuple(v) for k, v in (shapes or {}).items()}, seed=seed, data=data,
-                         optimization_level=optimization_level, timeout=timeout, label=label)
+                         optimization_level=optimization_level, timeout=timeout, label=label,
+                         runtime=runtime, ep=ep)
 
 
 # -- evaluate ----------------------------------------------------------------------------------------
@@ -190,7 +225,8 @@ def _metric_line(res: Mapping[str, Any]) -> str:
 def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, batch_size: int = 32,
              threads: int = 1, progress: bool = False,
              shapes: Mapping[str, Sequence[int]] | None = None, metrics: Any = None,
-             labels: PathLike | None = None, charset: PathLike | None = None) -> EvalResult:
+             labels: PathLike | None = None, charset: PathLike | None = None,
+             runtime: str = "onnxruntime", ep: str | None = None) -> EvalResult:
     """Task metrics of ``model`` on ``data`` (a dataset spec string like ``"digits?split=test"``, a
     recipe-style mapping, or a Dataset), against the labels and, with ``reference``, against the
     reference model's outputs.
@@ -203,11 +239,15 @@ def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, b
     other outputs the generic fidelity metric. ``labels``: a COCO JSON (detection), a folder of
     masks (segmentation) or a text file with one label per line (sequence); ``charset``: the
     sequence metric's charset file, one character per line. ``shapes`` gives the
-    full shape of inputs whose dynamic dims the data does not fix (sizes images follow)."""
+    full shape of inputs whose dynamic dims the data does not fix (sizes images follow).
+    ``runtime``/``ep``: the target both models run on (onnxruntime with an execution provider, or
+    openvino)."""
     from deployopt.core import io
     from deployopt.measure.accuracy import evaluate as evaluate_model
     from deployopt.measure.model_io import input_specs, open_data
+    from deployopt.measure.runtime import check_target
 
+    check_target(runtime, ep, key="runtime", ep_key="ep")
     specs = input_specs(io.load_proto(model))
     if reference is not None:
         io.load_proto(reference)
@@ -217,7 +257,8 @@ def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, b
         raise UserError(f"data {dataset.name}: the dataset has no labels and no reference was given, "
                         "so there is nothing to measure")
     result = evaluate_model(model, dataset, reference_path=reference, batch_size=batch_size,
-                            threads=threads, progress=progress, metrics=metrics, labels=labels, charset=charset)
+                            threads=threads, progress=progress, metrics=metrics, labels=labels, charset=charset,
+                            runtime=runtime, ep=ep)
     return EvalResult.from_dict(result)
 
 

@@ -1,4 +1,4 @@
-"""The `deployopt` command: export | inspect | optimize | bench | eval.
+"""The `deployopt` command: export | inspect | optimize | sweep | bench | eval.
 
 A thin layer over the Python API (``deployopt.api``): this module parses flags into API calls and
 prints results. Exit codes: 0 success; 1 the work ran but failed (a gate not met, a pass that
@@ -54,6 +54,23 @@ def _shape_args(items: list[str]) -> dict[str, tuple[int, ...]]:
             raise UserError(f"--shape: {item!r} is not NAME=1x3x224x224")
         shapes[name] = parse_shape(dims, f"--shape {name}")
     return shapes
+
+
+def _add_target(p, what: str) -> None:
+    """``--runtime`` and ``--ep``: the target ``what`` is measured on (deployopt.measure.runtime)."""
+    p.add_argument("--runtime", default=None, metavar="NAME",
+                   help=f"runtime {what}: onnxruntime (default) or openvino (needs deployopt[openvino])")
+    p.add_argument("--ep", default=None, metavar="NAME",
+                   help="onnxruntime execution provider (default CPUExecutionProvider), or NAME=PATH "
+                        "for a plugin EP library")
+
+
+def _target(args) -> tuple[str, str | None]:
+    """The (runtime, ep) of ``--runtime``/``--ep``, refused (exit 2) when not available here."""
+    from deployopt.measure.runtime import check_target
+
+    target = check_target(args.runtime or "onnxruntime", args.ep)
+    return target.runtime, target.ep
 
 
 def _writable(flag: str, path: str | None) -> pathlib.Path | None:
@@ -152,6 +169,7 @@ def _add_optimize(subparsers) -> None:
                    help="output folder (default: runs/<recipe name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. passes[1].prune.sparsity=0.7 (repeatable)")
+    _add_target(p, "every latency of the run is measured on (sets benchmark.runtime / benchmark.ep)")
     p.set_defaults(func=_optimize)
 
 
@@ -163,9 +181,48 @@ def _optimize(args) -> int:
     from deployopt import api, report
 
     out_dir = _optimize_out_dir(args)
-    result = api.optimize(args.recipe, out_dir, overrides=args.overrides)
+    runtime, ep = _target(args) if args.runtime or args.ep else (None, None)
+    result = api.optimize(args.recipe, out_dir, overrides=args.overrides, runtime=runtime, ep=ep)
     print(report.terminal_table(result.to_dict()))
     print(f"\nwrote {out_dir / 'model.onnx'}, {out_dir / 'report.json'}, {out_dir / 'report.md'}")
+    if result.exit_code:
+        print(f"deployopt: failed: {result.reason}", file=sys.stderr)
+    return result.exit_code
+
+
+# -- sweep ---------------------------------------------------------------------------------------------
+
+def _add_sweep(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="search recipe settings for the fastest model that meets the gates",
+        description="Run one optimize trial per setting of SWEEP's search space (grid, random or TPE) "
+                    "with a shared step cache, on local worker processes or a Ray cluster; benchmark "
+                    "the candidates on each target. Writes OUTDIR/sweep.json, sweep.md, pareto.png, "
+                    "trials/NNN/ and best/ (the fastest trial that meets the gates); exit 1 when none does.")
+    p.add_argument("sweep", help="sweep YAML file")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="output folder (default: runs/<sweep name>)")
+    p.add_argument("--engine", choices=("local", "ray"), default=None,
+                   help="local worker processes or Ray tasks (default: the file's engine, else local)")
+    p.add_argument("--workers", default=None, metavar="N", help="trials run side by side (default: the file's)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --engine ray: the cluster to join (default: start a local Ray instance)")
+    p.add_argument("--no-cache", action="store_true", help="compute every step (no step cache in OUTDIR/cache)")
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args) -> int:
+    from deployopt import api
+
+    workers = _int("--workers", args.workers) if args.workers is not None else None
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers: {workers} is not an integer >= 1")
+    if args.address and args.engine not in ("ray", None):
+        raise UserError("--address: only with --engine ray")
+    out_dir = pathlib.Path(args.output or pathlib.Path("runs") / pathlib.Path(args.sweep).stem)
+    result = api.sweep(args.sweep, out_dir, engine=args.engine or ("ray" if args.address else None),
+                       workers=workers, address=args.address, cache=not args.no_cache)
+    sys.stdout.write((result.out_dir / "sweep.md").read_text(encoding="utf-8"))
+    print(f"\nwrote {out_dir / 'sweep.json'}, {out_dir / 'sweep.md'}, {out_dir / 'pareto.png'}")
     if result.exit_code:
         print(f"deployopt: failed: {result.reason}", file=sys.stderr)
     return result.exit_code
@@ -175,8 +232,8 @@ def _optimize(args) -> int:
 
 def _add_bench(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="side-by-side latency on onnxruntime CPU",
-        description="Latency of one or more ONNX models on onnxruntime CPU, measured in "
+        "bench", help="side-by-side latency on onnxruntime or OpenVINO (CPU)",
+        description="Latency of one or more ONNX models on onnxruntime or OpenVINO (CPU), measured in "
                     "interleaved rounds in one worker process per model; speedups are vs the "
                     "first model, with a 95% bootstrap interval.")
     p.add_argument("models", nargs="+", metavar="MODEL.onnx")
@@ -192,6 +249,10 @@ def _add_bench(subparsers) -> None:
     p.add_argument("--timeout", default=None, metavar="S",
                    help="seconds each model's worker may take in total before it is killed")
     p.add_argument("--seed", default="0", help="seed of the random inputs (default 0)")
+    p.add_argument("--instances", default="1", metavar="N",
+                   help="throughput mode: N concurrent worker processes per model, each with --threads "
+                        "intra-op threads; img/s is their aggregate (default 1)")
+    _add_target(p, "to time the models on")
     p.add_argument("--opt-level", default="all", choices=tuple(OPT_LEVELS),
                    help="onnxruntime graph optimization level (default all)")
     p.add_argument("--data", metavar="SPEC", help=f"feed real samples from a dataset spec ({DATA_HELP})")
@@ -225,7 +286,8 @@ def _bench_profiles(result, args, settings: dict, top: int) -> tuple[list, list[
             prof = api.profile(model["path"], threads=threads, batch=batch, runs=settings["runs"],
                                warmup=settings["warmup"], shapes=settings["shapes"], seed=settings["seed"],
                                data=settings["data"], optimization_level=args.opt_level,
-                               timeout=settings["timeout"], label=model["label"])
+                               timeout=settings["timeout"], label=model["label"], runtime=settings["runtime"],
+                               ep=settings["ep"])
         except WorkFailed as e:
             errors.append(f"{model['label']}: {one_line(e)}")
             print(f"\nprofile of {model['label']}: FAILED: {one_line(e)}")
@@ -251,7 +313,11 @@ def _bench(args) -> int:
         except ValueError:
             raise UserError(f"--timeout: {args.timeout!r} is not a number of seconds") from None
     check_settings(threads=settings["threads"], batch=settings["batch"], warmup=settings["warmup"],
-                   runs=settings["runs"], rounds=settings["rounds"], timeout=settings["timeout"], prefix="--")
+                   runs=settings["runs"], rounds=settings["rounds"], timeout=settings["timeout"], prefix="--",
+                   instances=_int("--instances", args.instances))
+    settings["runtime"], settings["ep"] = _target(args)
+    if args.profile and settings["runtime"] != "onnxruntime":
+        raise UserError(f"--profile: per-node profiles are onnxruntime's; not with --runtime {settings['runtime']}")
     settings["shapes"] = _shape_args(args.shape)
     if args.top is not None and not args.profile:
         raise UserError("--top: only used with --profile")
@@ -270,7 +336,8 @@ def _bench(args) -> int:
                        threads=settings["threads"], batch=settings["batch"], warmup=settings["warmup"],
                        runs=settings["runs"], rounds=settings["rounds"], shapes=settings["shapes"],
                        data=settings["data"], seed=settings["seed"], timeout=settings["timeout"],
-                       optimization_level=args.opt_level, progress=not args.no_progress)
+                       optimization_level=args.opt_level, progress=not args.no_progress,
+                       runtime=settings["runtime"], ep=settings["ep"], instances=_int("--instances", args.instances))
     sys.stdout.write(result.to_text())
     profiles, profile_errors = _bench_profiles(result, args, settings, top) if args.profile else ([], [])
     if "--json" in outputs:
@@ -321,6 +388,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--charset", metavar="FILE", help="the sequence metric's charset, one character per line")
     p.add_argument("--batch-size", default="32", help="samples per run (default 32)")
     p.add_argument("--threads", default="1", help="intra-op threads (default 1)")
+    _add_target(p, "to run both models on")
     p.add_argument("--json", metavar="F", help="write the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
@@ -342,11 +410,12 @@ def _eval(args) -> int:
         if values[flag] < 1:
             raise UserError(f"{flag}: {values[flag]} is not an integer >= 1")
     out = _writable("--json", args.json)
+    runtime, ep = _target(args)
     try:
         result = api.evaluate(args.model, args.data, reference=args.reference, batch_size=values["--batch-size"],
                               threads=values["--threads"], progress=not args.no_progress,
                               shapes=_shape_args(args.shape), metrics=_metric_args(args.metric),
-                              labels=args.labels, charset=args.charset)
+                              labels=args.labels, charset=args.charset, runtime=runtime, ep=ep)
     except UserError as e:
         if str(e).startswith("data ") and "nothing to measure" in str(e):
             raise UserError(f"--data {args.data}: the dataset has no labels and no --reference or --labels "
@@ -366,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Optimize ONNX vision models for CPU deployment and prove what each step bought.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (_add_export, _add_inspect, _add_optimize, _add_bench, _add_eval):
+    for add in (_add_export, _add_inspect, _add_optimize, _add_sweep, _add_bench, _add_eval):
         add(subparsers)
     for verb, sub in subparsers.choices.items():
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -7,8 +7,13 @@ opset before a pass whose ``min_opset`` it is below; each rewrite is logged and 
 For every pass the pipeline records a ``StepRecord`` (parameters, seconds, whether the model
 changed, statistics before and after, the pass's notes and details). The input and the output
 model are then measured side by side with the latency harness (interleaved rounds in worker
-processes) and the accuracy harness (top-1 against labels, agreement with the input model), the
-gates read those numbers, and report.json / report.md are written atomically.
+processes) and the accuracy harness, and the gates read those numbers; report.json / report.md are
+written atomically. Every accuracy figure (after each step, at the end, for the gate) is one
+``deployopt.measure.judge.Judge`` verdict against the input model on data.evaluation, by the
+recipe's ``metrics`` (default: top-1 drop for a labelled classifier, 1 - agreement unlabelled, the
+fidelity metric for other outputs): per metric, drop = the input's score against labels (1 when
+the metric compares with the input model) - the model's score; the largest drop decides.
+The metrics are checked against the model's outputs right after it is loaded.
 
 Exit status (returned in ``Report.exit_code``): 0 all gates met; 1 a gate not met or a pass
 that missed its own tolerance (its best model is still saved); bad input raises ``UserError``
@@ -18,13 +23,15 @@ before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -35,8 +42,23 @@ from deployopt.core.contain import STAGING_PREFIX, Skipped, best_effort, report_
 from deployopt.core.normalize import Action, data_inputs, default_opset, normalize, upgrade_opset
 from deployopt.passes.context import PassContext
 from deployopt.core.errors import DeployoptError, UserError, WorkFailed, one_line
+from deployopt.measure.accuracy import LABEL_READERS
+from deployopt.measure.judge import Judge, check_metrics
 from deployopt.measure.model_io import TensorSpec, format_shape, with_shapes
+from deployopt.measure.tasks import LABEL_KINDS
 from deployopt.recipe import Recipe
+
+if TYPE_CHECKING:
+    from deployopt.cache import StepCache
+
+T = TypeVar("T")
+#: Runs a latency measurement: ``slot(measure)`` returns ``measure()``, called while the run holds the
+#: machine's benchmark slot (a sweep runs trials side by side; their timings must not overlap).
+BenchSlot = Callable[[Callable[[], T]], T]
+
+
+def _now(measure: Callable[[], T]) -> T:
+    return measure()
 
 
 @dataclasses.dataclass
@@ -102,12 +124,17 @@ def _shapes_hint(name: str, example: list[int]) -> str:
     return f"set shapes.{name} in the recipe (--set shapes.{name}=[{','.join(map(str, example))}])"
 
 
+def _dims(value: ir.Value) -> tuple | None:
+    """A graph value's dims: ints, symbolic names, None where unknown; None when the rank is."""
+    return None if value.shape is None else tuple(
+        d if isinstance(d, int) else getattr(d, "value", None) for d in value.shape)
+
+
 def _model_inputs(model: ir.Model, recipe: Recipe) -> tuple[list[TensorSpec], dict[str, tuple[int, ...]]]:
     """The model's data inputs, and the recipe's ``shapes`` checked against them."""
     specs = []
     for value in data_inputs(model):
-        dims = None if value.shape is None else tuple(
-            d if isinstance(d, int) else getattr(d, "value", None) for d in value.shape)
+        dims = _dims(value)
         try:
             dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else None
         except (TypeError, ValueError, AttributeError):  # element types numpy cannot hold
@@ -137,8 +164,9 @@ def _open_datasets(recipe: Recipe, inputs: list[TensorSpec]) -> dict[str, Any]:
             datasets[key] = open_model_data(spec, inputs, seed=recipe.seed, base_dir=base_dir)
         except UnfixedDims as e:
             raise UserError(f"data.{key}: {e}; {_shapes_hint(e.input_name, e.example())}") from e
-        except UserError as e:
-            raise UserError(f"data.{key}: {e}") from e
+        except UserError as e:  # a bad labels file is the key data.<key>.labels
+            sep = "." if str(e).startswith("labels: ") else ": "
+            raise UserError(f"data.{key}{sep}{e}") from e
     return datasets
 
 
@@ -184,31 +212,56 @@ def _check_requirements(recipe: Recipe, datasets: dict[str, Any]) -> None:
         raise UserError("gates.min_speedup: needs the benchmark (benchmark.enabled is false)")
 
 
-def _step_accuracy(model: ir.Model, index: int, input_path: pathlib.Path, ctx: PassContext) -> dict | None:
-    """What the step cost: top-1 (with labels) and agreement with the pipeline's input model on
-    the evaluation data, after this step. None without evaluation data."""
-    if ctx.evaluation is None:
+def _check_metrics(recipe: Recipe, model: ir.Model, datasets: dict[str, Any]) -> None:
+    """The recipe's metrics against the model's outputs, and a labels file some metric reads,
+    before any work (one-line ``UserError`` naming the recipe key)."""
+    check_metrics(recipe.metrics, {v.name: _dims(v) or () for v in model.graph.outputs})
+    evaluation = datasets.get("evaluation")
+    if evaluation is None or not evaluation.label_file:
+        return
+    kind = next((s.kind for s in recipe.metrics if s.kind in LABEL_KINDS), None)
+    if kind is None:
+        raise UserError(f"data.evaluation.labels: no metric reads a labels file ({evaluation.label_file}); name "
+                        f"one in the recipe, metrics: {{OUTPUT: {'|'.join(LABEL_KINDS)}}}")
+    try:  # read now: labels that do not match the samples (count, file names) are refused before any work
+        LABEL_READERS[kind](evaluation.label_file, evaluation)
+    except UserError as e:
+        raise UserError(f"data.evaluation.labels: {e}") from e
+
+
+def _judge(recipe: Recipe, input_path: pathlib.Path, datasets: dict[str, Any]) -> Judge | None:
+    """The judge of every accuracy figure of the run (module doc), None without data.evaluation."""
+    if "evaluation" not in datasets:
+        return None
+    return Judge(input_path, datasets["evaluation"], metrics=recipe.metrics or None,
+                 threads=recipe.benchmark.threads[0])
+
+
+def _step_accuracy(model: ir.Model, index: int, judge: Judge | None, ctx: PassContext) -> dict | None:
+    """What the step cost on the evaluation data, judged against the pipeline's input model: the
+    task score and drop (``score``, ``score_name``, ``drop``) beside top-1 (with labels),
+    agreement and cosine of a classifier. None without evaluation data."""
+    if judge is None:
         return None
     path = ctx.work_dir / f"step{index}_eval.onnx"
     io.save(model, path)
     try:
-        result = _evaluate("evaluation", path, ctx.evaluation, reference_path=input_path, threads=ctx.threads,
-                           progress=False)
+        verdict = _judged("evaluation", path, lambda: judge.score(path, with_reference=True))
     except UserError:  # the evaluation data does not fit the model: bad input
         raise
     except Exception as e:  # anything else only costs this report-only figure; the step stands
         return Skipped.of(e).to_json()
     finally:
         path.unlink(missing_ok=True)
-    return {k: result.get(k) for k in ("top1", "agreement", "cosine", "n")}
+    result = verdict.result
+    return {**{k: result.get(k) for k in ("top1", "agreement", "cosine", "n")},
+            "score": verdict.score, "score_name": verdict.metric, "drop": verdict.drop}
 
 
-def _evaluate(key: str, path: pathlib.Path, data: Any, **kwargs) -> dict:
-    """``evaluate`` whose bad-data errors name the recipe key and the model: ``data.<key>: <model>: ...``."""
-    from deployopt.measure.accuracy import evaluate
-
+def _judged(key: str, path: pathlib.Path, measure: Callable[[], T]) -> T:
+    """``measure()`` whose bad-data errors name the recipe key and the model: ``data.<key>: <model>: ...``."""
     try:
-        return evaluate(path, data, **kwargs)
+        return measure()
     except UserError as e:
         where = "" if str(path) in str(e) else f"{path}: "
         raise UserError(f"data.{key}: {where}{e}") from e
@@ -227,48 +280,21 @@ def _upgrade_opset_for(p, index: int, model: ir.Model, normalization: list[Actio
 
 def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: list[StepRecord],
                 input_path: pathlib.Path, normalization: list[Action], source: str,
-                shapes: dict[str, tuple[int, ...]]) -> tuple[ir.Model, str | None]:
+                shapes: dict[str, tuple[int, ...]], cache: StepCache | None = None,
+                bench_slot: BenchSlot = _now, judge: Judge | None = None) -> tuple[ir.Model, str | None]:
     total = len(recipe.passes)
     for i, p in enumerate(recipe.passes):
         model = _upgrade_opset_for(p, i, model, normalization, source)
         p.context = base_ctx
-        guard = p.min_step_speedup
-        snapshot = ir.to_proto(model) if guard else None  # in-place passes mutate the model
         before = stats.model_stats(model)
         _log(f"[{i + 1}/{total}] {p.name} ...")
-        start = time.perf_counter()
-        try:
-            result = p(model)
-        except DeployoptError as e:
-            if isinstance(e, UserError):  # "setting: why" names the recipe key passes[i].NAME.setting
-                sep = "." if str(e).split(":")[0] in {f.name for f in dataclasses.fields(p)} else ": "
-                raise UserError(f"passes[{i}].{p.name}{sep}{e}") from e
-            raise WorkFailed(f"passes[{i}].{p.name}: {e}") from e
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            # Unexpected failures inside a pass become one clear line (traceback with --debug).
-            cause = " ".join(str(e).split())[:300] or type(e).__name__
-            raise WorkFailed(f"passes[{i}].{p.name} failed: {type(e).__name__}: {cause}") from e
-        seconds = time.perf_counter() - start
-        model = result.model
-        status = "ok"
-        if guard and result.modified and not result.failure:
-            verdict = best_effort(_step_guard, p.name, snapshot, model, guard, recipe, base_ctx.work_dir, i, shapes)
-            if isinstance(verdict, Skipped):  # not measured: the step is kept, and the note says why
-                verdict = {"limit": guard, "speedup": None, "reverted": False, "skipped": verdict.reason,
-                           "message": f"{p.name} step guard not measured: {verdict.reason}"}
-            result.details["step_guard"] = verdict
-            if verdict["speedup"] is None:
-                result.notes.append(verdict["message"])
-            if verdict["reverted"]:
-                result.notes.append(verdict["message"])
-                _log(verdict["message"])
-                model, status = ir.from_proto(snapshot), "reverted"
+        compute = functools.partial(_run_step, p, i, model, recipe, base_ctx, shapes, bench_slot)
+        model, result, status, seconds = compute() if cache is None else cache.step(
+            model, p, f"passes[{i}].{p.name}", recipe, base_ctx, shapes, compute)
         after = stats.model_stats(model)
         record = StepRecord(p.name, p.params(), seconds, bool(result.modified) and status != "reverted",
                             before, after, result.notes, result.details, status)
-        record.accuracy = _step_accuracy(model, i, input_path, base_ctx)
+        record.accuracy = _step_accuracy(model, i, judge, base_ctx)
         if "skipped" in (record.accuracy or {}):
             record.notes.append(f"accuracy after this step skipped: {record.accuracy['skipped']}")
         steps.append(record)
@@ -277,15 +303,56 @@ def _run_passes(recipe: Recipe, model: ir.Model, base_ctx: PassContext, steps: l
              f"{before['bytes'] / 1e6:.2f} MB -> {after['bytes'] / 1e6:.2f} MB"
              + ("" if record.modified else " (unchanged)")
              + (f", top-1 {cost['top1']:.3f}" if cost.get("top1") is not None else "")
-             + (f", agreement {cost['agreement']:.3f}" if cost.get("agreement") is not None else ""))
+             + (f", agreement {cost['agreement']:.3f}" if cost.get("agreement") is not None else "")
+             + (f", {cost['score_name']} {cost['score']:.4f}" if cost.get("score") is not None
+                and cost.get("score_name") not in ("top1", "agreement") else ""))
         if result.failure:
             record.status = "failed"
             return model, result.failure
     return model, None
 
 
+def _run_step(p, i: int, model: ir.Model, recipe: Recipe, base_ctx: PassContext, shapes: dict[str, tuple[int, ...]],
+              bench_slot: BenchSlot) -> tuple[ir.Model, Any, str, float]:
+    """Pass ``p`` on ``model``, then its step guard: (model, result, status, seconds)."""
+    guard = p.min_step_speedup
+    snapshot = ir.to_proto(model) if guard else None  # in-place passes mutate the model
+    start = time.perf_counter()
+    try:
+        result = p(model)
+    except DeployoptError as e:
+        if isinstance(e, UserError):  # "setting: why" names the recipe key passes[i].NAME.setting
+            sep = "." if str(e).split(":")[0] in {f.name for f in dataclasses.fields(p)} else ": "
+            raise UserError(f"passes[{i}].{p.name}{sep}{e}") from e
+        raise WorkFailed(f"passes[{i}].{p.name}: {e}") from e
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        # Unexpected failures inside a pass become one clear line (traceback with --debug).
+        cause = " ".join(str(e).split())[:300] or type(e).__name__
+        raise WorkFailed(f"passes[{i}].{p.name} failed: {type(e).__name__}: {cause}") from e
+    seconds = time.perf_counter() - start
+    model = result.model
+    status = "ok"
+    if guard and result.modified and not result.failure:
+        verdict = best_effort(_step_guard, p.name, snapshot, model, guard, recipe, base_ctx.work_dir, i, shapes,
+                              bench_slot)
+        if isinstance(verdict, Skipped):  # not measured: the step is kept, and the note says why
+            verdict = {"limit": guard, "speedup": None, "reverted": False, "skipped": verdict.reason,
+                       "message": f"{p.name} step guard not measured: {verdict.reason}"}
+        result.details["step_guard"] = verdict
+        if verdict["speedup"] is None:
+            result.notes.append(verdict["message"])
+        if verdict["reverted"]:
+            result.notes.append(verdict["message"])
+            _log(verdict["message"])
+            model, status = ir.from_proto(snapshot), "reverted"
+    return model, result, status, seconds
+
+
 def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: Recipe,
-                work_dir: pathlib.Path, index: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+                work_dir: pathlib.Path, index: int, shapes: dict[str, tuple[int, ...]],
+                bench_slot: BenchSlot = _now) -> dict[str, Any]:
     """Interleaved benchmark of a step's input vs its output on the first thread setting.
 
     A short benchmark first: the step is reverted when it is slower with confidence (the whole 95%
@@ -305,9 +372,11 @@ def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: R
     runs = max(20, recipe.benchmark.runs // 2)  # per round; the first run has 3 rounds, the second 6
     verdict: dict[str, Any] = {"limit": limit, "threads": threads, "reverted": False}
     for attempt, (runs, rounds) in enumerate(((runs, 3), (runs, 6))):
-        result = latency.compare([step_in, step_out], labels=["step input", "step output"], threads=(threads,),
-                                 batch=(1,), warmup=5, runs=runs, rounds=rounds, timeout=recipe.benchmark.timeout,
-                                 seed=recipe.seed + attempt, progress=False, shapes=shapes)
+        result = bench_slot(functools.partial(
+            latency.compare, [step_in, step_out], labels=["step input", "step output"], threads=(threads,),
+            batch=(1,), warmup=5, runs=runs, rounds=rounds, timeout=recipe.benchmark.timeout,
+            seed=recipe.seed + attempt, progress=False, shapes=shapes, runtime=recipe.benchmark.runtime,
+            ep=recipe.benchmark.ep))
         rows = {row["model"]: row for row in result.rows}
         out, inp = rows["step output"], rows["step input"]
         if out.get("error") or inp.get("error"):
@@ -331,7 +400,8 @@ def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: R
 
 
 def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path, datasets: dict[str, Any],
-             shapes: dict[str, tuple[int, ...]]) -> tuple[list[dict], dict[str, Any], list[str], dict[str, Any]]:
+             shapes: dict[str, tuple[int, ...]], bench_slot: BenchSlot = _now, judge: Judge | None = None,
+             ) -> tuple[list[dict], dict[str, Any], list[str], dict[str, Any]]:
     bench_rows: list[dict] = []
     warnings: list[str] = []
     profiles: dict[str, Any] = {}
@@ -339,51 +409,48 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
     if settings.enabled:
         from deployopt.measure import latency
 
-        result = latency.compare([input_path, output_path], labels=["input", "output"],
-                                 threads=tuple(settings.threads), batch=tuple(settings.batch),
-                                 warmup=settings.warmup, runs=settings.runs, rounds=settings.rounds,
-                                 timeout=settings.timeout, seed=recipe.seed, shapes=shapes)
+        result = bench_slot(functools.partial(
+            latency.compare, [input_path, output_path], labels=["input", "output"],
+            threads=tuple(settings.threads), batch=tuple(settings.batch), warmup=settings.warmup,
+            runs=settings.runs, rounds=settings.rounds, timeout=settings.timeout, seed=recipe.seed, shapes=shapes,
+            runtime=settings.runtime, ep=settings.ep))
         bench_rows = [{k: v for k, v in row.items() if k != "samples_ms"} for row in result.rows]
         warnings.extend(result.warnings)
         failed = [row for row in bench_rows if row.get("error")]
         if failed:
             raise WorkFailed(f"benchmark of {failed[0]['model']} failed: {failed[0]['error']}")
-        profiles = _profiles(recipe, input_path, output_path, warnings, shapes)
+        profiles = _profiles(recipe, input_path, output_path, warnings, shapes, bench_slot)
     accuracy: dict[str, Any] = {}
-    if "evaluation" in datasets:
-        data = datasets["evaluation"]
-        threads = settings.threads[0]
-        acc_in = _evaluate("evaluation", input_path, data, threads=threads)
-        acc_out = _evaluate("evaluation", output_path, data, reference_path=input_path, threads=threads)
-        accuracy = {"dataset": data.name, "input": acc_in, "output": acc_out,
-                    "agreement": acc_out.get("agreement")}
-        if acc_in.get("top1") is not None and acc_out.get("top1") is not None:
-            accuracy["metric"] = "top1"
-            accuracy["drop"] = acc_in["top1"] - acc_out["top1"]
-        elif acc_out.get("agreement") is not None:
-            accuracy["metric"] = "agreement"
-            accuracy["drop"] = 1.0 - acc_out["agreement"]
-        else:  # not a classifier: the fidelity of all outputs to the input model's
-            accuracy["metric"] = "cosine"
-            accuracy["drop"] = 1.0 - acc_out["cosine"]
+    if judge is not None:  # data.evaluation: the verdict on the output, the gate's number
+        acc_in = _judged("evaluation", input_path, lambda: judge.reference_result(progress=True))
+        verdict = _judged("evaluation", output_path, lambda: judge.score(output_path, progress=True,
+                                                                          with_reference=True))
+        acc_out = verdict.result
+        accuracy = {"dataset": judge.dataset.name, "input": acc_in, "output": acc_out,
+                    "agreement": acc_out.get("agreement"), "metric": verdict.metric, "score_in": verdict.base,
+                    "score_out": verdict.score, "drop": verdict.drop, "metrics": verdict.per_metric}
     if "fidelity" in datasets:
+        from deployopt.measure.accuracy import evaluate
+
         data = datasets["fidelity"]
-        fidelity = _evaluate("fidelity", output_path, data, reference_path=input_path, threads=settings.threads[0])
+        fidelity = _judged("fidelity", output_path, lambda: evaluate(
+            output_path, data, reference_path=input_path, threads=settings.threads[0], metrics=recipe.metrics or None))
         accuracy["fidelity"] = {"dataset": data.name, **fidelity}
     return bench_rows, accuracy, warnings, profiles
 
 
 def _profiles(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path,
-              warnings: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+              warnings: list[str], shapes: dict[str, tuple[int, ...]], bench_slot: BenchSlot = _now) -> dict[str, Any]:
     """Where the time goes in the input and the output model: the 10 most expensive nodes."""
     from deployopt.measure.profile import profile_model
 
     profiles = {}
     for label, path in (("input", input_path), ("output", output_path)):
         try:
-            profile = profile_model(path, threads=recipe.benchmark.threads[0], runs=20, warmup=5,
-                                    seed=recipe.seed, label=label, timeout=recipe.benchmark.timeout or 600.0,
-                                    shapes=shapes)
+            profile = bench_slot(functools.partial(
+                profile_model, path, threads=recipe.benchmark.threads[0], runs=20, warmup=5, seed=recipe.seed,
+                label=label, timeout=recipe.benchmark.timeout or 600.0, shapes=shapes,
+                runtime=recipe.benchmark.runtime, ep=recipe.benchmark.ep))
         except Exception as e:  # report-only: the latency numbers stand without it; say why it is missing
             reason = one_line(e, with_type=not isinstance(e, DeployoptError))
             warnings.append(f"profile of {label} not available: {reason}")
@@ -399,7 +466,7 @@ def _evaluate_gates(recipe: Recipe, output_stats: dict, bench_rows: list[dict],
                     accuracy: dict) -> list[dict[str, Any]]:
     gates = []
     for name, limit in recipe.gates.active().items():
-        if name == "max_accuracy_drop":
+        if name == "max_accuracy_drop":  # the judge's largest drop over the task metrics
             value = accuracy.get("drop")
             passed = value is not None and value <= limit + 1e-12
         elif name == "min_speedup":
@@ -410,18 +477,26 @@ def _evaluate_gates(recipe: Recipe, output_stats: dict, bench_rows: list[dict],
             value = output_stats["bytes"] / 1e6
             passed = value <= limit
         gates.append({"name": name, "limit": limit, "value": value, "passed": bool(passed)})
+        if name == "max_accuracy_drop" and accuracy.get("metric"):
+            gates[-1]["metric"] = accuracy["metric"]
     return gates
 
 
 def _gate_reason(gate: dict[str, Any]) -> str:
     value = "not measured" if gate["value"] is None else f"{gate['value']:.4g}"
     relation = "<" if gate["name"] == "min_speedup" else ">"
-    return f"gate {gate['name']} not met: {value} {relation} {gate['limit']:g}"
+    metric = f" (drop of {gate['metric']})" if gate.get("metric") else ""
+    return f"gate {gate['name']} not met: {value} {relation} {gate['limit']:g}{metric}"
 
 
-def run(recipe: Recipe, out_dir: str | pathlib.Path) -> report.Report:
+def run(recipe: Recipe, out_dir: str | pathlib.Path, *, cache: StepCache | None = None,
+        bench_slot: BenchSlot = _now) -> report.Report:
     """Run the recipe; outputs are staged in a hidden folder inside ``out_dir`` and renamed into
-    place only at the end, so a crash or an interrupt leaves no partial files behind."""
+    place only at the end, so a crash or an interrupt leaves no partial files behind.
+
+    ``cache`` (``deployopt.cache.StepCache``) restores exports and steps an earlier run computed
+    from the same input and settings; ``bench_slot`` runs every latency measurement (benchmark,
+    profiles, step guards) while the run holds the machine's benchmark slot."""
     started = time.time()
     out_dir = _prepare_out_dir(pathlib.Path(out_dir))
     if not isinstance(recipe.model, dict):
@@ -430,7 +505,7 @@ def run(recipe: Recipe, out_dir: str | pathlib.Path) -> report.Report:
     names = report.UserPaths()
     names.add(staging, str(out_dir))  # staged outputs are named where they will be
     try:
-        result = _run(recipe, out_dir, staging, started, names)
+        result = _run(recipe, out_dir, staging, started, names, cache, bench_slot)
         for name in ("input.onnx", "model.onnx", "report.json", "report.md"):
             if (staging / name).exists():
                 os.replace(staging / name, out_dir / name)
@@ -455,14 +530,15 @@ def _name_work_files(names: report.UserPaths, work_dir: pathlib.Path, recipe: Re
 
 
 def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: float,
-         names: report.UserPaths) -> report.Report:
+         names: report.UserPaths, cache: StepCache | None = None, bench_slot: BenchSlot = _now) -> report.Report:
     output_path = staging / "model.onnx"
     with tempfile.TemporaryDirectory(prefix="deployopt-") as tmp:
         work_dir = pathlib.Path(tmp)
         _name_work_files(names, work_dir, recipe,
                          str(out_dir / "input.onnx") if isinstance(recipe.model, dict) else str(recipe.model))
         if isinstance(recipe.model, dict):
-            exported = _export_input(recipe.model, work_dir)
+            export = functools.partial(_export_input, recipe.model, work_dir)
+            exported = export() if cache is None else cache.export(recipe.model, export)[0]
             input_path = staging / "input.onnx"
             io.save(io.load_proto(exported), input_path)
         else:
@@ -475,6 +551,7 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
         specs, given = _model_inputs(model, recipe)
         datasets = _open_datasets(recipe, with_shapes(specs, given))
         _check_requirements(recipe, datasets)
+        _check_metrics(recipe, model, datasets)
         shapes, shape_notes = _fed_shapes(recipe, specs, given, datasets)
         for note in shape_notes:
             _log(note)
@@ -487,16 +564,22 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
                                evaluation=datasets.get("evaluation"),
                                training=datasets.get("training") or datasets.get("calibration"),
                                reference=reference, seed=recipe.seed, work_dir=work_dir,
-                               threads=recipe.benchmark.threads[0])
+                               threads=recipe.benchmark.threads[0], metrics=recipe.metrics,
+                               runtime=recipe.benchmark.runtime, ep=recipe.benchmark.ep)
+        judge = _judge(recipe, input_path, datasets)
         steps: list[StepRecord] = []
-        model, failure = _run_passes(recipe, model, base_ctx, steps, input_path, normalization, source, shapes)
+        model, failure = _run_passes(recipe, model, base_ctx, steps, input_path, normalization, source, shapes,
+                                     cache, bench_slot, judge)
         if steps:  # the shapes every step's data and timing used
             steps[0].notes[:0] = shape_notes
 
         io.save(model, output_path, input_path=input_path)
         output_stats = stats.model_stats(io.load_proto(output_path), path=str(output_path))
         output_stats["path"] = str(out_dir / "model.onnx")
-        bench_rows, accuracy, warnings, profiles = _measure(recipe, input_path, output_path, datasets, shapes)
+        bench_rows, accuracy, warnings, profiles = _measure(recipe, input_path, output_path, datasets, shapes,
+                                                            bench_slot, judge)
+        if cache is not None:
+            warnings.extend(cache.take_warnings())
         if not steps:
             warnings[:0] = shape_notes
         gates = _evaluate_gates(recipe, output_stats, bench_rows, accuracy)

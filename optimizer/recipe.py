@@ -7,8 +7,15 @@ Every section is a settings dataclass (``deployopt.core.settings``): pass parame
 pass classes' own typed fields, so the recipe layer only knows the pass contract, not any pass.
 
 ``--set KEY=VALUE`` overrides use the same paths: ``passes[1].prune.sparsity=0.7``,
-``gates.min_speedup=2``, ``benchmark.threads=[1,2]``, ``shapes.input1=[1,1,64,224]``; VALUE is
-parsed as YAML.
+``gates.min_speedup=2``, ``benchmark.threads=[1,2]``, ``shapes.input1=[1,1,64,224]``,
+``metrics.output=detection``; VALUE is parsed as YAML.
+
+``metrics`` names the task metric of each model output, in the forms of
+``deployopt.measure.tasks.choose`` (``{OUTPUT: KIND}``, ``{OUTPUT: {kind: KIND, ...settings}}``, a
+spec string or a list of them); every accuracy decision of the run (gates, per-step accuracy,
+quantize's fallback and latency trials, distillation) is judged by them
+(``deployopt.measure.judge``). Output names are checked once the model is loaded; a relative
+``charset`` resolves against the recipe's folder.
 """
 
 from __future__ import annotations
@@ -16,14 +23,14 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from deployopt.core.errors import UserError
 from deployopt.core.settings import Bounds, Settings, build_settings, check_value, setting
 
-TOP_KEYS = ("model", "data", "passes", "benchmark", "gates", "seed", "shapes")
+TOP_KEYS = ("model", "data", "passes", "benchmark", "gates", "seed", "shapes", "metrics")
 # calibration: passes that calibrate or reconstruct; evaluation: accuracy (labels) and agreement;
 # training: distillation (defaults to calibration); fidelity: an extra unlabeled set on which the
 # output's agreement with the input model is measured (e.g. many natural-photo crops).
@@ -41,11 +48,22 @@ class BenchmarkSettings(Settings):
     runs: int = setting(100, low=1)
     rounds: int = setting(3, low=1)
     timeout: float | None = setting(None, low=0, low_open=True)  # seconds per worker; None = no limit
+    # The target every latency number of the run is measured on (benchmark, step guards,
+    # latency-aware quantization): deployopt.measure.runtime.
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    ep: str | None = None  # onnxruntime execution provider (default CPUExecutionProvider)
+
+    def validate(self) -> None:
+        from deployopt.measure.runtime import check_target
+
+        check_target(self.runtime, self.ep, key="runtime", ep_key="ep")  # available here, or refused
 
 
 @dataclasses.dataclass
 class Gates(Settings):
-    max_accuracy_drop: float | None = setting(None, low=0, high=1)  # absolute top-1 drop (or 1 - agreement when unlabeled)
+    # the largest drop of any task metric vs the input model (deployopt.measure.judge): top-1 for a
+    # labelled classifier, 1 - agreement when unlabelled
+    max_accuracy_drop: float | None = setting(None, low=0, high=1)
     min_speedup: float | None = setting(None, low=0, low_open=True)  # p50(input) / p50(output), worst over the grid
     max_size_mb: float | None = setting(None, low=0, low_open=True)  # output model file size in MB (10^6 bytes)
 
@@ -66,6 +84,8 @@ class Recipe:
     # Full shapes of model inputs by name, for dims neither the model nor the data fixes (the
     # width of a text-line recognizer fed random inputs); checked against the model on load.
     shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # Task metric specs (deployopt.measure.tasks.MetricSpec); empty: the defaults per output.
+    metrics: list[Any] = dataclasses.field(default_factory=list)
 
 
 # -- overrides -------------------------------------------------------------------------------------
@@ -204,6 +224,21 @@ def _validate_shapes(shapes: Any) -> dict[str, list[int]]:
     return {name: list(dims) for name, dims in shapes.items()}
 
 
+def _validate_metrics(metrics: Any, base: pathlib.Path | None) -> list[Any]:
+    """Metric specs, checked without the model; a relative ``charset`` follows the recipe's folder."""
+    from deployopt.measure.tasks import KINDS, metric_specs
+
+    specs = metric_specs(metrics, "metrics")
+    for spec in specs:
+        charset = spec.options.get("charset")
+        if isinstance(charset, str) and base is not None and not pathlib.Path(charset).is_absolute():
+            spec.options["charset"] = str(base / charset)
+        if not spec.custom:  # the kind's settings: types and bounds, before any work
+            where = f"metrics.{','.join(spec.outputs)}" if spec.outputs else "metrics"
+            build_settings(KINDS[spec.kind][1], spec.options, where)
+    return specs
+
+
 def _scalar_lists(benchmark: Any) -> Any:
     """``threads: 2`` means ``threads: [2]`` (and the same for ``batch``)."""
     if not isinstance(benchmark, dict):
@@ -233,6 +268,7 @@ def from_mapping(raw: Any, path: pathlib.Path | None = None) -> Recipe:
         seed=seed,
         raw=raw,
         shapes=_validate_shapes(raw.get("shapes")),
+        metrics=_validate_metrics(raw.get("metrics"), base),
     )
 
 

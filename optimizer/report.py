@@ -3,10 +3,18 @@
 Keys of report.json (stable: other tools read them)::
 
     version, machine{cpu, isa[], cores, onnxruntime, os}, recipe,
-    input{stats}, output{stats}, steps[{pass, params, seconds, modified, before, after, notes[]}],
+    input{stats}, output{stats},
+    steps[{pass, params, seconds, modified, before, after, notes[],
+           accuracy{top1, agreement, cosine, n, score, score_name, drop}}],
     benchmark[{model, threads, batch, p50_ms, p90_ms, p99_ms, mean_ms, std_ms, throughput_ips, speedup}],
-    accuracy{input{top1,...}, output{top1,...}, drop, agreement},
-    gates[{name, limit, value, passed}]
+    accuracy{input{top1,...}, output{top1,...}, agreement, metric, score_in, score_out, drop,
+             metrics[{outputs, kind, metric, base, score, drop}]},
+    gates[{name, limit, value, passed, metric (max_accuracy_drop)}]
+
+The accuracy figures are ``deployopt.measure.judge`` verdicts against the input model: ``metric``
+names the task metric with the largest drop (``top1`` for a labelled classifier), ``score_in`` /
+``score_out`` its value for the input and the output, ``drop`` the number the
+``max_accuracy_drop`` gate reads.
 
 plus ``normalization[{action, count, what, why}]`` (rewrites of the input model on load, see
 ``deployopt.core.normalize``), ``exit_code``, ``reason`` (why the run failed, or null), ``warnings`` and ``seconds``.
@@ -235,17 +243,21 @@ def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None
                               f"{s['before']['bytes_zip'] / 1e6:.2f} → {s['after']['bytes_zip'] / 1e6:.2f}",
                               f"{sum(s['before']['ops'].values())} → {sum(s['after']['ops'].values())}",
                               _macs_change(s), _fmt((s.get("accuracy") or {}).get("top1"), ".3f"),
-                              _fmt((s.get("accuracy") or {}).get("agreement"), ".3f")])
+                              _fmt((s.get("accuracy") or {}).get("agreement"), ".3f"),
+                              _task_score(s.get("accuracy") or {})])
         parts.append(_table(["pass", "status", "seconds", "modified", "MB", "zipped MB", "nodes", "MACs (M)",
-                             "top-1 after", "agreement after"], step_rows))
-        parts.append("\n(top-1 and agreement with the input model on the evaluation data, after each step)")
+                             "top-1 after", "agreement after", "task score after (drop)"], step_rows))
+        parts.append("\n(on the evaluation data after each step: top-1, agreement with the input model, and "
+                     "the task metric with the largest drop against the input model)")
         for s in doc["steps"]:
             if s["notes"]:
                 parts.append(f"\n**{s['pass']}**\n")
                 parts.extend(f"- {n}" for n in s["notes"])
 
     if doc.get("benchmark"):
-        parts.append("\n## Latency (onnxruntime CPU, interleaved rounds)\n")
+        b0 = doc["benchmark"][0]
+        on = f"{b0['runtime']} {b0.get('runtime_version') or ''} {b0.get('ep')}" if b0.get("runtime") else "onnxruntime CPU"
+        parts.append(f"\n## Latency ({' '.join(on.split())}, interleaved rounds)\n")
         bench_rows = [[r["model"], str(r["threads"]), str(r["batch"]), _fmt(r.get("p50_ms"), ".2f"),
                        _fmt(r.get("p90_ms"), ".2f"), _fmt(r.get("p99_ms"), ".2f"), _fmt(r.get("mean_ms"), ".2f"),
                        _fmt(r.get("std_ms"), ".2f"), _fmt(r.get("throughput_ips"), ".1f"),
@@ -269,7 +281,7 @@ def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None
             rows.append([label, _fmt(a.get("top1"), ".4f"), _fmt(a.get("top5"), ".4f"),
                          _fmt(a.get("agreement"), ".4f"), _fmt(a.get("cosine"), ".5f"), str(a.get("n"))])
         parts.append(_table(["model", "top-1", "top-5", "agreement", "cosine", "n"], rows))
-        parts.append(f"\nDrop ({acc.get('metric')}): {_fmt(acc.get('drop'), '.4f')}")
+        parts.extend(_judged_lines(acc))
         fid = acc.get("fidelity")
         if fid:
             parts.append(f"\nFidelity of the output to the input on `{fid['dataset']}` (n={fid.get('n')}): "
@@ -287,6 +299,28 @@ def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None
         parts.append("\n## Warnings\n")
         parts.extend(f"- {w}" for w in doc["warnings"])
     return "\n".join(parts) + "\n"
+
+
+def _task_score(accuracy: dict[str, Any]) -> str:
+    """``pixel_agreement 0.9931 (0.0069)``: a step's task score and its drop."""
+    if accuracy.get("score") is None:
+        return "–"
+    return f"{accuracy['score_name']} {accuracy['score']:.4f} ({_fmt(accuracy.get('drop'), '.4f')})"
+
+
+def _judged_lines(acc: dict[str, Any]) -> list[str]:
+    """The metric the gate reads, its score before and after and the drop; every metric's when
+    there are several."""
+    lines = [f"\nJudged by **{acc.get('metric')}**: input {_fmt(acc.get('score_in'), '.4f')} → output "
+             f"{_fmt(acc.get('score_out'), '.4f')}, drop {_fmt(acc.get('drop'), '.4f')} (the largest drop of the "
+             "task metrics; a metric compared with the input model scores 1 on the input)"]
+    per_metric = acc.get("metrics") or []
+    if len(per_metric) > 1:
+        lines.append("")
+        lines.append(_table(["outputs", "kind", "metric", "input", "output", "drop"],
+                            [[", ".join(m["outputs"]), m["kind"], str(m["metric"]), _fmt(m.get("base"), ".4f"),
+                              _fmt(m.get("score"), ".4f"), _fmt(m.get("drop"), ".4f")] for m in per_metric]))
+    return lines
 
 
 def _ci(ci: Any) -> str:

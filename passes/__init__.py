@@ -8,11 +8,13 @@ from deployopt.passes.cleanup import CleanupPass
 from deployopt.passes.distill import DistillPass
 from deployopt.passes.prune import MagnitudePrunePass
 from deployopt.passes.quantize import QuantizePass
+from deployopt.passes.recover import RecoverPass
 
 REGISTRY: dict[str, type] = {
     "cleanup": CleanupPass,
     "prune": MagnitudePrunePass,
     "channel_prune": ChannelPrunePass,
     "distill": DistillPass,
+    "recover": RecoverPass,
     "quantize": QuantizePass,
 }

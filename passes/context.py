@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
     from deployopt.core.data import Dataset
+    from deployopt.measure.tasks import MetricSpec
 
 
 @dataclasses.dataclass
@@ -26,3 +27,10 @@ class PassContext:
     seed: int = 0
     work_dir: pathlib.Path | None = None  # a private temporary folder, removed after the run
     threads: int = 1  # intra-op threads for any onnxruntime session a pass opens
+    # The target latency is measured on (benchmark.runtime / benchmark.ep): a pass that times
+    # models (latency-aware quantization) decides on this target (deployopt.measure.runtime).
+    runtime: str = "onnxruntime"
+    ep: str | None = None
+    # The recipe's task metric specs (deployopt.measure.tasks.MetricSpec), by which a pass with an
+    # accuracy tolerance judges its candidates (deployopt.measure.judge); empty: the defaults.
+    metrics: list[MetricSpec] = dataclasses.field(default_factory=list)

@@ -252,8 +252,8 @@ def test_array_dataset_contract_unchanged():
 # -- refusals --------------------------------------------------------------------------------------
 
 def test_spec_validation_messages():
-    assert DATASET_KEYS == ("dataset", "preprocess", "limit", "split", "shuffle", "constants")
-    _raises("limt: unknown key (allowed: dataset, preprocess, limit, split, shuffle, constants)",
+    assert DATASET_KEYS == ("dataset", "preprocess", "limit", "split", "shuffle", "constants", "labels")
+    _raises("limt: unknown key (allowed: dataset, preprocess, limit, split, shuffle, constants, labels)",
             validate_spec, {"dataset": "mnist", "limt": 5})
     _raises("data.calibration.splt: unknown key (allowed: preprocess, limit, split, shuffle)",
             validate_spec, "mnist?splt=test", "data.calibration")

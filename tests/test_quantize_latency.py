@@ -485,3 +485,107 @@ def test_search_tie_goes_to_fewer_float_nodes(tmp_path, monkeypatch):
     low, high = out.summary["head_to_head"]["ci"]
     assert low <= 1.0 <= high and out.path.name == "int8-.onnx" and out.summary["chosen_trial"] == 0
     assert out.note.startswith("latency-aware: kept the first quantization (0.70x float latency")
+
+
+# -- the search's time budget ----------------------------------------------------------------------
+class Clock:
+    """A fake ``time`` for latency_search: every stage advances it by a fixed number of seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _budgeted_search(tmp_path, monkeypatch, *, budget_s, timing_s, scoring_s, profile_s, quantize_s, ratios):
+    clock = Clock()
+    monkeypatch.setattr(latency_search, "time", clock)
+    cuts = iter([{"a"}, {"c"}, set()])
+    monkeypatch.setattr(CostModel, "cut", lambda self, weight=1.0: set(next(cuts, {"a", "c"})))
+    calls = []
+
+    class SlowProbe(TablesProbe):
+        def compare(self, reference, model, feeds, threads):
+            calls.append("compare")
+            clock.now += timing_s
+            return super().compare(reference, model, feeds, threads)
+
+        def profile(self, path, proto, feeds, threads):
+            calls.append("profile")
+            clock.now += profile_s
+            return super().profile(path, proto, feeds, threads)
+
+    def quantize(excluded, path):
+        clock.now += quantize_s
+        path = tmp_path / ("int8-" + "".join(sorted(excluded)) + ".onnx")
+        path.touch()
+        return path
+
+    def check(path):
+        calls.append("score")
+        clock.now += scoring_s
+        return {"agreement": 1.0, "met": True}
+
+    (tmp_path / "int8-.onnx").touch()
+    proto = _chain_abc()
+    out = latency_search.search(float_path=tmp_path / "float.onnx", trial0=tmp_path / "int8-.onnx", pre_proto=proto,
+                                qdq0_proto=proto, capable=["a", "c"], feeds={"x": np.zeros((1, 2, 4, 4), np.float32)},
+                                threads=1, probe=SlowProbe(ratios), quantize=quantize, check=check,
+                                internal_unfused=2, max_trials=8, budget_s=budget_s, min_ms=0.1, tmp=tmp_path)
+    return out, calls, clock.now
+
+
+def test_search_stops_after_the_first_timing_when_it_spends_the_budget(tmp_path, monkeypatch):
+    # a 40 s timing against a 5 s budget: nothing after it runs (no scoring, no profile, no trial)
+    ratios = {"int8-.onnx": 0.8, "int8-c.onnx": 0.5, "int8-a.onnx": 0.6}
+    out, calls, spent = _budgeted_search(tmp_path, monkeypatch, budget_s=5, timing_s=40, scoring_s=20,
+                                         profile_s=10, quantize_s=5, ratios=ratios)
+    assert calls == ["compare"] and spent == 40
+    assert out.summary["budget"] == {"budget_s": 5, "spent_s": 40.0, "stopped_before": "scoring the first quantization"}
+    assert out.summary["result"] == "int8" and out.path.name == "int8-.onnx" and len(out.trials) == 1
+    assert out.note == ("latency-aware: kept the first quantization (0.80x float latency [0.79, 0.81]); the search "
+                        "stopped before scoring the first quantization at latency_budget_s 5 (40.0 s spent)")
+    # the same stop when the first quantization is not faster with confidence: the float model
+    ratios["int8-.onnx"] = 0.99
+    out, _, _ = _budgeted_search(tmp_path, monkeypatch, budget_s=5, timing_s=40, scoring_s=20, profile_s=10,
+                                 quantize_s=5, ratios=ratios)
+    assert out.path is None and out.summary["result"] == "float"
+    assert out.note.startswith("latency-aware: the first quantization was not faster than float with confidence "
+                               "(0.99x float latency")
+
+
+def test_search_starts_a_trial_only_when_it_fits_the_budget(tmp_path, monkeypatch):
+    # timing 10 s, scoring 5 s, profiles 2 x 2 s, re-quantization 3 s: after the first timing (10),
+    # its scoring (15) and the profiles (19), trial 1 is predicted at 15 s (fits 45: ends at 37);
+    # trial 2, predicted as long as trial 1 (18 s), does not
+    ratios = {"int8-.onnx": 1.2, "int8-c.onnx": 0.5, "int8-a.onnx": 0.6}
+    out, calls, spent = _budgeted_search(tmp_path, monkeypatch, budget_s=45, timing_s=10, scoring_s=5,
+                                         profile_s=2, quantize_s=3, ratios=ratios)
+    assert calls == ["compare", "score", "profile", "profile", "compare", "score"]
+    assert spent == 37 <= 45 and [t["excluded"] for t in out.trials] == [[], ["c"]]
+    assert out.summary["budget"] == {"budget_s": 45, "spent_s": 37.0, "stopped_before": "trial 2"}
+    assert out.path.name == "int8-c.onnx" and out.summary["chosen_trial"] == 1
+    assert out.note.endswith("; the search stopped before trial 2 at latency_budget_s 45 (37.0 s spent)")
+    # a generous budget runs every candidate and says nothing about the budget
+    out, _, spent = _budgeted_search(tmp_path, monkeypatch, budget_s=1000, timing_s=10, scoring_s=5,
+                                     profile_s=2, quantize_s=3, ratios=ratios)
+    assert len(out.trials) == 3 and out.summary["budget"]["stopped_before"] is None
+    assert "budget" not in out.note
+
+
+def test_pass_reports_a_search_the_budget_stopped(gated_proto, digits):
+    # plain int8 slower (the gates), and a budget the first timing alone overruns: the search stops
+    # there, the float model is returned, and the note and the details say why
+    x, _ = digits
+    probe = FakeProbe(**GATES_SLOW)
+    result = _run(gated_proto, x, probe, latency_budget_s=1e-6)
+    la = result.details["latency_aware"]
+    assert probe.calls == ["compare"] and len(result.details["latency_trials"]) == 1
+    assert la["searched"] is False and la["result"] == "float"
+    assert la["budget"]["stopped_before"] == "scoring the first quantization" and la["budget"]["budget_s"] == 1e-6
+    assert not result.modified
+    assert any(re.fullmatch(r"latency-aware: the first quantization was not faster than float with confidence "
+                            r"\(1\.\d\dx float latency \[1\.\d\d, 1\.\d\d\]\); the float model is returned "
+                            r"unchanged; the search stopped before scoring the first quantization at "
+                            r"latency_budget_s 1e-06 \(\d+\.\d s spent\)", n) for n in result.notes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from deployopt.core.errors import WorkFailed, one_line
@@ -60,12 +61,15 @@ def recorded_options(threads, optimization_level: str) -> dict:
 
 def open_session(model: str | os.PathLike | bytes | onnx.ModelProto | ir.Model, *, threads: int = 1,
                  optimization_level: str = "all", optimized_path: str | os.PathLike | None = None,
-                 options: ort.SessionOptions | None = None, what: str = "the model") -> ort.InferenceSession:
+                 options: ort.SessionOptions | None = None, what: str = "the model",
+                 providers: Sequence[str] | None = None) -> ort.InferenceSession:
     """An onnxruntime session over a file path, serialized bytes, a ModelProto or an ``ir.Model``.
 
     ``options`` replaces the standard settings (for profiling, which needs extra flags on top of
     ``session_options()``). onnxruntime raises its own exception types (Fail, InvalidGraph,
-    NotImplemented, ...): they become one ``WorkFailed`` line naming ``what``.
+    NotImplemented, ...): they become one ``WorkFailed`` line naming ``what``. ``providers``:
+    the execution providers in order of preference (default the CPU provider; empty when
+    ``options`` already names the EP devices, as for a plugin EP).
     """
     import onnxruntime as ort
 
@@ -82,6 +86,8 @@ def open_session(model: str | os.PathLike | bytes | onnx.ModelProto | ir.Model, 
     if options is None:
         options = session_options(threads, optimization_level, optimized_path=optimized_path)
     try:
-        return ort.InferenceSession(source, options, providers=list(CPU))
+        if providers is not None and not providers:
+            return ort.InferenceSession(source, options)
+        return ort.InferenceSession(source, options, providers=list(providers or CPU))
     except Exception as e:  # onnxruntime's own exception types
         raise WorkFailed(f"onnxruntime cannot load {what}: {one_line(e)}") from e

@@ -1,4 +1,5 @@
-"""Accuracy of a model on a dataset, judged by its task metrics, on onnxruntime CPU.
+"""Accuracy of a model on a dataset, judged by its task metrics, on a CPU runtime
+(onnxruntime by default, or any target of ``deployopt.measure.runtime``).
 
 The model (and an optional reference model) runs over the dataset in batches; every batch's
 outputs go to the task metrics of ``deployopt.measure.tasks`` (classification, detection,
@@ -19,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from deployopt.core.errors import UserError, WorkFailed, one_line
-from deployopt.core.session import open_session
 from deployopt.measure.model_io import (fits_sample, format_shape, input_specs, load_proto,
                                         output_specs)
+from deployopt.measure.runtime import open_runtime
 from deployopt.measure.tasks import (LABEL_KINDS, CocoLabels, MaskLabels, MetricSpec, TextLabels, build_metric,
                                      default_specs, is_logits, metric_specs)
 
@@ -34,10 +35,12 @@ CLASSIFICATION_KEYS = ("classes", "top1", "top1_ci", "top5", "top5_ci", "agreeme
 # -- running a model over a dataset -------------------------------------------------------------
 
 class _Runner:
-    """One onnxruntime session over a model, checked against the dataset; all outputs by name."""
+    """The model compiled on its target runtime (``deployopt.measure.runtime``), checked against
+    the dataset; all outputs by name."""
 
-    def __init__(self, path, dataset, threads: int, role: str):
-        self.path = str(path)
+    def __init__(self, path, dataset, threads: int, role: str, runtime: str = "onnxruntime",
+                 ep: str | None = None):
+        self.path, self.runtime = str(path), runtime
         proto = load_proto(path)
         specs, self.output_specs = input_specs(proto), output_specs(proto)
         del proto
@@ -58,10 +61,10 @@ class _Runner:
                                 f"samples")
         self.fixed_batch = spec.dims[0] if spec.dims and isinstance(spec.dims[0], int) else None
         try:
-            self.session = open_session(self.path, threads=threads, what=self.path)
-        except WorkFailed as e:  # a model onnxruntime refuses is bad input here
+            self.session = open_runtime(self.path, runtime, ep, threads=threads, what=self.path)
+        except WorkFailed as e:  # a model the runtime refuses is bad input here
             raise UserError(str(e)) from e.__cause__
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.outputs = list(self.session.outputs)
 
     @property
     def output_dims(self) -> dict[str, tuple]:
@@ -87,7 +90,7 @@ class _Runner:
                 out = self.session.run(self.outputs, chunk)
             except Exception as e:
                 shape = format_shape(next(iter(chunk.values())).shape)
-                raise WorkFailed(f"{self.path}: onnxruntime failed on a batch of shape {shape} "
+                raise WorkFailed(f"{self.path}: {self.runtime} failed on a batch of shape {shape} "
                                  f"({one_line(e)})") from e
             chunks.append((start, start + real,
                            {n: (a[:real] if a.ndim and a.shape[0] == width else a) for n, a in zip(self.outputs, out)}))
@@ -139,12 +142,14 @@ def _metrics(model: _Runner, dataset, specs: list[MetricSpec], *, reference: boo
 
 
 def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, threads: int = 1,
-             progress: bool = True, metrics: Any = None, labels=None, charset=None) -> dict:
+             progress: bool = True, metrics: Any = None, labels=None, charset=None,
+             runtime: str = "onnxruntime", ep: str | None = None) -> dict:
     """The task metrics of ``model_path`` on ``dataset``, against its labels and ``reference_path``.
 
     ``metrics``: metric specs (``deployopt.measure.tasks.choose``), None for the defaults;
     ``labels``: a label file for the detection/segmentation/sequence metric; ``charset``: the
-    sequence metric's charset file. Returns {model, dataset, n, classes, top1, top1_ci, top5,
+    sequence metric's charset file; ``runtime``/``ep``: the target both models run on
+    (``deployopt.measure.runtime``). Returns {model, dataset, n, classes, top1, top1_ci, top5,
     top5_ci, reference, agreement, agreement_ci, cosine, max_abs_diff, kl, score, score_name,
     metrics, seconds}: the classification keys come from the first classification metric (None
     without one; top1/top5 None on unlabelled data, top5 also with 5 classes or fewer; the
@@ -161,8 +166,10 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
     if n_total == 0:
         raise UserError(f"dataset {dataset.name}: no samples")
     specs = metric_specs(metrics)
-    model = _Runner(model_path, dataset, threads, "eval")
-    ref = None if reference_path is None else _Runner(reference_path, dataset, threads, "the reference")
+    if labels is None and any(s.kind in LABEL_KINDS for s in specs):  # the data spec's own labels file
+        labels = getattr(dataset, "label_file", None)
+    model = _Runner(model_path, dataset, threads, "eval", runtime, ep)
+    ref = None if reference_path is None else _Runner(reference_path, dataset, threads, "the reference", runtime, ep)
     built, reader = _metrics(model, dataset, specs, reference=ref is not None, labels=labels, charset=charset)
     fixed = [r.fixed_batch for r in (model, ref) if r is not None and r.fixed_batch]
     step = math.gcd(*fixed) if fixed else None  # chunks both models take, so their outputs pair up

@@ -24,7 +24,7 @@ from deployopt.measure.model_io import TensorSpec, fits_sample, format_shape
 
 
 def check_settings(*, threads, batch, warmup, runs, rounds, timeout=None,
-                   optimization_level: str | None = None, prefix: str = "") -> None:
+                   optimization_level: str | None = None, prefix: str = "", instances: int = 1) -> None:
     """UserError naming the setting (``prefix`` '--' for CLI flags) when a value is out of range."""
     for name, values in (("threads", threads), ("batch", batch)):
         if len(values) == 0:
@@ -32,7 +32,8 @@ def check_settings(*, threads, batch, warmup, runs, rounds, timeout=None,
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise UserError(f"{prefix}{name}: {v!r} is not an integer >= 1")
-    for name, v, low in (("warmup", warmup, 0), ("runs", runs, 1), ("rounds", rounds, 1)):
+    for name, v, low in (("warmup", warmup, 0), ("runs", runs, 1), ("rounds", rounds, 1),
+                         ("instances", instances, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
             raise UserError(f"{prefix}{name}: {v!r} is not an integer >= {low}")
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):

@@ -24,7 +24,7 @@ REPORT_KEYS = ("model", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "mean_
 #: All keys of a row, in table order.
 ROW_KEYS = ("model", "threads", "batch", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
             "std_ms", "min_ms", "cv", "throughput_ips", "speedup", "speedup_ci", "peak_rss_mb",
-            "error", "samples_ms")
+            "runtime", "runtime_version", "ep", "instances", "error", "samples_ms")
 _HEADER = ["model", "threads", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "img/s",
            "speedup [95% CI]", "peak RSS MB"]
 _FAILED = "FAILED: "
@@ -114,12 +114,18 @@ def _body(result: BenchResult) -> list[list[str]]:
 
 def _footer(result: BenchResult) -> list[str]:
     s, o = result.settings, result.session_options
+    runtimes = dict.fromkeys(f"{r['runtime']} {r['runtime_version']} ({r['ep']})"
+                             for r in result.rows if r.get("runtime"))
+    instances = s.get("instances") or 1
+    load = (f"; {instances} concurrent instances per model, img/s is their aggregate throughput"
+            if instances > 1 else "")
     return [
         f"machine: {stamp_line(result.machine)}",
+        *([f"runtime: {', '.join(runtimes)}"] if runtimes else []),
         f"session: intra-op threads as listed, inter-op {o['inter_op_num_threads']}, "
         f"{o['execution_mode']}, {o['graph_optimization_level']}",
         f"method: {s.get('rounds')} interleaved rounds x {s.get('runs')} runs after "
-        f"{s.get('warmup')} warm-up runs per segment; inputs: {s.get('inputs')}; "
+        f"{s.get('warmup')} warm-up runs per segment{load}; inputs: {s.get('inputs')}; "
         f"speedup = p50(first) / p50(model), 95% bootstrap CI over rounds",
     ]
 

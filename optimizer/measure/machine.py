@@ -2,7 +2,8 @@
 
 Latency only means something next to the CPU it came from: int8 kernels in onnxruntime are fast
 only where the CPU has VNNI (avx512_vnni) or AMX, so the stamp lists the ISA flags that decide
-which kernels run, together with the core count, the onnxruntime version and the OS.
+which kernels run, together with the core count, the onnxruntime version, the version of every
+runtime deployopt can measure on that is installed (``runtimes``, on request) and the OS.
 """
 
 from __future__ import annotations
@@ -42,12 +43,15 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def stamp() -> dict:
-    """{cpu, isa[], cores, onnxruntime, os, python} for report.json and results pages."""
+def stamp(*, runtimes: bool = False) -> dict:
+    """{cpu, isa[], cores, onnxruntime, os, python} for report.json and results pages; with
+    ``runtimes`` also {runtimes: {name: version}} for every installed runtime deployopt measures on."""
     import onnxruntime
 
+    from deployopt.measure.runtime import RUNTIMES, runtime_version
+
     name, flags = _cpuinfo()
-    return {
+    result = {
         "cpu": name or platform.processor() or platform.machine(),
         "isa": [flag for flag in ISA_FLAGS if flag in flags],
         "cores": _cores(),
@@ -55,10 +59,15 @@ def stamp() -> dict:
         "os": platform.platform(),
         "python": sys.version.split()[0],
     }
+    if runtimes:
+        result["runtimes"] = {name: version for name in RUNTIMES if (version := runtime_version(name))}
+    return result
 
 
 def stamp_line(machine: dict) -> str:
     """One human-readable line for tables and results pages."""
     isa = ", ".join(machine.get("isa") or []) or "none of " + "/".join(ISA_FLAGS)
+    others = "".join(f", {name} {version}" for name, version in (machine.get("runtimes") or {}).items()
+                     if name != "onnxruntime")
     return (f"{machine['cpu']} ({machine['cores']} cores; {isa}), onnxruntime "
-            f"{machine['onnxruntime']}, {machine['os']}, Python {machine.get('python', '?')}")
+            f"{machine['onnxruntime']}{others}, {machine['os']}, Python {machine.get('python', '?')}")

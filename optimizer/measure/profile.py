@@ -1,4 +1,8 @@
-"""Per-node profile of an ONNX model on onnxruntime CPU, mapped back to the saved model's nodes.
+"""Per-node profile of an ONNX model on onnxruntime, mapped back to the saved model's nodes.
+
+The profile is onnxruntime's (its profiler is what names the kernels it ran): on the CPU execution
+provider by default, or on another built-in provider (``ep``). Other targets of
+``deployopt.measure.runtime`` (OpenVINO) have no profile here and are refused.
 
 Method
   * One worker process (``deployopt.measure.worker.Worker`` with this module's entry point, so a crash
@@ -69,11 +73,12 @@ import tempfile
 import numpy as np
 
 from deployopt.core.errors import UserError, WorkFailed, one_line
-from deployopt.core.session import OPT_LEVELS, open_session, session_options
+from deployopt.core.session import CPU, OPT_LEVELS, open_session, session_options
 from deployopt.measure import machine as machine_mod
 from deployopt.measure.inputs import check_settings, plan_feeds
 from deployopt.measure.memory import peak_rss_mb
 from deployopt.measure.model_io import input_specs, load_proto
+from deployopt.measure.runtime import DEFAULT_EP, check_target
 from deployopt.measure.timing import time_runs
 from deployopt.measure.worker import Worker, WorkerFailure
 
@@ -369,16 +374,17 @@ def run_blocks(runs: int, count: int = 5) -> list[int]:
 
 
 def measure(model_path: str, optimization_level: str, threads: int, feeds: dict, warmup: int,
-            runs: int, folder: str) -> dict:
+            runs: int, folder: str, ep: str | None = None) -> dict:
     """Time a plain session and profile an identical one (see module doc); plain data out."""
     import onnx
 
     folder = pathlib.Path(folder)
-    plain = open_session(model_path, threads=threads, optimization_level=optimization_level)
+    providers = None if ep is None else [ep, *CPU]  # nodes the EP cannot run go to the CPU provider
+    plain = open_session(model_path, threads=threads, optimization_level=optimization_level, providers=providers)
     options = session_options(threads, optimization_level, optimized_path=folder / "optimized.onnx")
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / "trace")
-    profiled = open_session(model_path, options=options)
+    profiled = open_session(model_path, options=options, providers=providers)
     for _ in range(warmup):
         plain.run(None, feeds)
         profiled.run(None, feeds)
@@ -400,7 +406,7 @@ def measure(model_path: str, optimization_level: str, threads: int, feeds: dict,
 
 def worker_main(conn, model_path: str, optimization_level: str) -> None:
     """Worker entry (deployopt.measure.worker protocol): ("profile", threads, feeds, warmup, runs,
-    folder) -> ("ok", measure(...), None, rss_mb) or ("error", one-line reason, rss_mb)."""
+    folder, ep) -> ("ok", measure(...), None, rss_mb) or ("error", one-line reason, rss_mb)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     conn.send(("ready", peak_rss_mb()))
     while True:
@@ -410,9 +416,9 @@ def worker_main(conn, model_path: str, optimization_level: str) -> None:
             return
         if message[0] == "stop":
             return
-        _, threads, feeds, warmup, runs, folder = message
+        _, threads, feeds, warmup, runs, folder, ep = message
         try:
-            result = measure(model_path, optimization_level, threads, feeds, warmup, runs, folder)
+            result = measure(model_path, optimization_level, threads, feeds, warmup, runs, folder, ep)
         except Exception as e:  # onnxruntime raises plain RuntimeError subclasses
             conn.send(("error", one_line(e), peak_rss_mb()))
             continue
@@ -425,16 +431,21 @@ def profile_model(path: str | os.PathLike, *, threads: int = 1, runs: int = 50, 
                   shapes: dict[str, tuple] | None = None, seed: int = 0,
                   optimization_level: str = "all", batch: int | None = None, data=None,
                   isolated: bool = True, timeout: float | None = DEFAULT_TIMEOUT_S,
-                  label: str | None = None) -> Profile:
-    """Profile ``path`` on onnxruntime CPU (see module doc).
+                  label: str | None = None, runtime: str = "onnxruntime", ep: str | None = None) -> Profile:
+    """Profile ``path`` on onnxruntime (see module doc), on the execution provider ``ep``.
 
     Inputs are random (seeded, ``deployopt.measure.inputs``) unless ``data`` (a Dataset) is
     given; ``shapes`` {input name: full shape} resolves dynamic dims, and ``batch`` (default: the
     first dim of a given shape, else 1) fills a dynamic batch dimension. ``isolated`` runs the
     sessions in a worker process that is killed after ``timeout`` seconds (None: no limit).
-    UserError for bad settings or a file that is not a model; WorkFailed when onnxruntime fails,
-    crashes or times out.
+    UserError for bad settings, a file that is not a model or a target with no profile here;
+    WorkFailed when onnxruntime fails, crashes or times out.
     """
+    target = check_target(runtime, ep, key="runtime", ep_key="ep")
+    if target.runtime != "onnxruntime" or "=" in (target.ep or ""):
+        raise UserError(f"profile: per-node profiles are onnxruntime's built-in providers' only, not "
+                        f"{target.label}")
+    ep = None if target.ep_name == DEFAULT_EP else target.ep_name
     shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
     if batch is None:
         batch = next((s[0] for s in shapes.values() if s), 1)
@@ -455,10 +466,10 @@ def profile_model(path: str | os.PathLike, *, threads: int = 1, runs: int = 50, 
     with tempfile.TemporaryDirectory(prefix="deployopt-profile-") as folder:
         if isolated:
             raw = _isolated(path, optimization_level, threads, feeds, warmup, runs, folder,
-                            timeout)
+                            timeout, ep)
         else:
             try:
-                raw = measure(path, optimization_level, threads, feeds, warmup, runs, folder)
+                raw = measure(path, optimization_level, threads, feeds, warmup, runs, folder, ep)
             except Exception as e:
                 raise WorkFailed(f"{path}: profiling failed: {one_line(e)}") from e
 
@@ -475,6 +486,7 @@ def profile_model(path: str | os.PathLike, *, threads: int = 1, runs: int = 50, 
                 "data": None if data is None else data.name,
                 "session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
                                     "execution_mode": "ORT_SEQUENTIAL"},
+                **target.stamp(),
                 "profiled_wall_ms": float(np.mean(raw["profiled_ms"]))}
     return Profile(model=path, rows=node_rows,
                    by_op_type=dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
@@ -502,11 +514,11 @@ def _rows(trace: dict, original: list[GraphNode], executed: list[GraphNode],
     return rows, unmapped
 
 
-def _isolated(path, optimization_level, threads, feeds, warmup, runs, folder, timeout) -> dict:
+def _isolated(path, optimization_level, threads, feeds, warmup, runs, folder, timeout, ep) -> dict:
     worker = Worker(path, optimization_level, budget=timeout, entry=worker_main)
     try:
         worker.wait_ready()
-        reply = worker.request(("profile", threads, feeds, warmup, runs, folder))
+        reply = worker.request(("profile", threads, feeds, warmup, runs, folder, ep))
     except WorkerFailure as e:
         raise WorkFailed(f"{path}: profiling failed: {e}") from None
     finally:

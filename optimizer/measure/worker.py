@@ -7,10 +7,16 @@ on their pipe and never compete for cores with the one being timed.
 
 Protocol (parent -> worker, over a multiprocessing Pipe; the worker answers each "measure"):
     ("feeds", key, {name: array})              cache input arrays under ``key`` (no answer)
-    ("measure", threads, key, warmup, runs)    -> ("ok", samples_ns, wall_ns, rss_mb, load_s)
+    ("measure", threads, key, warmup, runs[, start_ns])
+                                               -> ("ok", samples_ns, wall_ns, rss_mb, load_s,
+                                                   start_ns)
                                                or ("error", one-line reason, rss_mb)
     ("stop",)                                  exit
-The worker greets with ("ready", rss_mb) once its imports are done.
+The worker greets with ("ready", rss_mb) once its imports are done. ``start_ns`` is the
+perf_counter_ns reading when the timed runs began (a system-wide monotonic clock on Linux, so
+the throughput mode can line up the runs of concurrent workers); a ``start_ns`` in the request
+holds the timed runs back until that reading, so that concurrent workers start together. The model runs on the target
+given as (runtime, ep) (``deployopt.measure.runtime``; default onnxruntime's CPU provider).
 
 multiprocessing's spawn start method is used (no fork: onnxruntime's thread pools do not survive
 a fork), so the worker starts from a clean interpreter.
@@ -23,19 +29,22 @@ import signal
 import time
 
 from deployopt.core.errors import one_line
-from deployopt.core.session import open_session
 from deployopt.measure.memory import peak_rss_mb
+from deployopt.measure.runtime import open_runtime
 from deployopt.measure.timing import time_runs
 
 STARTUP_LIMIT_S = 120.0  # a fresh interpreter importing numpy + onnxruntime on a loaded machine
 
 
-def main(conn, model_path: str, optimization_level: str) -> None:
+def main(conn, model_path: str, optimization_level: str, runtime: str = "onnxruntime",
+         ep: str | None = None) -> None:
     """Worker loop (runs in the child process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    # Import onnxruntime before the greeting, so that neither the --timeout budget nor the first
+    # Import the runtime before the greeting, so that neither the --timeout budget nor the first
     # session's load time pays for it.
     import onnxruntime  # noqa: F401
+    if runtime == "openvino":
+        import openvino  # noqa: F401
 
     sessions: dict[int, object] = {}
     feeds: dict[object, dict] = {}
@@ -51,13 +60,13 @@ def main(conn, model_path: str, optimization_level: str) -> None:
         if kind == "feeds":
             feeds[message[1]] = message[2]
             continue
-        _, threads, key, warmup, runs = message
+        _, threads, key, warmup, runs, *start_at = message
         load_s = 0.0
         try:
             session = sessions.get(threads)
             if session is None:
                 t0 = time.perf_counter()
-                session = open_session(model_path, threads=threads,
+                session = open_runtime(model_path, runtime, ep, threads=threads,
                                        optimization_level=optimization_level)
                 load_s = time.perf_counter() - t0
                 sessions[threads] = session
@@ -71,11 +80,14 @@ def main(conn, model_path: str, optimization_level: str) -> None:
             # and the allocator are cold again (and the first segment also pays lazy init).
             for _ in range(warmup):
                 run()
+            if start_at:
+                time.sleep(max(0, start_at[0] - time.perf_counter_ns()) / 1e9)
+            start = time.perf_counter_ns()
             samples, wall = time_runs(run, runs)
-        except Exception as e:  # WorkFailed from open_session; onnxruntime's own types from run
+        except Exception as e:  # WorkFailed/UserError from open_runtime; the runtime's own types from run
             conn.send(("error", one_line(e), peak_rss_mb()))
             continue
-        conn.send(("ok", samples, wall, peak_rss_mb(), load_s))
+        conn.send(("ok", samples, wall, peak_rss_mb(), load_s, start))
 
 
 class WorkerFailure(Exception):
@@ -90,11 +102,13 @@ class Worker:
     """
 
     def __init__(self, model_path: str, optimization_level: str, *, budget: float | None = None,
-                 entry=main):
+                 entry=main, target: tuple[str, str | None] | None = None):
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=entry, args=(child, str(model_path), optimization_level),
-                                   daemon=True)
+        # ``target`` (runtime, ep) goes to the entry only when given: fault-injection entries in
+        # the tests take the original three arguments.
+        args = (child, str(model_path), optimization_level, *(target or ()))
+        self.process = ctx.Process(target=entry, args=args, daemon=True)
         self.budget = budget
         self.spent = 0.0
         self.peak_rss_mb: float | None = None
@@ -117,6 +131,11 @@ class Worker:
     def request(self, message):
         """Send and wait for the answer; raise WorkerFailure when there is none."""
         self.send(message)
+        return self.answer()
+
+    def answer(self):
+        """Wait for the answer to the last message sent (so that several workers can be sent
+        their request first and then answer concurrently)."""
         limit = None if self.budget is None else max(self.budget - self.spent, 0.0)
         return self._receive(limit, counts=True)
 

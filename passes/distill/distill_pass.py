@@ -8,9 +8,11 @@ learns from the teacher's softened outputs and the labels when there are any
 teacher's input/output names and dynamic batch, and is scored against the teacher on
 ``data.evaluation``:
 
-    metric   top-1 vs the labels when the evaluation set is labelled, else agreement
-             mean[argmax student == argmax teacher] (the teacher's own agreement is 1)
-    drop     = metric(teacher) - metric(student)      (/ metric(teacher) with relative: true)
+    metric   the task metrics of the recipe (default: top-1 vs the labels when the evaluation
+             set is labelled, else agreement mean[argmax student == argmax teacher])
+    drop     = metric(teacher) - metric(student)      (/ metric(teacher) with relative: true),
+             the teacher's metric being its own score against labels, else 1 (it agrees with
+             itself); the largest drop over the metrics (``deployopt.measure.judge``)
     swap     when drop <= max_accuracy_drop
 
 A rejected student is not a failure: the pass returns (a copy of) the teacher and notes
@@ -317,27 +319,22 @@ class DistillPass(DeployFunctionalPass):
 
     # -- decision, latency, record --------------------------------------------------------------
     def _decide(self, teacher_path: pathlib.Path, student_path: pathlib.Path) -> dict[str, Any]:
-        from deployopt.measure.accuracy import evaluate
+        from deployopt.measure.judge import Judge
 
         ctx = self.context
         data = ctx.evaluation
-        threads = ctx.threads
-        t_eval = evaluate(teacher_path, data, batch_size=self.batch_size, threads=threads, progress=False)
-        s_eval = evaluate(student_path, data, reference_path=teacher_path, batch_size=self.batch_size,
-                          threads=threads, progress=False)
-        labeled = t_eval["top1"] is not None
-        metric = "top1" if labeled else "agreement"
-        t_score = t_eval["top1"] if labeled else 1.0
-        s_score = s_eval["top1"] if labeled else s_eval["agreement"]
-        drop = t_score - s_score
-        if self.relative and t_score > 0:
-            drop /= t_score
-        swapped = drop <= self.max_accuracy_drop + 1e-12
-        return {"dataset": data.name, "n": s_eval["n"], "metric": metric, "teacher": t_score,
-                "student": s_score, "teacher_top1": t_eval["top1"], "student_top1": s_eval["top1"],
+        judge = Judge(teacher_path, data, metrics=ctx.metrics, relative=self.relative, batch_size=self.batch_size,
+                      threads=ctx.threads)
+        t_eval = judge.reference_result()
+        verdict = judge.score(student_path, with_reference=True)
+        s_eval = verdict.result
+        drop = verdict.drop
+        swapped = drop is not None and drop <= self.max_accuracy_drop + 1e-12
+        return {"dataset": data.name, "n": s_eval["n"], "metric": verdict.metric, "teacher": verdict.base,
+                "student": verdict.score, "teacher_top1": t_eval["top1"], "student_top1": s_eval["top1"],
                 "agreement": s_eval["agreement"], "kl": s_eval["kl"], "drop": drop,
                 "max_accuracy_drop": self.max_accuracy_drop, "relative": self.relative,
-                "swapped": swapped}
+                "metrics": verdict.per_metric, "swapped": swapped}
 
     def _latency(self, teacher_path: pathlib.Path, student_path: pathlib.Path, seed: int) -> dict[str, Any] | None:
         if self.latency_runs == 0:

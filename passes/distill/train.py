@@ -1,4 +1,7 @@
-"""Training side of the distill pass: cached teacher logits, augmentation, the loss, the loop.
+"""Training against a teacher's cached logits: the loss, shift/flip augmentation, the loop.
+
+Shared by the distill pass (a new student) and the recover pass (the pruned model itself,
+fine-tuned through ``deployopt.passes.recover.interpreter``).
 
 Loss, for student logits s, teacher logits t, labels y, temperature T and weight alpha::
 
@@ -21,9 +24,13 @@ flip with probability 1/2. All randomness comes from one seeded ``torch.Generato
 same seed and data give the same batches, views and weights.
 
 Optimizer: AdamW with a one-cycle learning-rate schedule (torch's ``OneCycleLR``), which
-reaches a good minimum in the few epochs a deployment pipeline can afford. Early stopping
-watches the top-1 agreement ``mean[argmax s == argmax t]`` on a held-out part of the training
-set and restores the best weights.
+reaches a good minimum in the few epochs a deployment pipeline can afford. With a time budget
+``max_seconds`` the schedule advances by ``max(steps done / total steps, seconds / max_seconds)``,
+so a run cut short by the clock still ends at the low end of the cycle. Early stopping watches
+the top-1 agreement ``mean[argmax s == argmax t]`` on a held-out set and restores the best
+weights (``keep_initial``: the weights before training compete too, for a model that starts
+from trained weights). ``extra_loss(idx)`` adds a term to each batch's loss (the recover pass's
+feature matching), computed after the student's forward on the batch ``idx``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -69,19 +76,26 @@ def torch_state(threads: int) -> Iterator[None]:
 
 # -- data and teacher ----------------------------------------------------------------------------
 
-def load_arrays(dataset: Dataset, field: str, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
-    """The whole dataset as float32 ``x`` [n, ...] and int64 ``y`` [n] (None when unlabelled).
+def load_arrays(dataset: Dataset, field: str, batch_size: int = 256,
+                limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The whole dataset (its first ``limit`` samples) as float32 ``x`` [n, ...] and int64 ``y``
+    [n] (None when unlabelled).
 
     Shuffled mini-batches need random access, and the Dataset contract only streams, so the
     training set is held in memory (bound large sets with the spec's ``limit``).
     """
     xs, ys = [], []
+    held = 0
     for x, y in dataset.batches(batch_size):
-        xs.append(np.asarray(x, dtype=np.float32))
+        if limit is not None and held >= limit:
+            break
+        keep = len(x) if limit is None else min(len(x), limit - held)
+        held += keep
+        xs.append(np.asarray(x[:keep], dtype=np.float32))
         if dataset.labeled:
             if y is None:
                 raise UserError(f"{field}: dataset {dataset.name!r} is labelled but a batch came without labels")
-            ys.append(np.asarray(y, dtype=np.int64))
+            ys.append(np.asarray(y[:keep], dtype=np.int64))
     if not xs or sum(len(x) for x in xs) == 0:
         raise UserError(f"{field}: dataset {dataset.name!r} is empty (no samples to train on)")
     x = np.concatenate(xs)
@@ -99,27 +113,35 @@ def session(model_bytes: bytes, threads: int):
         raise UserError(f"model: {e}") from e
 
 
-def teacher_logits(sess, input_name: str, output_name: str, x: np.ndarray,
-                   fixed_batch: int | None, batch_size: int = 256) -> np.ndarray:
-    """Teacher logits [n, classes] for ``x``, one onnxruntime run per chunk.
+def teacher_outputs(sess, input_name: str, output_names: list[str], x: np.ndarray,
+                    fixed_batch: int | None, batch_size: int = 256) -> list[np.ndarray]:
+    """The teacher's ``output_names`` for ``x`` (float32, one array [n, ...] each), one
+    onnxruntime run per chunk.
 
     A model exported with a fixed batch b is fed chunks of b, the last one padded by repeating
     its final sample (the padded rows are dropped).
     """
     step = fixed_batch or batch_size
-    parts = []
+    parts: list[list[np.ndarray]] = [[] for _ in output_names]
     for start in range(0, len(x), step):
         chunk = x[start:start + step]
         real = len(chunk)
         if real < step and fixed_batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - real, axis=0)])
         try:
-            out = sess.run([output_name], {input_name: chunk})[0]
+            outs = sess.run(list(output_names), {input_name: chunk})
         except Exception as e:
             raise WorkFailed(f"teacher: onnxruntime failed on a batch of shape {list(chunk.shape)} "
                              f"({one_line(e, 240, with_type=True)})") from e
-        parts.append(np.asarray(out, dtype=np.float32)[:real])
-    logits = np.concatenate(parts)
+        for kept, out in zip(parts, outs):
+            kept.append(np.asarray(out, dtype=np.float32)[:real])
+    return [np.concatenate(kept) for kept in parts]
+
+
+def teacher_logits(sess, input_name: str, output_name: str, x: np.ndarray,
+                   fixed_batch: int | None, batch_size: int = 256) -> np.ndarray:
+    """Teacher logits [n, classes] for ``x`` (``teacher_outputs`` of the one output), checked."""
+    logits = teacher_outputs(sess, input_name, [output_name], x, fixed_batch, batch_size)[0]
     if logits.ndim != 2 or len(logits) != len(x):
         raise UserError(f"model: teacher output '{output_name}' has shape {list(logits.shape)} for "
                         f"{len(x)} samples; distillation needs logits [batch, classes]")
@@ -174,6 +196,9 @@ class TrainConfig:
     flip: bool
     patience: int | None
     progress: bool = True
+    max_seconds: float | None = None  # time budget of the loop (None: epochs alone bound it)
+    keep_initial: bool = False  # the untrained weights compete with the epochs' for the best
+    label: str = "distill"  # names the run in the progress bar and in errors
 
 
 @dataclasses.dataclass
@@ -184,6 +209,7 @@ class TrainResult:
     stopped_early: bool
     history: list[dict]  # per epoch: {epoch, loss, holdout_agreement, holdout_top1}; 0 = untrained
     seconds: float
+    out_of_time: bool = False  # max_seconds ended the run
 
 
 @torch.no_grad()
@@ -213,7 +239,8 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 
 def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None,
-          holdout: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, cfg: TrainConfig) -> TrainResult:
+          holdout: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, cfg: TrainConfig,
+          extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
     """Train ``student`` in place on (x, teacher logits t, labels y); returns the history.
 
     ``holdout``: (x, teacher logits, labels or None) for early stopping on agreement; the weights
@@ -240,10 +267,15 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
 
     history = [{"epoch": 0, "loss": None, **scores()}]
     best_epoch, best_agree, best_state, since_best = None, -1.0, None, 0
-    stopped = False
-    bar = tqdm(total=cfg.epochs * steps, desc="distill", unit="step", file=sys.stderr,
+    if cfg.keep_initial and history[0]["holdout_agreement"] is not None:
+        best_epoch, best_agree = 0, history[0]["holdout_agreement"]
+        best_state = copy.deepcopy(student.state_dict())
+    stopped = out_of_time = False
+    total_steps = cfg.epochs * steps
+    bar = tqdm(total=total_steps, desc=cfg.label, unit="step", file=sys.stderr,
                disable=not cfg.progress, dynamic_ncols=True, mininterval=1.0)
     student.train()
+    steps_run = 0
     try:
         for epoch in range(1, cfg.epochs + 1):
             total, count = 0.0, 0
@@ -253,32 +285,44 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
                     xb = augment(xb, generator, cfg.padding, cfg.flip)
                 loss = distill_loss(student(xb), tt[idx], None if yt is None else yt[idx],
                                     cfg.temperature, cfg.alpha)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(idx)
                 if not torch.isfinite(loss):
-                    raise WorkFailed(f"distill: the training loss became {loss.item()} in epoch {epoch}; "
+                    raise WorkFailed(f"{cfg.label}: the training loss became {loss.item()} in epoch {epoch}; "
                                      f"lower lr (now {cfg.lr:g})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                schedule.step()
+                steps_run += 1
+                done = steps_run
+                if cfg.max_seconds is not None:
+                    # The clock may be ahead of the step count: move the schedule to the larger.
+                    done = max(done, int((time.perf_counter() - start) / cfg.max_seconds * total_steps))
                 total += loss.item() * len(idx)
                 count += len(idx)
                 bar.update()
                 bar.set_postfix_str(f"epoch {epoch}/{cfg.epochs} loss {total / count:.4f}", refresh=False)
+                if done >= total_steps:
+                    out_of_time = steps_run < total_steps
+                    break
+                schedule.last_epoch = done - 1
+                schedule.step()
             history.append({"epoch": epoch, "loss": total / count, **scores()})
             agree, top1 = history[-1]["holdout_agreement"], history[-1]["holdout_top1"]
             bar.set_postfix_str(f"epoch {epoch}/{cfg.epochs} loss {total / count:.4f}"
                                 + ("" if agree is None else f" held-out agreement {agree:.4f}")
                                 + ("" if top1 is None else f" top-1 {top1:.4f}"))
-            if agree is None:
-                continue
-            if agree > best_agree:
-                since_best = 0
-            else:
-                since_best += 1
-            if agree >= best_agree:
-                best_epoch, best_agree = epoch, agree
-                best_state = copy.deepcopy(student.state_dict())
-            if cfg.patience is not None and since_best >= cfg.patience and epoch < cfg.epochs:
+            if agree is not None:
+                if agree > best_agree:
+                    since_best = 0
+                else:
+                    since_best += 1
+                if agree >= best_agree:
+                    best_epoch, best_agree = epoch, agree
+                    best_state = copy.deepcopy(student.state_dict())
+            if out_of_time:
+                break
+            if agree is not None and cfg.patience is not None and since_best >= cfg.patience and epoch < cfg.epochs:
                 stopped = True
                 break
     finally:
@@ -288,6 +332,7 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
     student.eval()
     return TrainResult(epochs_run=len(history) - 1, best_epoch=best_epoch,
                        best_agreement=None if best_epoch is None else best_agree,
-                       stopped_early=stopped, history=history, seconds=time.perf_counter() - start)
+                       stopped_early=stopped, history=history, seconds=time.perf_counter() - start,
+                       out_of_time=out_of_time)
 
 

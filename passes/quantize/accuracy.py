@@ -1,55 +1,39 @@
-"""How a quantized candidate is judged against the float model.
+"""How a quantized candidate is judged against the float model: by the task metrics of the
+recipe (``context.metrics``; without any, top-1 for a logits classifier and the fidelity metric
+for other outputs), through the one judging rule of ``deployopt.measure.judge``.
 
-With ``max_accuracy_drop`` (``Scorer``): top-1 accuracy on data.evaluation when it has labels,
-else top-1 agreement with the float model (whose score is then 1); the drop is
-``float score - candidate score``, divided by the float score when ``relative``; a candidate
-meets the rule when ``drop <= max_accuracy_drop``. The fallback and the latency trials use it.
+With ``max_accuracy_drop`` (``Scorer``): per metric, drop = float score - candidate score, the
+float score being the float model's own score against labels when the metric reads labels
+(top-1 on a labelled data.evaluation, mAP / mIoU / exact-match against a label file), else 1
+(agreement with the float model); divided by the float score when ``relative``. The candidate's
+drop is the largest over the metrics, and it meets the rule when ``drop <= max_accuracy_drop``.
+The fallback and the latency trials use it.
 
-Without it (``AgreementCheck``, latency trials only): top-1 agreement with the float model on up
-to ``AGREEMENT_SAMPLES`` samples may fall at most ``AGREEMENT_SLACK`` below the first
-quantization's, so that trading accuracy for speed is never silent.
-
-A model with several outputs is not a classifier: there the score is the fidelity of all its
-outputs to the float model's (``output_cosine``: the mean per-sample cosine of the concatenated
-outputs, 1 for the float model itself), and both rules read it in place of top-1.
+Without it (``AgreementCheck``, latency trials only): the task score against the float model
+(agreement, box F1, pixel agreement, ...; labels are not read) on up to ``AGREEMENT_SAMPLES``
+samples may fall at most ``AGREEMENT_SLACK`` below the first quantization's, so that trading
+accuracy for speed is never silent.
 """
 
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from deployopt.core.data import Dataset
-from deployopt.core.session import open_session
-from deployopt.measure.metrics import class_agreement, predicted_class, row_cosine
-from deployopt.passes.quantize.data import Feed, InputSpec, feeds
+from deployopt.measure.judge import Judge, Verdict
+from deployopt.measure.metrics import predicted_class, row_cosine
+from deployopt.passes.quantize.data import Feed
 
-#: Without max_accuracy_drop, a trial's top-1 agreement with the float model may fall at most
+#: Without max_accuracy_drop, a trial's task score against the float model may fall at most
 #: this much below the first quantization's.
 AGREEMENT_SLACK = 0.01
 #: Samples the agreement check runs (evaluation data, else calibration data).
 AGREEMENT_SAMPLES = 256
-
-
-def _session(path: pathlib.Path, threads: int) -> ort.InferenceSession:
-    return open_session(path, threads=threads, what=f"model {pathlib.Path(path).name}")
-
-
-def predict(sess: ort.InferenceSession, stream: Iterator[tuple[Feed, np.ndarray | None]],
-            ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Top-1 class of the first output over the stream (the output flattened per sample, so
-    ``[N, classes, 1, 1]`` reads as ``[N, classes]``), and the labels when the data has them."""
-    preds, labels = [], []
-    output = sess.get_outputs()[0].name
-    for feed, y in stream:
-        logits = np.asarray(sess.run([output], feed)[0])
-        preds.append(predicted_class(logits.reshape(len(logits), -1)))
-        if y is not None:
-            labels.append(y)
-    return np.concatenate(preds), (np.concatenate(labels) if labels else None)
 
 
 def predicted_classes(sess: ort.InferenceSession, stream: Iterable[Feed]) -> np.ndarray:
@@ -60,15 +44,10 @@ def predicted_classes(sess: ort.InferenceSession, stream: Iterable[Feed]) -> np.
     return np.concatenate(parts) if parts else np.empty(0)
 
 
-def is_classifier(sess: ort.InferenceSession) -> bool:
-    """One output: read as class scores (top-1); several outputs: compared by ``output_cosine``."""
-    return len(sess.get_outputs()) == 1
-
-
 def output_cosine(sess: ort.InferenceSession, float_sess: ort.InferenceSession, stream: Iterable[Feed]) -> float:
     """Mean per-sample cosine of all of ``sess``'s outputs to ``float_sess``'s, each sample's
     outputs flattened and concatenated, over the stream (both models run batch by batch, so
-    nothing of the dataset is held)."""
+    nothing of the dataset is held): a diagnostic over every output at once."""
     total, count = 0.0, 0
     for feed in stream:
         rows = [np.concatenate([np.asarray(o, np.float64).reshape(len(o), -1) for o in s.run(None, feed)], axis=1)
@@ -78,71 +57,68 @@ def output_cosine(sess: ort.InferenceSession, float_sess: ort.InferenceSession, 
     return total / count if count else float("nan")
 
 
+def verdict_record(verdict: Verdict) -> dict[str, Any]:
+    """A trial's accuracy fields: the metric that decides, its score and the drop; with several
+    metrics, every metric's score and drop too."""
+    record: dict[str, Any] = {"metric": verdict.metric, verdict.metric: _round(verdict.score),
+                              "drop": _round(verdict.drop)}
+    if len(verdict.per_metric) > 1:
+        record["metrics"] = {f"{','.join(m['outputs'])}:{m['metric']}": {"score": _round(m["score"]),
+                                                                         "drop": _round(m["drop"])}
+                             for m in verdict.per_metric}
+    return record
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
+
+
 class Scorer:
-    """``max_accuracy_drop`` on data.evaluation (module doc); the float model runs once, here."""
+    """``max_accuracy_drop`` on data.evaluation (module doc); the float model's scores are measured once."""
 
-    def __init__(self, float_path: pathlib.Path, dataset: Dataset, inputs: Sequence[InputSpec], *,
-                 tolerance: float, relative: bool, batch_size: int, threads: int):
-        self.dataset, self.inputs, self.batch_size, self.threads = dataset, inputs, batch_size, threads
+    def __init__(self, float_path: pathlib.Path, dataset: Dataset, *, metrics: Any = None, tolerance: float,
+                 relative: bool, batch_size: int, threads: int):
         self.tolerance, self.relative = float(tolerance), relative
-        self.float_session = _session(float_path, threads)
-        if not is_classifier(self.float_session):
-            self.metric, self.target, self.base = "cosine", None, 1.0
-            return
-        reference, labels = predict(self.float_session, self._stream())
-        self.metric = "top1" if labels is not None else "agreement"
-        self.target = labels if labels is not None else reference
-        self.base = class_agreement(labels, reference) if labels is not None else 1.0
+        self.judge = Judge(float_path, dataset, metrics=metrics, relative=relative, batch_size=batch_size,
+                           threads=threads)
+        self._bases: dict[str, float] = {}
 
-    def _stream(self) -> Iterator[tuple[Feed, np.ndarray | None]]:
-        return feeds(self.dataset, self.inputs, None, self.batch_size)
+    def score(self, path: pathlib.Path) -> Verdict:
+        """The verdict on the model at ``path`` (its ``drop`` is the largest over the metrics)."""
+        verdict = self.judge.score(path)
+        self._bases.update({m["metric"]: m["base"] for m in verdict.per_metric})
+        return verdict
 
-    def score(self, path: pathlib.Path) -> tuple[float, float]:
-        """(score, drop) of the model at ``path``."""
-        if self.metric == "cosine":
-            value = output_cosine(_session(path, self.threads), self.float_session,
-                                  (feed for feed, _ in self._stream()))
-        else:
-            preds, _ = predict(_session(path, self.threads), self._stream())
-            value = class_agreement(self.target, preds)
-        drop = self.base - value
-        return value, (drop / self.base if self.relative and self.base > 0 else drop)
+    def base(self, metric: str) -> float | None:
+        """The float model's value of ``metric`` (a score name): its score against labels, else 1."""
+        return self._bases.get(metric)
 
-    def met(self, drop: float) -> bool:
-        return drop <= self.tolerance + 1e-12
+    def met(self, drop: float | None) -> bool:
+        return drop is not None and drop <= self.tolerance + 1e-12
 
     def __call__(self, path: pathlib.Path) -> dict:
         """The accuracy record of a latency trial."""
-        value, drop = self.score(path)
-        return {self.metric: round(value, 5), "drop": round(drop, 5), "met": self.met(drop)}
+        verdict = self.score(path)
+        return {**verdict_record(verdict), "met": self.met(verdict.drop)}
 
 
 class AgreementCheck:
-    """The accuracy rule of a latency trial without ``max_accuracy_drop`` (module doc). The floor
-    is set by the first call on ``first`` (the first quantization, scored before any other)."""
+    """The accuracy rule of a latency trial without ``max_accuracy_drop`` (module doc). The floors
+    (one per metric) are set by the first call on ``first`` (the first quantization, scored before
+    any other); a trial meets the rule when every metric is at or above its floor."""
 
-    def __init__(self, float_path: pathlib.Path, dataset: Dataset, inputs: Sequence[InputSpec], *,
-                 first: pathlib.Path, batch_size: int, threads: int):
-        self.dataset, self.inputs, self.batch_size, self.threads = dataset, inputs, batch_size, threads
-        self.first = first
-        self.floor: float | None = None
-        self.float_session = _session(float_path, threads)
-        self.metric = "agreement" if is_classifier(self.float_session) else "cosine"
-        self.reference = self._classes(self.float_session) if self.metric == "agreement" else None
-
-    def _stream(self) -> Iterator[Feed]:
-        return (feed for feed, _ in feeds(self.dataset, self.inputs, AGREEMENT_SAMPLES, self.batch_size))
-
-    def _classes(self, sess: ort.InferenceSession) -> np.ndarray:
-        return predicted_classes(sess, self._stream())
+    def __init__(self, float_path: pathlib.Path, dataset: Dataset, *, metrics: Any = None, first: pathlib.Path,
+                 batch_size: int, threads: int):
+        self.dataset, self.first = dataset, first
+        self.floors: list[float] | None = None
+        self.judge = Judge(float_path, dataset, metrics=metrics, batch_size=batch_size, threads=threads,
+                           limit=AGREEMENT_SAMPLES, use_labels=False)
 
     def __call__(self, path: pathlib.Path) -> dict:
-        sess = _session(path, self.threads)
-        if self.metric == "cosine":
-            value = output_cosine(sess, self.float_session, self._stream())
-        else:
-            value = class_agreement(self.reference, self._classes(sess))
-        if path == self.first and self.floor is None:
-            self.floor = value - AGREEMENT_SLACK
-        return {self.metric: round(value, 5), "data": self.dataset.name,
-                "met": bool(value >= self.floor - 1e-12)}
+        verdict = self.judge.score(path)
+        scores = [m["score"] for m in verdict.per_metric]
+        if path == self.first and self.floors is None:
+            self.floors = [v - AGREEMENT_SLACK for v in scores]
+        met = all(v >= floor - 1e-12 for v, floor in zip(scores, self.floors))
+        return {"metric": verdict.metric, verdict.metric: _round(verdict.score), "data": self.dataset.name,
+                "met": bool(met)}

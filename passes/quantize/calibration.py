@@ -11,20 +11,28 @@ the whole set: their ``collect_data`` keeps every intermediate output of every s
 until it returns. Their ``CalibMaxIntermediateOutputs`` option, meant for this, drops the outputs
 of each full chunk without merging them into the range (MinMaxCalibrater.collect_data), so it is
 not used.
+
+``mse`` is not onnxruntime's: its histogram collector (the entropy calibrator's, finer bins)
+gathers each tensor's values and ranges.py picks the clipping range with the least
+quantize-dequantize error. The result is stored as a minmax cache (a range per tensor), which is
+what ``quantize_static`` reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import pathlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, TensorsData, create_calibrator
+from onnxruntime.quantization.calibrate import (CalibrationDataReader, CalibrationMethod, TensorData, TensorsData,
+                                                create_calibrator)
 
 from deployopt.core.errors import WorkFailed
 from deployopt.core.session import open_session
+from deployopt.passes.quantize import ranges as ranges_lib
 from deployopt.passes.quantize.data import Feed, samples_in
 
 METHODS = {
@@ -32,7 +40,24 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
     "distribution": CalibrationMethod.Distribution,
+    "mse": CalibrationMethod.MinMax,  # the cache holds the searched ranges as plain ranges
 }
+#: What collects the data of each method (mse: onnxruntime's histograms, then ranges.search).
+COLLECTORS = {**METHODS, "mse": CalibrationMethod.Entropy}
+
+
+def histogram_method(method: str) -> str:
+    """The memory model's name for what ``method`` collects (mse: histograms, like entropy)."""
+    return "entropy" if method == "mse" else method
+
+
+@dataclasses.dataclass
+class Activations:
+    """How activations are stored, for the range search: integer range and symmetry."""
+
+    qmin: int
+    qmax: int
+    symmetric: bool
 
 
 class _ChunkReader(CalibrationDataReader):
@@ -46,26 +71,54 @@ class _ChunkReader(CalibrationDataReader):
 
 
 def calibrate(model_path: pathlib.Path, work_dir: pathlib.Path, *, method: str, percentile: float,
-              op_types: Sequence[str], chunks: Iterator[list[Feed]], threads: int) -> TensorsData:
-    """Run one of onnxruntime's calibrators over ``chunks``; memory is bounded by one chunk."""
+              op_types: Sequence[str], chunks: Iterator[list[Feed]], threads: int,
+              activations: Activations | None = None, search: dict | None = None) -> TensorsData:
+    """Run one of onnxruntime's calibrators over ``chunks``; memory is bounded by one chunk.
+    With ``method == 'mse'`` the ranges are searched for ``activations`` and ``search`` receives
+    a summary of the search."""
     options: dict = {}
     if method == "percentile":
         options["percentile"] = percentile
+    if method == "mse":
+        options["num_bins"] = ranges_lib.HIST_BINS
     augmented = work_dir / "augmented.onnx"
     # The calibrators print progress on stdout; the pass reports through its notes instead.
     with contextlib.redirect_stdout(io.StringIO()):
         calibrator = create_calibrator(model_path, list(op_types), augmented_model_path=str(augmented),
-                                       calibrate_method=METHODS[method], extra_options=options)
+                                       calibrate_method=COLLECTORS[method], extra_options=options)
         # Same session as create_calibrator's (no graph optimization), with our thread count.
         calibrator.infer_session = open_session(augmented, threads=threads, optimization_level="disable",
                                                 what="the calibration model")
         for chunk in chunks:
             calibrator.collect_data(_ChunkReader(chunk))
-        ranges = calibrator.compute_data()
+        if method == "mse":
+            collector = calibrator.collector
+            ranges = None if collector is None else searched_ranges(
+                collector.histogram_dict, activations or Activations(0, 255, False), search)
+        else:
+            ranges = calibrator.compute_data()
     del calibrator
     if ranges is None or not len(ranges.data):
         raise WorkFailed("calibration collected no tensor ranges (no calibration batch could be run)")
     return ranges
+
+
+def searched_ranges(histograms: dict, activations: Activations, summary: dict | None = None) -> TensorsData:
+    """The least-error range of every tensor (ranges.search) from onnxruntime's histograms
+    ``{name: (hist, edges, min, max, threshold)}``, as a minmax cache."""
+    data, gains, clipped = {}, [], 0
+    for name, (hist, edges, low, high, *_) in histograms.items():
+        lo, hi, error, minmax = ranges_lib.search(hist, edges, float(low), float(high), activations.qmin,
+                                                  activations.qmax, activations.symmetric)
+        clipped += (lo, hi) != (float(min(low, 0.0)), float(max(high, 0.0)))
+        if error > 0:
+            gains.append(10 * np.log10(minmax / error))
+        data[name] = TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+    if summary is not None:
+        summary.update({"tensors_clipped": clipped, "histogram_bins": ranges_lib.HIST_BINS,
+                        # quantize-dequantize MSE of minmax over the searched range, mean over tensors
+                        "tensor_error_reduction_db": round(float(np.mean(gains)), 2) if gains else 0.0})
+    return TensorsData(CalibrationMethod.MinMax, data)
 
 
 def clamp_to_activations(ranges: TensorsData, bounds: dict[str, tuple[float, float]]) -> int:

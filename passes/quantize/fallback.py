@@ -7,6 +7,9 @@ float already (report.tensor_nodes); trial ``k`` re-quantizes with units ``1..k`
 drop is monotone enough in ``k`` for a doubling search (k = 1, 2, 4, ...) to find a ``k`` that
 meets the tolerance, then a bisection between the last miss and the first hit for the smallest
 one, within ``max_trials`` trials. Without a hit, the trial with the smallest drop is kept.
+
+Each trial is judged by the task metrics (accuracy.py, ``deployopt.measure.judge``): its record
+names the metric with the largest drop, its score and the drop.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import onnx
 
-from deployopt.passes.quantize.accuracy import Scorer
+from deployopt.passes.quantize.accuracy import Scorer, verdict_record
 from deployopt.passes.quantize.report import tensor_nodes
 
 #: ``quantize(float_nodes, path)``: the model re-quantized with ``float_nodes`` kept float.
@@ -100,11 +103,11 @@ class _Search:
         t0 = time.perf_counter()
         nodes = [n for unit in self.units[:k] for n in unit.nodes]
         path = self.trial0 if k == 0 else self.quantize(nodes, self.tmp / f"trial{len(self.trials)}.onnx")
-        value, drop = self.scorer.score(path)
+        verdict = self.scorer.score(path)
         self.paths[k] = path
         self.trials.append({"trial": len(self.trials), "float_nodes": len(nodes), "tensors": k,
-                            self.scorer.metric: round(value, 5), "drop": round(drop, 5),
-                            "met": self.scorer.met(drop), "seconds": round(time.perf_counter() - t0, 2)})
+                            **verdict_record(verdict), "met": self.scorer.met(verdict.drop),
+                            "seconds": round(time.perf_counter() - t0, 2)})
         return self.trials[-1]["met"]
 
 

@@ -1,6 +1,11 @@
 """What the latency search measures: a model against a reference in interleaved rounds, and
 per-node kernel times attributed back to the nodes of the saved model.
 
+Target. Both are measured on the run's target (``benchmark.runtime`` / ``benchmark.ep``, handed
+to the probe from the pass context): int8 that pays off on onnxruntime may not on OpenVINO, so the
+search decides on what will be deployed. Per-node profiles are onnxruntime's only; on another
+runtime the cost model is not built and the timed trials alone decide.
+
 Timing. Both models run ``ROUNDS`` rounds of ``RUNS`` timed runs (after ``WARMUP``), the order
 alternating each round. ``ratio = exp(mean_r log(p50_r(model) / p50_r(reference)))``, the
 geometric mean of the per-round p50 ratios (it cancels drift of the host between rounds), with a
@@ -24,7 +29,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx
 
-from deployopt.core.session import open_session
+from deployopt.measure.runtime import open_runtime
 from deployopt.measure.timing import speedup_interval, time_runs
 from deployopt.passes.quantize.data import Feed
 
@@ -67,18 +72,26 @@ class NodeCosts:
 
 
 class LatencyProbe:
-    """What the search measures, on onnxruntime in this process. Tests substitute a probe with
-    synthetic timings (``QuantizePass.probe``) so that decisions do not depend on a busy host."""
+    """What the search measures, on the target runtime in this process. Tests substitute a probe
+    with synthetic timings (``QuantizePass.probe``) so that decisions do not depend on a busy host."""
+
+    runtime: str = "onnxruntime"
+    ep: str | None = None
+
+    def on_target(self, runtime: str, ep: str | None) -> LatencyProbe:
+        """This probe, measuring on ``runtime``/``ep`` from now on (the pass context's target)."""
+        self.runtime, self.ep = runtime, ep
+        return self
 
     def compare(self, reference: pathlib.Path, model: pathlib.Path, feeds: Feed, threads: int) -> Timing:
-        return measure_latency(reference, model, feeds, threads=threads)
+        return measure_latency(reference, model, feeds, threads=threads, runtime=self.runtime, ep=self.ep)
 
     def profile(self, path: pathlib.Path, proto: onnx.ModelProto, feeds: Feed, threads: int) -> NodeCosts:
         from deployopt.measure.profile import profile_model
 
         prof = profile_model(path, threads=threads, runs=PROFILE_RUNS, warmup=PROFILE_WARMUP,
                              shapes={k: tuple(v.shape) for k, v in feeds.items()},
-                             isolated=False, timeout=None)
+                             isolated=False, timeout=None, runtime=self.runtime, ep=self.ep)
         # Kernel times above the end-to-end latency (coverage > 1) are the profiler's own
         # bookkeeping, a few µs per kernel: take it off every kernel evenly, or graphs with many
         # small kernels (int8 with its Q/DQ) would look slower than they run.
@@ -87,10 +100,12 @@ class LatencyProbe:
 
 
 def measure_latency(reference: pathlib.Path, model: pathlib.Path, feeds: Feed, *, threads: int,
-                    warmup: int = WARMUP, runs: int = RUNS, rounds: int = ROUNDS, seed: int = 0) -> Timing:
-    """Both models timed in interleaved rounds (the order alternates each round), with the
-    harness's session settings and statistics (module doc)."""
-    sessions = [open_session(p, threads=threads, what=f"model {pathlib.Path(p).name}") for p in (reference, model)]
+                    warmup: int = WARMUP, runs: int = RUNS, rounds: int = ROUNDS, seed: int = 0,
+                    runtime: str = "onnxruntime", ep: str | None = None) -> Timing:
+    """Both models timed in interleaved rounds (the order alternates each round) on the target
+    ``runtime``/``ep``, with the harness's session settings and statistics (module doc)."""
+    sessions = [open_runtime(p, runtime, ep, threads=threads, what=f"model {pathlib.Path(p).name}")
+                for p in (reference, model)]
     samples: list[list[np.ndarray]] = [[], []]
     for r in range(rounds):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):

@@ -15,6 +15,22 @@ counts as faster than float when the whole 95% interval of its latency ratio
 the accuracy rule the lowest ratio is kept (when the two lowest overlap, they are timed head to
 head first, and a tie goes to the one with fewer float nodes); with none the float model is
 returned.
+
+Budget (``budget_s``, seconds of wall time from the start of the search). The first timing of
+the first quantization always runs in full, whatever the budget: the search needs it to know
+whether it is needed at all, and its duration is the yardstick of every later stage. Each later
+stage starts only when its predicted duration fits in what is left of the budget: scoring the
+first quantization (it needs room for the two profiles and a timing after it), the two per-node
+profiles (``PROFILE_WARMUP + PROFILE_RUNS`` runs of each model against the first timing's
+``ROUNDS * (WARMUP + RUNS)``, times ``PROFILE_OVERHEAD``), each trial (re-quantization, timing
+and scoring: as long as the last trial, the first one as the first timing and scoring) and the
+head-to-head (one timing).
+When the budget stops the search before any trial, the first quantization alone is judged by
+the rule above (it meets the accuracy rule by construction: it sets the agreement floors, and
+the fallback has already met ``max_accuracy_drop``). Not covered: the first quantization,
+calibration and everything else of the pass before the search, and the writing of the model
+after it. The stages the budget cannot predict, the first scoring and the first
+re-quantization, are the ones that can take the search past it.
 """
 
 from __future__ import annotations
@@ -31,7 +47,8 @@ import onnx
 from deployopt.core.errors import one_line
 from deployopt.passes.quantize.cost_model import CostModel, graph_of
 from deployopt.passes.quantize.data import Feed
-from deployopt.passes.quantize.latency_probe import ROUNDS, RUNS, WARMUP, LatencyProbe
+from deployopt.passes.quantize.latency_probe import (PROFILE_RUNS, PROFILE_WARMUP, ROUNDS, RUNS, WARMUP,
+                                                     LatencyProbe)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +56,8 @@ logger = logging.getLogger(__name__)
 SKIP_SPEEDUP = 1.5
 #: Conversion-cost weights of the min-cut candidates, in the order they are tried.
 LAMBDAS = (1.0, 2.0, 0.5, 4.0, 0.25, 8.0)
+#: A per-node profile runs longer per run than a timing (the profiler records every kernel).
+PROFILE_OVERHEAD = 1.5
 
 #: ``quantize(float_nodes, path)``: the model re-quantized with ``float_nodes`` kept float.
 Quantize = Callable[[list[str], pathlib.Path], pathlib.Path]
@@ -55,6 +74,39 @@ class Outcome:
     trials: list[dict]
     summary: dict
     note: str
+
+
+class _Budget:
+    """What is left of ``budget_s`` since ``start``, and the durations of the stages measured so
+    far, from which the next stage's duration is predicted (module doc)."""
+
+    def __init__(self, start: float, budget_s: float):
+        self.start, self.budget_s = start, budget_s
+        self.seconds: dict[str, float] = {}  # stage -> seconds of its last run
+        self.stopped: str | None = None  # the stage the budget did not afford
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.start
+
+    def measured(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = seconds
+
+    def predict(self, *stages: str) -> float:
+        return sum(self.seconds.get(stage, 0.0) for stage in stages)
+
+    def affords(self, stage: str, seconds: float) -> bool:
+        """Whether ``stage``, predicted to take ``seconds``, fits; if not, the search stops before it."""
+        if self.spent() + seconds <= self.budget_s:
+            return True
+        self.stopped = self.stopped or stage
+        return False
+
+    def summary(self) -> dict:
+        return {"budget_s": self.budget_s, "spent_s": round(self.spent(), 2), "stopped_before": self.stopped}
+
+    def note(self) -> str:
+        return (f"the search stopped before {self.stopped} at latency_budget_s {self.budget_s:g} "
+                f"({self.spent():.1f} s spent)")
 
 
 class _Trials:
@@ -103,11 +155,12 @@ def search(*, float_path: pathlib.Path, trial0: pathlib.Path, pre_proto: onnx.Mo
     onnxruntime leaves unfused inside the graph of the first quantization (not counting the graph
     input's Q and the graph output's DQ).
     """
-    start = time.perf_counter()
+    budget = _Budget(time.perf_counter(), budget_s)
     capable = list(capable)
     trials = _Trials(float_path, feeds, threads, probe, check, {n.name: n.op_type for n in pre_proto.graph.node})
     # The first quantization is scored only once a search follows (it sets the accuracy baseline).
     first = trials.add(trial0, "first quantization", [], None, score=False)
+    budget.measured("timing", first["seconds"])
     base = {"float_p50_ms": first["float_p50_ms"], "first_ratio": first["latency_ratio"],
             "internal_unfused_qdq": internal_unfused, "max_trials": max_trials, "budget_s": budget_s,
             "timing": {"warmup": WARMUP, "runs": RUNS, "rounds": ROUNDS, "threads": threads}}
@@ -115,12 +168,43 @@ def search(*, float_path: pathlib.Path, trial0: pathlib.Path, pre_proto: onnx.Mo
     if why_not is not None:
         return Outcome(trial0, [], trials.records, {**base, "result": "int8", "searched": False, "chosen_trial": 0},
                        why_not)
+    # one profile of each model: PROFILE_WARMUP + PROFILE_RUNS runs, against the timing's runs of both
+    budget.measured("profiles", first["seconds"] * PROFILE_OVERHEAD * (PROFILE_WARMUP + PROFILE_RUNS)
+                    / (ROUNDS * (WARMUP + RUNS)))
+    if not budget.affords("scoring the first quantization", budget.predict("profiles", "timing")):
+        return _stopped_after_first(trials, {**base, "searched": False, "budget": budget.summary()}, budget)
+    t0 = time.perf_counter()
     trials.score(first)
+    budget.measured("scoring", time.perf_counter() - t0)
+    if not budget.affords("the per-node profiles", budget.predict("profiles", "timing", "scoring")):
+        return _stopped_after_first(trials, {**base, "searched": False, "budget": budget.summary()}, budget)
+    t0 = time.perf_counter()
     model, regions = _cost_model(probe, float_path, trial0, pre_proto, qdq0_proto, capable, feeds, threads)
+    budget.measured("profiles", time.perf_counter() - t0)
     if model is not None:
         first["predicted_ratio"] = round(model.cost(model.capable) / model.cost(()), 4)
-        _try_cuts(model, capable, trials, quantize, tmp, max_trials=max_trials, start=start, budget_s=budget_s)
-    return _choose(trials, {**base, "searched": True, **regions})
+        _try_cuts(model, capable, trials, quantize, tmp, max_trials=max_trials, budget=budget)
+    summary = {**base, "searched": True, **regions}
+    outcome = _choose(trials, summary, budget)
+    summary["budget"] = budget.summary()
+    if budget.stopped:
+        outcome.note += f"; {budget.note()}"
+    return outcome
+
+
+def _stopped_after_first(trials: _Trials, summary: dict, budget: _Budget) -> Outcome:
+    """The budget stopped the search before any trial: the first quantization alone, judged by
+    the search's rule (module doc: it meets the accuracy rule by construction)."""
+    first = trials.records[0]
+    if first["faster"] and first.get("met", True):
+        summary.update(result="int8", chosen_trial=0)
+        first["chosen"] = True
+        return Outcome(trials.paths[0], [], trials.records, summary,
+                       f"latency-aware: kept the first quantization ({_ratio_text(first)}); {budget.note()}")
+    summary.update(result="float", chosen_trial=None)
+    return Outcome(None, [], trials.records, summary,
+                   f"latency-aware: the first quantization was not faster than float with confidence "
+                   f"({_ratio_text(first)}); the float model is returned unchanged; {budget.note()}")
 
 
 def _skip_reason(first: dict, internal_unfused: int, min_ms: float) -> str | None:
@@ -159,28 +243,32 @@ def _cost_model(probe: LatencyProbe, float_path: pathlib.Path, trial0: pathlib.P
 
 
 def _try_cuts(model: CostModel, capable: list[str], trials: _Trials, quantize: Quantize, tmp: pathlib.Path, *,
-              max_trials: int, start: float, budget_s: float) -> None:
+              max_trials: int, budget: _Budget) -> None:
     """Quantize, time and score the minimum cut for every weight in ``LAMBDAS`` that gives a new
-    labeling, within ``max_trials`` trials and ``budget_s`` seconds since ``start``."""
+    labeling, within ``max_trials`` trials and the budget (a trial starts only when its predicted
+    re-quantization, timing and scoring fit)."""
     tried = {frozenset(capable)}
     for weight in LAMBDAS:
-        # stop when the next trial (about as long as the last one) would overrun the budget
-        if len(trials.records) >= max_trials or time.perf_counter() - start + trials.records[-1]["seconds"] > budget_s:
+        if len(trials.records) >= max_trials:
             break
         int8 = frozenset(model.cut(weight))
         if int8 in tried or not int8:  # nothing new, or "all float" (the float model itself)
             tried.add(int8)
             continue
         tried.add(int8)
+        predicted = budget.predict("trial") if "trial" in budget.seconds else budget.predict("timing", "scoring")
+        if not budget.affords(f"trial {len(trials.records)}", predicted):
+            break
         excluded = [n for n in capable if n not in int8]
         t0 = time.perf_counter()
         path = quantize(excluded, tmp / f"latency{len(trials.records)}.onnx")
         record = trials.add(path, f"min-cut, conversions x{weight:g}", excluded,
                             round(model.cost(int8) / model.cost(()), 4))
         record["seconds"] = round(time.perf_counter() - t0, 2)  # quantize + time + score
+        budget.measured("trial", record["seconds"])
 
 
-def _choose(trials: _Trials, summary: dict) -> Outcome:
+def _choose(trials: _Trials, summary: dict, budget: _Budget) -> Outcome:
     """The fastest trial that is faster than float and meets the accuracy rule (module doc), or
     the float model."""
     records, first = trials.records, trials.records[0]
@@ -195,7 +283,12 @@ def _choose(trials: _Trials, summary: dict) -> Outcome:
     ranked = sorted(eligible, key=lambda t: t["latency_ratio"])
     chosen = ranked[0]
     if len(ranked) > 1 and ranked[1]["latency_ratio_ci"][0] <= chosen["latency_ratio_ci"][1]:
-        chosen = _head_to_head(trials, chosen, ranked[1], summary)
+        if budget.affords("the head-to-head", budget.predict("timing")):
+            chosen = _head_to_head(trials, chosen, ranked[1], summary)
+        else:  # cannot be told apart without it: the tie rule
+            chosen = min(ranked[:2], key=lambda t: (t["excluded_nodes"], t["latency_ratio"]))
+            summary["head_to_head"] = {"trials": [ranked[0]["trial"], ranked[1]["trial"]],
+                                       "skipped": "latency_budget_s spent; the tie rule chose"}
     chosen["chosen"] = True
     summary.update(result="int8", chosen_trial=chosen["trial"])
     if chosen["trial"] == 0:

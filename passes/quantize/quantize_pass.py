@@ -16,11 +16,15 @@ Flow of ``call``:
    against ``max_memory_mb`` (memory.py: refused when it cannot fit); ``reduce_range`` for this
    CPU (cpu.py).
 2. ``prepare``: constants lifted, nodes named, opset raised, ``quant_pre_process`` (prepare.py).
-3. calibration streamed chunk by chunk into a range cache (calibration.py).
+3. calibration streamed chunk by chunk into a range cache (calibration.py); with
+   ``calibration: mse`` each activation's range is the clipping with the least
+   quantize-dequantize error on its calibration histogram (ranges.py).
 4. the first quantization, by ``quantize_static`` reading that cache, its int8 weights and int32
-   biases refined against float statistics of the calibration data (quantizer.py, refine.py).
+   biases refined against float statistics of the calibration data (quantizer.py, refine.py;
+   ``rounding: adaround`` learns the rounding per layer, rounding.py).
 5. per-tensor SQNR for the report (sqnr.py).
-6. with ``max_accuracy_drop``: the model is scored on data.evaluation and, if it misses, the
+6. with ``max_accuracy_drop``: the model is scored on data.evaluation by the task metrics
+   (accuracy.py: the largest drop of any metric against the float model) and, if it misses, the
    nodes around the most damaging tensors go back to float (fallback.py, ranked by
    sensitivity.py or sqnr.py). A missed tolerance is a failure; the best model is still returned.
 7. with ``latency_aware``: the result is timed against the float model on this CPU, and where
@@ -50,6 +54,7 @@ import onnx
 import onnx_ir as ir
 from onnxruntime.quantization import QuantFormat
 from onnxruntime.quantization.calibrate import save_tensors_data
+from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from deployopt.core.contain import Skipped, best_effort
 from deployopt.core.errors import UserError, WorkFailed
@@ -58,14 +63,15 @@ from deployopt.measure.memory import RssSampler, peak_rss_mb
 from deployopt.passes.base import DeployFunctionalPass
 from deployopt.passes.quantize import fallback, latency_search, memory
 from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck, Scorer
-from deployopt.passes.quantize.calibration import METHODS, calibrate, chunked, clamp_to_activations
+from deployopt.passes.quantize.calibration import (METHODS, Activations, calibrate, chunked,
+                                                   clamp_to_activations, histogram_method)
 from deployopt.passes.quantize.cpu import auto_reduce_range
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, model_inputs, samples_in, scan
 from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
 from deployopt.passes.quantize.latency_probe import LatencyProbe
 from deployopt.passes.quantize.prepare import MIN_OPSET, PER_CHANNEL_OPSET, Prepared, matching_nodes, prepare
 from deployopt.passes.quantize.quantizer import QUANT_TYPES, Quantizer
-from deployopt.passes.quantize.refine import DAMP, MAX_COLUMNS, Refiner
+from deployopt.passes.quantize.refine import DAMP, MAX_COLUMNS, Refiner, Rounding
 from deployopt.passes.quantize.report import (QUANTIZABLE, activation_bounds, already_quantized, int8_nodes,
                                               node_accounting)
 from deployopt.passes.quantize.sensitivity import most_sensitive, tensor_sensitivity
@@ -94,7 +100,8 @@ class QuantizePass(DeployFunctionalPass):
     # tools: the step guard is on by default here.
     min_step_speedup: float | None = setting(1.0, low=0, low_open=True)
 
-    calibration: Literal["minmax", "percentile", "entropy", "distribution"] = "minmax"
+    # mse: per-tensor clipping range with the least quantize-dequantize error (ranges.py)
+    calibration: Literal["minmax", "percentile", "entropy", "distribution", "mse"] = "minmax"
     percentile: float = setting(99.999, low=0, high=100, low_open=True)  # for calibration: percentile
     per_channel: bool = True
     symmetric_activations: bool = False
@@ -107,7 +114,11 @@ class QuantizePass(DeployFunctionalPass):
     exclude_nodes: list[str] = setting(default_factory=list)  # names or regexes
     samples: int = setting(256, low=1)  # calibration samples used (at most)
     batch_size: int = setting(8, low=1, high=4096)
-    rounding: Literal["gptq", "nearest"] = "gptq"  # gptq (error-compensating, refine.py) | nearest (onnxruntime's)
+    # gptq (error-compensating, refine.py) | adaround (learned, rounding.py; per layer the better of it
+    # and gptq) | nearest (onnxruntime's)
+    rounding: Literal["gptq", "nearest", "adaround"] = "gptq"
+    adaround_iterations: int = setting(1000, low=50, high=100_000)  # per layer, at most
+    adaround_budget_s: float = setting(300.0, low=0, low_open=True)  # wall time AdaRound may spend on all layers
     bias_correction: bool = True  # remove the output-mean shift the int8 weights cause
     refine_samples: int = setting(64, low=1)  # calibration samples whose float statistics drive both
     max_accuracy_drop: float | None = setting(None, low=0, high=1)  # None: no evaluation, no fallback
@@ -220,9 +231,9 @@ class QuantizePass(DeployFunctionalPass):
         shapes = {k: v.shape for k, v in feed.items()}
         per_feed = samples_in(feed)
         work = memory.Workload(
-            method=self.calibration, run_samples=fixed or self.batch_size, batch_size=self.batch_size,
+            method=histogram_method(self.calibration), run_samples=fixed or self.batch_size, batch_size=self.batch_size,
             sqnr_samples=fixed or min(self.batch_size, SQNR_BATCH),
-            fixed_batch=fixed > 0, refine=self.rounding == "gptq" or self.bias_correction, max_columns=MAX_COLUMNS)
+            fixed_batch=fixed > 0, refine=self.rounding != "nearest" or self.bias_correction, max_columns=MAX_COLUMNS)
         budget = self.max_memory_mb if self.max_memory_mb is not None else memory.default_budget_mb()
         est = memory.estimate(proto, shapes, work, budget, samples_per_shape=per_feed)
         self.details["memory"] = est.to_json(budget)
@@ -272,10 +283,11 @@ class QuantizePass(DeployFunctionalPass):
         ctx = self.context
         start = time.perf_counter()
         stream = feeds(ctx.calibration, prepared.inputs, self.samples, self.batch_size)
+        search: dict = {}
         with RssSampler() as rss:
             ranges = calibrate(prepared.path, folder, method=self.calibration, percentile=self.percentile,
                                op_types=self._op_types(), chunks=chunked(stream, self._chunk_samples),
-                               threads=ctx.threads)
+                               threads=ctx.threads, activations=self._activation_grid(), search=search)
         clamped = clamp_to_activations(ranges, activation_bounds(prepared.proto))
         if clamped:
             self.note(f"{clamped} calibration ranges of Relu/Clip outputs clamped to the activation's "
@@ -295,9 +307,20 @@ class QuantizePass(DeployFunctionalPass):
             "process_peak_rss_mb": round(peak_rss_mb(), 1)}
         if self.calibration == "percentile":
             self.details["calibration"]["percentile"] = self.percentile
+        if search:
+            self.details["calibration"]["range_search"] = search
+            self.note(f"range search: {search['tensors_clipped']} of {len(ranges.data)} activation ranges "
+                      f"clipped inside minmax; quantize-dequantize error "
+                      f"{search['tensor_error_reduction_db']:.1f} dB below minmax (mean)")
         self.note(f"calibrated {len(ranges.data)} tensors with {self.calibration} on {n_cal} samples "
                   f"of '{ctx.calibration.name}' in {seconds:.1f} s")
         return cache
+
+    def _activation_grid(self) -> Activations:
+        """The integer range and symmetry of activations, as onnxruntime's quantizer sets them."""
+        qmin, qmax = get_qmin_qmax_for_qType(QUANT_TYPES[self.activation_type].tensor_type,
+                                             symmetric=self.symmetric_activations)
+        return Activations(int(qmin), int(qmax), self.symmetric_activations)
 
     # -- 4. quantization --------------------------------------------------------------------------
     def _static_options(self, reduce_range: bool) -> dict:
@@ -315,7 +338,8 @@ class QuantizePass(DeployFunctionalPass):
         return Refiner(
             prepared.path, self.context.calibration, prepared.inputs,
             samples=min(self.refine_samples, self.samples), batch_size=self.batch_size,
-            threads=self.context.threads, rounding=self.rounding, bias_correction=self.bias_correction,
+            threads=self.context.threads, bias_correction=self.bias_correction,
+            rounding=Rounding(self.rounding, iterations=self.adaround_iterations, budget_s=self.adaround_budget_s),
             damp=DAMP, reduce_range=reduce_range, symmetric=self.symmetric_weights)
 
     # -- 5. SQNR ----------------------------------------------------------------------------------
@@ -355,8 +379,9 @@ class QuantizePass(DeployFunctionalPass):
         """The max_accuracy_drop rule on data.evaluation (None without max_accuracy_drop)."""
         if self.max_accuracy_drop is None:
             return None
-        return Scorer(prepared.path, self.context.evaluation, prepared.inputs, tolerance=self.max_accuracy_drop,
-                      relative=self.relative, batch_size=self.batch_size, threads=self.context.threads)
+        return Scorer(prepared.path, self.context.evaluation, metrics=self.context.metrics,
+                      tolerance=self.max_accuracy_drop, relative=self.relative, batch_size=self.batch_size,
+                      threads=self.context.threads)
 
     def _fallback(self, prepared: Prepared, trial0: pathlib.Path, ranked: list[dict], quantizer: Quantizer,
                   scorer: Scorer, folder: pathlib.Path) -> fallback.Fallback:
@@ -366,13 +391,15 @@ class QuantizePass(DeployFunctionalPass):
         chosen = fallback.search(trial0, rank, float_proto=prepared.proto, already_float=quantizer.float_nodes,
                                  quantize=quantizer, scorer=scorer, max_trials=self.max_trials, tmp=folder)
         best, nodes, tol = chosen.best, chosen.nodes(), scorer.tolerance
+        metric, base = best["metric"], scorer.base(best["metric"])
         self.details["fallback"] = {
-            "max_accuracy_drop": tol, "relative": self.relative, "metric": scorer.metric,
-            "evaluation": self.context.evaluation.name, "float_" + scorer.metric: round(scorer.base, 5),
+            "max_accuracy_drop": tol, "relative": self.relative, "metric": metric,
+            "evaluation": self.context.evaluation.name, "float_" + metric: None if base is None else round(base, 5),
             "trials": chosen.trials, "chosen_trial": best["trial"], "met": best["met"],
             "nodes_to_float": nodes}
         if not best["met"]:
-            self.fail(f"quantize: max_accuracy_drop not met after {len(chosen.trials)} trials: best drop "
+            what = "drop" if metric in ("top1", "agreement") else f"{metric} drop"  # a classifier's, as always
+            self.fail(f"quantize: max_accuracy_drop not met after {len(chosen.trials)} trials: best {what} "
                       f"{best['drop']:.4f} > {tol} ({len(nodes)} nodes in float)")
             self.note(self.failure)
         elif chosen.chosen:
@@ -421,7 +448,8 @@ class QuantizePass(DeployFunctionalPass):
         feed = next(feeds(ctx.calibration, prepared.inputs, fixed, fixed))[0]  # one sample (or one fixed batch)
         outcome = latency_search.search(
             float_path=prepared.float_path, trial0=best, pre_proto=prepared.proto, qdq0_proto=best_proto,
-            capable=capable, feeds=feed, threads=ctx.threads, probe=self.probe, quantize=quantizer,
+            capable=capable, feeds=feed, threads=ctx.threads, probe=self.probe.on_target(ctx.runtime, ctx.ep),
+            quantize=quantizer,
             check=self._latency_check(prepared, best, scorer),
             internal_unfused=internal_unfused(self.details["ort_optimized"], best_proto),
             max_trials=self.max_trials, budget_s=self.latency_budget_s, min_ms=self.latency_min_ms, tmp=folder)
@@ -443,7 +471,7 @@ class QuantizePass(DeployFunctionalPass):
             return scorer
         ctx = self.context
         data = ctx.evaluation if ctx.evaluation is not None else ctx.calibration
-        return AgreementCheck(prepared.path, data, prepared.inputs, first=first, batch_size=self.batch_size,
+        return AgreementCheck(prepared.path, data, metrics=ctx.metrics, first=first, batch_size=self.batch_size,
                               threads=ctx.threads)
 
     # -- 8. summary -------------------------------------------------------------------------------
@@ -462,10 +490,12 @@ class QuantizePass(DeployFunctionalPass):
                       f"{ort_opt['unfused_quantize_linear']} QuantizeLinear / "
                       f"{ort_opt['unfused_dequantize_linear']} DequantizeLinear left unfused")
         r = d.get("refinement")
-        if r and r.get("layers_gptq", 0) + r.get("biases_corrected", 0):
-            self.note(f"weights refined on {r['samples']} calibration samples: {r['layers_gptq']} layers "
-                      f"rounded by GPTQ ({r['layers_nearest']} to nearest), {r['biases_corrected']} biases "
-                      f"corrected; GPTQ layers' output error from int8 weights "
+        learned = r.get("adaround", {}).get("layers_adaround", 0) if r else 0
+        if r and r.get("layers_gptq", 0) + learned + r.get("biases_corrected", 0):
+            by_adaround = f"{learned} by AdaRound, " if "adaround" in r else ""
+            self.note(f"weights refined on {r['samples']} calibration samples: {by_adaround}{r['layers_gptq']} "
+                      f"layers rounded by GPTQ ({r['layers_nearest']} to nearest), {r['biases_corrected']} "
+                      f"biases corrected; refined layers' output error from int8 weights "
                       f"{r['weight_output_error_reduction_db']:.1f} dB below round-to-nearest (mean)")
         for entry in d["float_nodes"][:20]:
             self.note(f"float: {entry['node']} ({entry['op_type']}): {entry['reason']}")

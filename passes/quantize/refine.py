@@ -1,4 +1,5 @@
-"""Weight refinement after QDQ insertion: error-compensating rounding (GPTQ) and bias correction.
+"""Weight refinement after QDQ insertion: error-compensating (GPTQ) or learned (AdaRound) rounding
+and bias correction.
 
 onnxruntime's quantizer rounds every weight to the nearest grid point, ``q = round(w / s)``.
 Each rounding error is small, but a layer's output error is their weighted sum, and on networks
@@ -22,6 +23,10 @@ model on calibration data we keep, per layer and group, ``H = E[x xᵀ]`` and ``
    compensation would fit the calibration samples, not the distribution), and one wider than
    ``MAX_COLUMNS`` (``K²`` memory and time; its errors average over many inputs anyway). A layer
    where GPTQ's error on the calibration statistics is not below nearest's keeps nearest.
+   With ``rounding: adaround`` each layer GPTQ applies to is also rounded by AdaRound
+   (rounding.py: every weight to the floor or ceiling of ``w / s``, learned on the same ``H``) and
+   keeps whichever of the two has the lower error ``Σ Δw H Δwᵀ``. GPTQ can move a weight several
+   grid steps to absorb its neighbours' errors, AdaRound only one, so neither wins everywhere.
 2. Bias correction (empirical form): whatever the rounding, the output mean moves by
    ``E[Δy] = ΔW m``; it is removed from the int32 bias: ``b_q -= round(ΔW m / s_b)``. Using the
    mean patch ``m`` (not per-channel means) accounts for zero padding at the borders exactly.
@@ -49,6 +54,7 @@ from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from deployopt.core.data import Dataset
 from deployopt.core.session import open_session
+from deployopt.passes.quantize import rounding as rounding_lib
 from deployopt.passes.reconstruct import conv_output_size, conv_pads, conv_patches
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, samples_in
 
@@ -229,8 +235,8 @@ def gptq(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, qmin: int, qma
 
 
 def _gptq_unfit(rounding: str, stats: Stats, columns: int) -> str | None:
-    """Why a layer is rounded to nearest rather than by GPTQ (None: GPTQ applies)."""
-    if rounding != "gptq":
+    """Why a layer is rounded to nearest rather than by GPTQ or AdaRound (None: they apply)."""
+    if rounding == "nearest":
         return "rounding: nearest"
     if stats.gram is None:
         return f"{columns} columns > {MAX_COLUMNS} (MAX_COLUMNS)"
@@ -289,16 +295,67 @@ def _correct_bias(proto: onnx.ModelProto, node: onnx.NodeProto, shift: np.ndarra
 _INT32 = (np.iinfo(np.int32).min, np.iinfo(np.int32).max)
 
 
-def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats], *, rounding: str,
-           bias_correction: bool, damp: float, reduce_range: bool, symmetric: bool) -> dict:
-    """Rewrite the int8 weights (``rounding == 'gptq'``) and int32 biases (``bias_correction``)
-    of the QDQ model at ``qdq_path`` in place. Returns a summary for the report."""
+@dataclasses.dataclass
+class Rounding:
+    """How the integer weights are chosen: ``nearest`` (onnxruntime's), ``gptq``, or ``adaround``
+    (rounding.py: learned per layer, within ``iterations`` and a wall-time ``budget_s`` for all
+    layers; each layer keeps whichever of AdaRound, GPTQ and nearest has the lowest output error
+    on the calibration statistics)."""
+
+    method: str = "gptq"
+    iterations: int = 1000
+    reg: float = rounding_lib.REG
+    budget_s: float = 300.0
+
+
+def _candidates(layer: Layer, st: Stats, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int,
+                rounding: Rounding, damp: float, budget: rounding_lib.Budget | None,
+                cache: dict) -> tuple[dict[str, np.ndarray], str | None]:
+    """Integer weights (G, R, K) by each applicable method, and why the layer stays nearest."""
+    found: dict[str, np.ndarray] = {}
+    why = _gptq_unfit(rounding.method, st, layer.weight.shape[2])
+    if why is not None:
+        return found, why
+    try:
+        found["gptq"] = gptq(layer.weight, scale, zero, qmin, qmax, st.hessian, damp)
+    except np.linalg.LinAlgError:
+        why = "H + λI is not positive definite in floating point"
+    if rounding.method != "adaround":
+        return found, why
+    key = (layer.node, scale.tobytes(), zero.tobytes(), qmin, qmax)
+    if key not in cache:  # trials re-quantize with the same scales: learned once
+        layer_cost = rounding_lib.cost(layer.weight.shape)
+        outcome = rounding_lib.adaround(layer.weight, scale, zero, qmin, qmax, rounding_lib.damped(st.hessian, damp),
+                                        iterations=rounding.iterations, reg=rounding.reg,
+                                        seconds=budget.share(layer_cost) if budget else None)
+        if budget:
+            budget.charge(layer_cost, outcome.seconds)
+        cache[key] = outcome
+    outcome = cache[key]
+    if outcome.q is not None:
+        found["adaround"] = outcome.q
+    return found, why
+
+
+def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats], *, rounding: Rounding,
+           bias_correction: bool, damp: float, reduce_range: bool, symmetric: bool,
+           learned: dict | None = None) -> dict:
+    """Rewrite the int8 weights (``rounding.method`` gptq or adaround) and int32 biases
+    (``bias_correction``) of the QDQ model at ``qdq_path`` in place. ``learned`` caches AdaRound's
+    results across calls. Returns a summary for the report."""
     proto = onnx.load(str(qdq_path))
     init = {t.name: t for t in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
     nodes = {n.name: n for n in proto.graph.node}
+    learned = {} if learned is None else learned
+    done = {key[0] for key in learned}
+    to_learn = [layer.weight.shape for layer in layers if layer.node not in done
+                and _gptq_unfit(rounding.method, stats[layer.node], layer.weight.shape[2]) is None]
+    budget = rounding_lib.Budget(rounding.budget_s, sum(map(rounding_lib.cost, to_learn))) \
+        if rounding.method == "adaround" else None
     gains = []
-    gptq_layers, nearest, corrected = [], {}, 0
+    chosen: dict[str, list[str]] = {"gptq": [], "adaround": []}
+    nearest, corrected = {}, 0
     for layer in layers:
         node = nodes.get(layer.node)
         if node is None or producer.get(node.input[1]) is None:
@@ -315,29 +372,29 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
         scale, zero = np.broadcast_to(scale, (g * r,)).reshape(g, r), np.broadcast_to(zero, (g * r,)).reshape(g, r)
         rows = (q.T if layer.transposed else q).reshape(g, r, k).astype(np.float64)
         st = stats[layer.node]
-        hessian = st.hessian
         delta = scale[:, :, None] * (rows - zero[:, :, None]) - layer.weight
-        refined, why = None, _gptq_unfit(rounding, st, k)
-        if why is None:
-            qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(q_tensor.data_type, reduce_range, symmetric))
-            try:
-                refined = gptq(layer.weight, scale, zero, qmin, qmax, hessian, damp)
-            except np.linalg.LinAlgError:
-                why = "H + λI is not positive definite in floating point"
-        if refined is not None:
+        qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(q_tensor.data_type, reduce_range, symmetric))
+        found, why = _candidates(layer, st, scale, zero, qmin, qmax, rounding, damp, budget, learned)
+        best, best_error = None, None
+        if found:
+            hessian = st.hessian
             error_nearest = _output_error(delta, hessian)
-            refined_delta = scale[:, :, None] * (refined - zero[:, :, None]) - layer.weight
-            error_refined = _output_error(refined_delta, hessian)
-            if error_refined >= error_nearest:  # never worse than nearest on the calibration data
-                refined, why = None, "GPTQ was not better than nearest on the calibration data"
-        if refined is not None:
-            delta = refined_delta
+            errors = {m: _output_error(scale[:, :, None] * (v - zero[:, :, None]) - layer.weight, hessian)
+                      for m, v in found.items()}
+            best = min(errors, key=errors.get)
+            best_error = errors[best]
+            if best_error >= error_nearest:  # never worse than nearest on the calibration data
+                best, why = None, f"{' and '.join(found).replace('gptq', 'GPTQ').replace('adaround', 'AdaRound')} " \
+                                  "not better than nearest on the calibration data"
+        if best is not None:
+            refined = found[best]
+            delta = scale[:, :, None] * (refined - zero[:, :, None]) - layer.weight
             new = refined.reshape(r * g, k)
             new = (new.T if layer.transposed else new).reshape(q.shape).astype(q.dtype)
             q_tensor.CopyFrom(numpy_helper.from_array(new, q_tensor.name))
-            gptq_layers.append(layer.node)
-            if error_refined > 0:
-                gains.append(10 * np.log10(error_nearest / error_refined))
+            chosen[best].append(layer.node)
+            if best_error > 0:
+                gains.append(10 * np.log10(error_nearest / best_error))
         else:
             nearest[layer.node] = why
         if bias_correction:
@@ -345,24 +402,36 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
             if _correct_bias(proto, node, shift, init, producer):
                 corrected += 1
     onnx.save(proto, str(qdq_path))
-    return {"rounding": rounding, "bias_correction": bias_correction,
-            "layers_gptq": len(gptq_layers), "layers_nearest": len(nearest),
-            "nearest": nearest if rounding == "gptq" else {}, "biases_corrected": corrected,
-            # E‖ΔW x‖² on the calibration data, round-to-nearest over GPTQ, mean over GPTQ layers
-            "weight_output_error_reduction_db": round(float(np.mean(gains)), 2) if gains else 0.0}
+    summary = {"rounding": rounding.method, "bias_correction": bias_correction,
+               "layers_gptq": len(chosen["gptq"]), "layers_nearest": len(nearest),
+               "nearest": nearest if rounding.method != "nearest" else {}, "biases_corrected": corrected,
+               # E‖ΔW x‖² on the calibration data, round-to-nearest over the rounding kept, mean over
+               # the layers not left to nearest
+               "weight_output_error_reduction_db": round(float(np.mean(gains)), 2) if gains else 0.0}
+    if rounding.method == "adaround":
+        outcomes = [o for o in learned.values() if isinstance(o, rounding_lib.Outcome)]
+        summary["adaround"] = {
+            "layers_adaround": len(chosen["adaround"]), "adaround_layers": chosen["adaround"],
+            "layers_learned": sum(o.q is not None for o in outcomes),
+            "iterations": rounding.iterations, "reg": rounding.reg, "budget_s": rounding.budget_s,
+            "mean_iterations": round(float(np.mean([o.iterations for o in outcomes])), 1) if outcomes else 0.0,
+            "seconds": round(sum(o.seconds for o in outcomes), 2),
+            "not_learned": {k[0]: o.reason for k, o in learned.items() if o.q is None and o.reason}}
+    return summary
 
 
 class Refiner:
     """Float statistics collected once (lazily), applied to every quantized trial."""
 
     def __init__(self, float_path: pathlib.Path, dataset: Dataset, inputs: Sequence[InputSpec], *,
-                 samples: int, batch_size: int, threads: int, rounding: str, bias_correction: bool,
+                 samples: int, batch_size: int, threads: int, rounding: Rounding, bias_correction: bool,
                  damp: float, reduce_range: bool, symmetric: bool):
         self.float_path, self.dataset, self.inputs = float_path, dataset, inputs
         self.samples, self.batch_size, self.threads = samples, batch_size, threads
         self.options = dict(rounding=rounding, bias_correction=bias_correction, damp=damp,
                             reduce_range=reduce_range, symmetric=symmetric)
         self.layers: list[Layer] | None = None
+        self.learned: dict = {}  # AdaRound's results by layer and grid, reused by every trial
         self.stats: dict[str, Stats] = {}
         self.skipped: dict[str, str] = {}
         self.seconds_stats = 0.0
@@ -382,7 +451,7 @@ class Refiner:
             self.seconds_stats = time.perf_counter() - t0
         if not self.layers:
             return {"layers_gptq": 0, "layers_nearest": 0, "biases_corrected": 0, "skipped": self.skipped}
-        summary = refine(qdq_path, self.layers, self.stats, **self.options)
+        summary = refine(qdq_path, self.layers, self.stats, learned=self.learned, **self.options)
         summary["samples"] = self.samples_seen
         summary["statistics_seconds"] = round(self.seconds_stats, 2)
         if self.skipped:

@@ -58,6 +58,8 @@ class Dataset(abc.ABC):
     sample_shapes: dict[str, tuple[int, ...]] | None = None
     num_classes: int | None = None
     class_names: list[str] | None = None
+    #: The spec's task labels file, resolved (read by the detection/segmentation/sequence metrics).
+    label_file: str | None = None
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -232,5 +234,11 @@ def open_dataset(spec: str | Mapping[str, Any], *, input_shape: Sequence[Any] | 
     if len(indices) == 0:
         raise UserError(f"dataset {name!r} is empty"
                         + (f" (split {checked.split} of {source.n} samples)" if source.n else ""))
-    return StreamingDataset(source, indices, preprocess, name=name, sample_shape=sample_shape,
-                            num_classes=num_classes, class_names=class_names)
+    dataset = StreamingDataset(source, indices, preprocess, name=name, sample_shape=sample_shape,
+                               num_classes=num_classes, class_names=class_names)
+    if checked.labels is not None:
+        labels = pathlib.Path(base_dir or ".") / pathlib.Path(checked.labels).expanduser()
+        if not labels.exists():
+            raise UserError(f"labels: {labels}: no such file or folder")
+        dataset.label_file = str(labels)
+    return dataset

@@ -47,6 +47,7 @@ class MultiInputDataset(Dataset):
         first = next(iter(streams.values()))
         self._first = first
         self.labeled, self.num_classes, self.class_names = first.labeled, first.num_classes, first.class_names
+        self.label_file = first.label_file  # the task labels file of the spec, if any
         self.sample_shape = first.sample_shape
         self.sample_shapes = {n: tuple(streams[n].sample_shape) if n in streams else tuple(constants[n].shape)
                               for n in self.order}

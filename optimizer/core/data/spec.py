@@ -13,8 +13,10 @@ for arrays that are already preprocessed), ``limit`` (keep the first N), ``split
 (``all|train|test``), ``shuffle`` (permute with the caller's seed before ``limit``), and
 ``constants`` (for a model with several inputs: a value per input name that the dataset does not
 feed, repeated for every sample, e.g. ``{im_shape: [[800, 608]], scale_factor: [[1.0, 1.0]]}``;
-a leading dimension of 1 is the batch). In a string only preset names can be given; custom
-preprocessing and constants need the mapping form.
+a leading dimension of 1 is the batch), and ``labels`` (the task labels file of the data, for the
+metric that reads one: a COCO JSON for detection, a mask folder for segmentation, a text file for
+sequences; relative paths resolve like the data's). In a string only preset names can be given;
+custom preprocessing, constants and labels need the mapping form.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class DatasetSpec(Settings):
     shuffle: bool = False
     constants: dict[str, float | list[float] | list[list[float]]] | None = setting(
         None, min_len=1, low=-math.inf, high=math.inf, low_open=True, high_open=True)
+    labels: str | None = None  # the task labels file (COCO JSON, mask folder, text file)
 
     @property
     def kind(self) -> str:
@@ -91,7 +94,7 @@ class DatasetSpec(Settings):
 
 
 DATASET_KEYS = tuple(f.name for f in setting_fields(DatasetSpec))
-_STRING_KEYS = tuple(k for k in DATASET_KEYS[1:] if k != "constants")  # what a spec string may set
+_STRING_KEYS = tuple(k for k in DATASET_KEYS[1:] if k not in ("constants", "labels"))  # what a spec string may set
 # How option text in a spec string reads as the field's type; text that does not read stays a
 # string, which the settings check then refuses with the expected type.
 _FROM_TEXT = {

@@ -75,10 +75,8 @@ class DetectionMetric(Metric):
             self.layout = B.detect_layout([s if _known(s) else (1, *s[1:]) for s in chosen])
             if self.layout is None:
                 raise does_not_fit(self.kind, names[0], chosen[0], NEEDS + "; set layout when the shape is ambiguous")
-        if self.layout == "gfl":
+        if self.layout == "gfl":  # the input's height and width come with the data (decode needs them)
             B.gfl_split(names, [s if _known(s) else (1, *s[1:]) for s in chosen])
-            if self.input_hw is None:
-                raise UserError("metric detection: layout gfl needs the model input's height and width")
 
     def _scores(self, x: np.ndarray) -> np.ndarray:
         if self.activation is None:
@@ -99,6 +97,8 @@ class DetectionMetric(Metric):
         if self.layout == "gfl":
             names = self.outputs or [f"output {i}" for i in range(len(arrays))]
             score_idx, dist_idx = B.gfl_split(names, [a.shape for a in arrays])
+            if self.input_hw is None:
+                raise UserError("metric detection: layout gfl needs the model input's height and width")
             height, width = self.input_hw
             try:
                 strides = B.gfl_strides([arrays[i].shape[1] for i in score_idx], height, width)

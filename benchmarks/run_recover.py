@@ -1,0 +1,298 @@
+"""Published numbers for the ``recover`` pass: channel-pruned ImageNet models fine-tuned against
+their unpruned selves, with and without int8.
+
+    .venv/bin/python -m benchmarks.run_recover [--quick] [--models mobilenet_v2,efficientnet_lite0]
+        [--keeps 0.9,0.75,0.5] [--epochs 4] [--max-seconds 900] [--crops 24] [--runs 30]
+        [--rounds 3] [--out benchmarks/results/recover.md]
+
+``--quick``: MobileNetV2 at keep 0.75 only, 2 epochs (the row the target is about).
+
+1. MobileNetV2 and EfficientNet-Lite0 with their real ImageNet weights (``deployopt.models``,
+   offline packages), exported at 1x3x224x224 with a dynamic batch: the fp32 reference.
+2. Training images, none of them in the held-out sets: scikit-learn's photos (china, flower),
+   matplotlib's grace_hopper, scikit-image's other pictures (retina, hubble deep field, grass,
+   gravel, brick, color, ihc, camera, coins, moon, page, text, clock_motion), the foolbox CIFAR
+   thumbnails and the first 50 faces of scikit-image's lfw_subset; ``--crops`` random square
+   crops of each of the large pictures (seeded), written as PNGs and read back through the
+   model's preprocessing preset (``folder:`` dataset). The same images calibrate
+   ``channel_prune`` (reconstruction) and ``quantize``.
+3. Per keep: ``ChannelPrunePass(keep)`` (defaults: l1, reconstruction), then ``RecoverPass``
+   (its defaults, ``max_epochs`` and ``max_seconds`` from the flags; early stopping on a tenth
+   of the training images), and ``QuantizePass()`` (defaults) on each.
+4. Held-out: agreement and KL vs fp32 on the 440 'photos' crops of the train split (the demo's
+   fidelity set: scikit-image photos and the ImageNet samples), top-1 on the 20 labelled
+   'imagenet-samples' (``deployopt.measure.accuracy``); latency ratio vs fp32 with a bootstrap
+   95% interval (``deployopt.measure.latency.compare``: worker processes, interleaved rounds,
+   1 thread, batch 1); MACs and file size (``deployopt.core.stats``).
+
+Writes ``--out`` (command, machine stamp, table) and a Pareto plot (latency ratio vs agreement)
+next to it, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shlex
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from deployopt.measure import machine  # noqa: E402
+
+SHAPE = (1, 3, 224, 224)
+PRESET = {"mobilenet_v2": "imagenet", "efficientnet_lite0": "efficientnet-lite"}
+TARGET = {"arch": "mobilenet_v2", "keep": 0.75, "speedup": 3.0, "agreement": 0.90}
+SKIMAGE = ("retina.jpg", "hubble_deep_field.jpg", "grass.png", "gravel.png", "brick.png", "color.png",
+           "ihc.png", "camera.png", "coins.png", "moon.png", "page.png", "text.png", "clock_motion.png")
+LFW_FACES = 50
+
+
+def _training_images() -> list:
+    """(name, PIL image) of every training picture (module docstring, step 2)."""
+    import matplotlib
+    import sklearn.datasets
+    import skimage
+    from PIL import Image
+
+    pictures = []
+    sk_images = pathlib.Path(sklearn.datasets.__file__).parent / "images"
+    for name in ("china.jpg", "flower.jpg"):
+        pictures.append((name, Image.open(sk_images / name).convert("RGB")))
+    pictures.append(("grace_hopper.jpg", Image.open(pathlib.Path(matplotlib.get_data_path()) / "sample_data" /
+                                                    "grace_hopper.jpg").convert("RGB")))
+    sk_data = pathlib.Path(skimage.__file__).parent / "data"
+    for name in SKIMAGE:
+        pictures.append((name, Image.open(sk_data / name).convert("RGB")))
+    return pictures
+
+
+def _small_images() -> list:
+    """CIFAR thumbnails of foolbox and lfw faces: used whole (upscaled by the preprocessing)."""
+    import importlib.util
+
+    from PIL import Image
+
+    small = []
+    spec = importlib.util.find_spec("foolbox")
+    if spec is not None and spec.submodule_search_locations:
+        folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "data"
+        for path in sorted(folder.glob("cifar*.png")):
+            small.append((path.name, Image.open(path).convert("RGB")))
+    import skimage
+
+    faces = np.load(pathlib.Path(skimage.__file__).parent / "data" / "lfw_subset.npy")[:LFW_FACES]
+    for i, face in enumerate(faces):
+        grey = (np.clip(face, 0, 1) * 255).astype(np.uint8)
+        small.append((f"lfw_{i:03d}.png", Image.fromarray(grey).convert("RGB")))
+    return small
+
+
+def write_training_folder(folder: pathlib.Path, crops: int, seed: int = 0) -> int:
+    """Random square crops (side 35-100% of the short side) of the large pictures, plus the
+    small ones whole, as PNGs in ``folder``; returns how many files."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for name, image in _training_images():
+        w, h = image.size
+        for k in range(crops):
+            side = int(min(w, h) * rng.uniform(0.35, 1.0))
+            left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = image.crop((left, top, left + side, top + side)).resize((256, 256))
+            crop.save(folder / f"{pathlib.Path(name).stem}_{k:03d}.png")
+            count += 1
+    for name, image in _small_images():
+        image.resize((256, 256)).save(folder / name)
+        count += 1
+    return count
+
+
+# -- one architecture --------------------------------------------------------------------------
+
+def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folder: pathlib.Path) -> dict:
+    from deployopt import models
+    from deployopt.core import io
+    from deployopt.core.data import open_dataset
+    from deployopt.core.stats import model_stats
+    from deployopt.measure.accuracy import evaluate
+    from deployopt.measure.latency import compare
+    from deployopt.models.export import export_model
+    from deployopt.passes.channel_prune import ChannelPrunePass
+    from deployopt.passes.context import PassContext
+    from deployopt.passes.quantize import QuantizePass
+    from deployopt.passes.recover import RecoverPass
+
+    preset = PRESET[arch]
+    fp32 = tmp / f"{arch}.onnx"
+    export_model(models.build(arch, pretrained=True), fp32, SHAPE, dynamic_batch=True)
+    training = open_dataset({"dataset": f"folder:{train_folder}", "preprocess": preset}, input_shape=SHAPE)
+    fidelity = open_dataset({"dataset": "photos", "split": "train", "preprocess": preset}, input_shape=SHAPE)
+    labelled = open_dataset({"dataset": "imagenet-samples", "preprocess": preset}, input_shape=SHAPE)
+    reference = io.load(fp32)
+    variants: dict[str, dict] = {"fp32": {"path": fp32, "keep": 1.0, "recover": False, "int8": False, "train_s": None}}
+
+    def quantize(source: pathlib.Path, label: str, keep: float, recovered: bool, train_s) -> None:
+        q = QuantizePass()
+        q.context = PassContext(calibration=training, seed=0, work_dir=tmp, threads=args.threads)
+        out = tmp / f"{label.replace(' ', '_')}.onnx"
+        io.save(q(io.load(source)).model, out)
+        variants[label] = {"path": out, "keep": keep, "recover": recovered, "int8": True, "train_s": train_s}
+
+    quantize(fp32, "int8", 1.0, False, None)
+    for keep in keeps:
+        prune = ChannelPrunePass(keep=keep)
+        prune.context = PassContext(calibration=training, seed=0, work_dir=tmp, threads=args.threads)
+        pruned = prune(io.load(fp32)).model
+        pruned_path = tmp / f"keep{keep}.onnx"
+        io.save(pruned, pruned_path)
+        variants[f"keep {keep}"] = {"path": pruned_path, "keep": keep, "recover": False, "int8": False, "train_s": None}
+        step = RecoverPass(max_epochs=args.epochs, max_seconds=args.max_seconds)
+        step.context = PassContext(training=training, reference=reference, seed=0, work_dir=tmp, threads=args.threads)
+        t0 = time.perf_counter()
+        result = step(io.load(pruned_path))
+        train_s = time.perf_counter() - t0
+        print(f"{arch} keep {keep}: " + "; ".join(result.notes), file=sys.stderr)
+        if result.failure:
+            print(f"{arch} keep {keep}: recover failed: {result.failure}", file=sys.stderr)
+        recovered = tmp / f"keep{keep}_recover.onnx"
+        io.save(result.model, recovered)
+        variants[f"keep {keep} + recover"] = {"path": recovered, "keep": keep, "recover": True, "int8": False,
+                                              "train_s": train_s, "details": result.details}
+        quantize(pruned_path, f"keep {keep} + int8", keep, False, None)
+        quantize(recovered, f"keep {keep} + recover + int8", keep, True, train_s)
+
+    for label, v in variants.items():
+        fid = evaluate(v["path"], fidelity, reference_path=fp32, threads=args.threads, progress=False)
+        top = evaluate(v["path"], labelled, threads=args.threads, progress=False)
+        stats = model_stats(io.load_proto(v["path"]), path=str(v["path"]))
+        v.update({"agreement": fid["agreement"], "agreement_ci": fid["agreement_ci"], "kl": fid["kl"],
+                  "n": fid["n"], "top1": top["top1"], "top1_n": top["n"], "macs": stats["macs"],
+                  "bytes": v["path"].stat().st_size})
+    labels = list(variants)
+    bench = compare([variants[k]["path"] for k in labels], labels=labels, threads=(1,), batch=(1,), warmup=5,
+                    runs=args.runs, rounds=args.rounds, progress=False)
+    for row in bench.rows:
+        v = variants[row["model"]]
+        v["p50_ms"], v["speedup"], v["speedup_ci"], v["error"] = (row["p50_ms"], row["speedup"],
+                                                                  row["speedup_ci"], row["error"])
+    return {"variants": variants, "warnings": list(bench.warnings), "train_images": len(training)}
+
+
+# -- output --------------------------------------------------------------------------------------
+
+def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> str:
+    lines = ["# recover: channel_prune, then fine-tune against the unpruned model", "",
+             f"Command: `{command}`", "", f"Machine: {stamp}", "",
+             "Ratio = p50(model) / p50(fp32) at 1 thread, batch 1 (worker processes, interleaved rounds); "
+             "speedup = its inverse with a bootstrap 95% interval. Agreement (Wilson 95% interval) and "
+             "KL(fp32 || model) on the 440 held-out 'photos' crops; top-1 on the 20 labelled ImageNet samples. "
+             f"recover: {args.epochs} epoch(s) at most, max_seconds {args.max_seconds:g}, other settings "
+             "its defaults; train s is the whole recover step (view bank, teacher labels, training, checks).", ""]
+    for arch, res in results.items():
+        lines += [f"## {arch} ({res['train_images']} training images)", "",
+                  "| model | p50 ms | ratio | speedup [95% CI] | MACs | MB | agreement [95% CI] | KL | top-1 | train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for label, v in res["variants"].items():
+            if v.get("error"):
+                lines.append(f"| {label} | error: {v['error']} | | | | | | | | |")
+                continue
+            ci = v["speedup_ci"] or (float("nan"), float("nan"))
+            aci = v["agreement_ci"] or (float("nan"), float("nan"))
+            ratio = 1 / v["speedup"] if v["speedup"] else float("nan")
+            lines.append(
+                f"| {label} | {v['p50_ms']:.2f} | {ratio:.3f} | {v['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] | "
+                f"{v['macs'] / 1e6:.0f} M | {v['bytes'] / 1e6:.2f} | {v['agreement']:.3f} [{aci[0]:.3f}, {aci[1]:.3f}] | "
+                f"{v['kl']:.3f} | {v['top1']:.2f} | {'' if v['train_s'] is None else round(v['train_s'])} |")
+        for label, v in res["variants"].items():
+            d = v.get("details")
+            if d:
+                lines.append("")
+                lines.append(f"- {label}: {d.get('samples')} samples x {d.get('views')} views, {d.get('epochs_run')} "
+                             f"epoch(s), best epoch {d.get('best_epoch')}, held-out agreement "
+                             f"{d.get('agreement_before', float('nan')):.3f} -> {d.get('agreement_after', float('nan')):.3f}, "
+                             f"training {d.get('train_seconds', 0):.0f} s, peak RSS {d.get('peak_rss_mb')} MB, "
+                             f"onnxruntime vs torch max |diff| {d.get('max_abs_diff', float('nan')):.1e}")
+        if res["warnings"]:
+            lines += ["", "Harness warnings: " + "; ".join(res["warnings"])]
+        lines.append("")
+    target = results.get(TARGET["arch"], {}).get("variants", {}).get(f"keep {TARGET['keep']} + recover + int8")
+    if target and not target.get("error"):
+        met = target["speedup"] >= TARGET["speedup"] and target["agreement"] >= TARGET["agreement"]
+        lines += [f"Target: {TARGET['arch']} keep {TARGET['keep']} + recover + int8 at least "
+                  f"{TARGET['speedup']:g}x faster than fp32 with >= {TARGET['agreement']:.0%} agreement: "
+                  f"measured {target['speedup']:.2f}x and {target['agreement']:.1%}: "
+                  f"{'met' if met else 'MISSED'} (this CPU has no VNNI, so int8 gains are smaller than on one "
+                  "that has it).", ""]
+    if png:
+        lines += [f"![latency ratio vs agreement]({png})", ""]
+    return "\n".join(lines)
+
+
+def pareto_png(results: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arch, res in results.items():
+        for label, v in res["variants"].items():
+            if v.get("error") or not v["speedup"]:
+                continue
+            marker = "s" if v["int8"] else "o"
+            colour = "tab:green" if v["recover"] else ("tab:blue" if label in ("fp32", "int8") else "tab:red")
+            ax.scatter(1 / v["speedup"], v["agreement"], marker=marker, color=colour)
+            ax.annotate(f"{arch} {label}", (1 / v["speedup"], v["agreement"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("latency ratio to fp32 (1 thread, batch 1; lower is faster)")
+    ax.set_ylabel("top-1 agreement with fp32 (440 held-out crops)")
+    ax.set_title("channel_prune / recover / int8 (green: recovered, squares: int8)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="MobileNetV2 keep 0.75 only, 2 epochs")
+    parser.add_argument("--models", default="mobilenet_v2,efficientnet_lite0")
+    parser.add_argument("--keeps", default="0.9,0.75,0.5")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--max-seconds", type=float, default=900.0)
+    parser.add_argument("--crops", type=int, default=24, help="random crops per large training picture")
+    parser.add_argument("--threads", type=int, default=2, help="threads for training and the teacher")
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "recover.md")
+    args = parser.parse_args(argv)
+    archs = args.models.split(",")
+    keeps = [float(k) for k in args.keeps.split(",")]
+    if args.quick:
+        archs, keeps, args.epochs = ["mobilenet_v2"], [0.75], min(args.epochs, 2)
+    command = "python -m benchmarks.run_recover " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="run_recover-") as folder:
+        tmp = pathlib.Path(folder)
+        train_folder = tmp / "training"
+        count = write_training_folder(train_folder, args.crops)
+        print(f"{count} training images in {train_folder}", file=sys.stderr)
+        for arch in archs:
+            results[arch] = run_arch(arch, keeps, args, tmp, train_folder)
+    png = args.out.with_suffix(".png")
+    pareto_png(results, png)
+    text = markdown(results, command.strip(), machine.stamp_line(machine.stamp()), args, png.name)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""Recover: fine-tune the current model's own weights to imitate a teacher, keeping its graph.
+
+After ``prune`` or ``channel_prune`` the model computes something close to, but not the same as,
+the model it came from. This pass trains the pruned graph's weights (the interpreter's trainable
+initializers: layer weights and biases, see ``deployopt.passes.recover.interpreter``) so that its
+outputs match the teacher's, by default the pipeline's input model (``context.reference``, run in
+onnxruntime), on ``data.training`` (falling back to ``data.calibration``; labels are not needed).
+
+Loss, for student logits s, teacher logits t, temperature T and feature names F::
+
+    L = T^2 KL(softmax(t / T) || softmax(s / T))
+        + feature_weight * mean_{f in F} ||s_f - t_f||^2 / ||t_f||^2       (per batch)
+
+The feature term (optional) matches intermediate tensors of the same name and shape in both
+models, normalised by the teacher's energy so each tensor weighs the same whatever its scale.
+
+Teacher targets are exact for every training input: ``views`` copies of each training sample
+(random-resized crop, flip, colour jitter, optional mixup/cutmix; ``passes.recover.views``) are
+drawn once, the teacher labels each copy once (onnxruntime, cached), and the loop of
+``deployopt.passes.distill.train`` (AdamW, one-cycle schedule, early stopping) trains on them.
+
+Masking: a weight that is exactly 0 when the pass starts (magnitude pruning's zeros) gets a zero
+gradient, ``g <- g * [w != 0]``. With AdamW the moments of such a weight stay 0, so its update is
+0 and decoupled weight decay scales 0 to 0: pruned weights stay exactly zero.
+
+Early stopping watches the top-1 agreement with the teacher on ``data.evaluation`` when the
+recipe has one (at most ``holdout_samples`` of it), else on a held-out fraction ``holdout`` of the
+training samples; the weights of the best epoch are kept, the untrained ones included (a
+fine-tune that does not help leaves the model as it was). Bounded: ``max_samples`` training
+samples, ``views`` copies, ``max_memory_mb`` for the bank and its targets, ``max_epochs`` and
+``max_seconds``.
+
+Write-back: trained values replace the values of the same initializers (names, shapes and dtypes
+unchanged). The result is then run in onnxruntime against the torch forward on held-out inputs;
+a max |onnxruntime - torch| above ``tolerance`` restores the original weights and fails the step.
+The same check runs before training, so an interpreter that does not reproduce the model fails
+before any training time is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from deployopt.core.errors import UserError
+from deployopt.core.settings import setting
+from deployopt.passes.base import DeployInPlacePass
+from deployopt.passes.distill.interface import Interface, check_samples, dims_text, interface
+
+PARITY_SAMPLES = 8  # inputs of the torch-vs-onnxruntime check
+
+
+@dataclasses.dataclass
+class RecoverPass(DeployInPlacePass):
+    """Fine-tune the current model's weights by distillation from the pipeline's input model."""
+
+    name: ClassVar[str] = "recover"
+    #: Needs ``context.training`` (the recipe's data.training, else data.calibration).
+    needs_training: ClassVar[bool] = True
+
+    teacher: str | None = None  # None: the pipeline's input model; else the path of an ONNX teacher
+    temperature: float = setting(2.0, low=0, low_open=True)
+    features: list[str] = setting(default_factory=list)  # tensor names matched between the models
+    feature_weight: float = setting(1.0, low=0)
+    max_epochs: int = setting(5, low=1)
+    max_seconds: float | None = setting(600.0, low=0, low_open=True)  # time budget of the training loop
+    batch_size: int = setting(32, low=2)
+    lr: float = setting(3e-4, low=0, high=1, low_open=True)  # peak of the one-cycle schedule (AdamW)
+    weight_decay: float = setting(0.0, low=0)
+    max_samples: int = setting(2048, low=2)  # training samples read (the first ones)
+    views: int = setting(2, low=1)  # copies per training sample in the bank, the first unaugmented
+    crop_scale: float = setting(0.35, low=0, high=1, low_open=True)  # smallest crop area (1: no crops)
+    flip: bool = True
+    jitter: float = setting(0.2, low=0, high=1, high_open=True)  # colour jitter strength (0: off)
+    mixup: float = setting(0.0, low=0)  # Beta(a, a) of mixup copies (0: off)
+    cutmix: float = setting(0.0, low=0)  # Beta(a, a) of cutmix copies (0: off)
+    holdout: float = setting(0.1, low=0, high=0.5, low_open=True)  # without data.evaluation
+    holdout_samples: int = setting(512, low=1)  # at most this many data.evaluation samples
+    patience: int | None = setting(2, low=1)  # epochs without better held-out agreement
+    tolerance: float = setting(1e-3, low=0, low_open=True)  # max |onnxruntime - torch| on the outputs
+    max_memory_mb: float = setting(4096.0, low=0, low_open=True)  # view bank + cached teacher outputs
+    seed: int | None = setting(None, low=0)  # None: the recipe's seed
+
+    def validate(self) -> None:
+        from deployopt.models import require_torch
+
+        require_torch("the recover pass")
+        if len(set(self.features)) != len(self.features):
+            raise UserError(f"features: names repeat ({', '.join(self.features)})")
+
+    # -- the pass -------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from deployopt.measure.memory import RssSampler, peak_rss_mb
+        from deployopt.passes.distill import train as dt
+        from deployopt.passes.recover import interpreter
+
+        start = time.perf_counter()
+        ctx = self.context
+        seed = ctx.seed if self.seed is None else self.seed
+        interpreter.check_supported(model)  # refused before any data is read or anything trained
+        student_io = interface(model, "model")
+        teacher_model, teacher_label = self._teacher()
+        teacher_io = interface(teacher_model, teacher_label)
+        if teacher_io.classes and student_io.classes and teacher_io.classes != student_io.classes:
+            raise UserError(f"{teacher_label}: output {dims_text(teacher_io.output_dims)} does not match the "
+                            f"model's output {dims_text(student_io.output_dims)}")
+        training = ctx.training
+        if training is None:
+            raise UserError("data.training: the recover pass needs training data "
+                            "(data.training, or data.calibration as the fallback)")
+        check_samples(tuple(training.sample_shape), student_io, "data.training", training.name)
+
+        with RssSampler() as rss, dt.torch_state(ctx.threads):
+            result = self._recover(model, teacher_model, teacher_io, student_io, seed, dt, interpreter)
+        self.details["peak_rss_mb"] = None if rss.peak_mb is None else round(rss.peak_mb, 1)
+        self.details["process_peak_rss_mb"] = round(peak_rss_mb(), 1)
+        self.details["seconds"] = round(time.perf_counter() - start, 3)
+        self.note(f"recover step took {self.details['seconds']:.1f} s, peak RSS "
+                  f"{self.details['peak_rss_mb']} MB")
+        return result
+
+    def _teacher(self) -> tuple[ir.Model, str]:
+        if self.teacher is None:
+            if self.context.reference is None:
+                raise UserError("teacher: no reference model in this run (the pipeline's input model); "
+                                "give teacher: PATH")
+            return self.context.reference, "teacher (the pipeline's input model)"
+        from deployopt.core import io
+
+        try:
+            return io.load(self.teacher), f"teacher {self.teacher}"
+        except UserError as e:
+            raise UserError(f"teacher: {e}") from e
+
+    def _recover(self, model: ir.Model, teacher_model: ir.Model, teacher_io: Interface, student_io: Interface,
+                 seed: int, dt, interpreter) -> ir.passes.PassResult:
+        import torch
+
+        from deployopt.core.session import open_session
+        from deployopt.passes.recover.views import ViewConfig, make_views
+
+        ctx = self.context
+        training = ctx.training
+        x, _ = dt.load_arrays(training, "data.training", limit=self.max_samples)
+        check_samples(tuple(x.shape[1:]), student_io, "data.training", training.name)
+        module = interpreter.OnnxModule(model, capture=self.features)
+        teacher_proto = ir.to_proto(teacher_model)
+        missing = [f for f in self.features if not _has_tensor(teacher_model, f)]
+        if missing:
+            raise UserError(f"features: tensor '{missing[0]}' is not in the teacher")
+        if self.features:  # the matched tensors become extra teacher outputs
+            teacher_proto = _with_outputs(teacher_model, self.features)
+        sess = dt.session(teacher_proto.SerializeToString(), ctx.threads)
+
+        # Held-out set for early stopping, with the teacher's logits.
+        evaluation = ctx.evaluation
+        if evaluation is not None and len(evaluation):
+            check_samples(tuple(evaluation.sample_shape), student_io, "data.evaluation", evaluation.name)
+            hx, hy = dt.load_arrays(evaluation, "data.evaluation", limit=self.holdout_samples)
+            fit = x
+            held_from = f"{len(hx)} samples of data.evaluation {evaluation.name!r}"
+        else:
+            order = np.random.default_rng(seed).permutation(len(x))
+            n_hold = max(1, min(len(x) - 2, int(round(self.holdout * len(x)))))
+            hx, hy, fit = x[order[:n_hold]], None, x[order[n_hold:]]
+            held_from = f"{n_hold} held-out training samples"
+        ht = dt.teacher_logits(sess, teacher_io.input_name, teacher_io.output_name, hx, teacher_io.fixed_batch)
+
+        # The interpreter must reproduce the model before its weights are worth training.
+        current = open_session(ir.to_proto(model).SerializeToString(), threads=ctx.threads,
+                               optimization_level="disable", what="the model")
+        before = self._parity(module, current, student_io, hx[:PARITY_SAMPLES])
+        self.details["parity_before"] = before
+        if before > self.tolerance:
+            self.fail(f"recover: the torch interpreter differs from onnxruntime by {before:.3g} > tolerance "
+                      f"{self.tolerance:g} on the model as given; not trained")
+            return ir.passes.PassResult(model, False)
+
+        # The view bank and its teacher targets, within the memory budget.
+        cfg = ViewConfig(self.views, self.crop_scale, self.flip, self.jitter, self.mixup, self.cutmix)
+        per_sample = x[0].nbytes + 4 * (teacher_io.classes or 1000)
+        bank_mb = len(fit) * self.views * per_sample / 2**20
+        if bank_mb > self.max_memory_mb:
+            raise UserError(f"max_memory_mb: {len(fit)} samples x {self.views} views need {bank_mb:.0f} MB for the "
+                            f"view bank (limit {self.max_memory_mb:g} MB); lower max_samples or views")
+        t0 = time.perf_counter()
+        bank = make_views(fit, cfg, seed)
+        names = [teacher_io.output_name, *self.features]
+        outs = dt.teacher_outputs(sess, teacher_io.input_name, names, bank, teacher_io.fixed_batch)
+        logits, feats = outs[0], outs[1:]
+        teacher_s = time.perf_counter() - t0
+        self.note(f"teacher ({'input model' if self.teacher is None else self.teacher}) labelled "
+                  f"{len(bank)} training views ({len(fit)} samples x {len(bank) // len(fit)}) in {teacher_s:.1f} s")
+
+        extra_loss = self._feature_loss(module, feats, bank[:2]) if self.features else None
+        frozen = self._mask_zeros(module, torch)
+
+        train_cfg = dt.TrainConfig(epochs=self.max_epochs, batch_size=self.batch_size, lr=self.lr,
+                                   weight_decay=self.weight_decay, temperature=self.temperature, alpha=1.0,
+                                   seed=seed, padding=0, flip=False, patience=self.patience, progress=False,
+                                   max_seconds=self.max_seconds, keep_initial=True, label="recover")
+        result = dt.train(module, bank, logits, None, (hx, ht, hy), train_cfg, extra_loss=extra_loss)
+        history = result.history
+        agree_before, agree_after = history[0]["holdout_agreement"], result.best_agreement
+        self.details.update({
+            "teacher": "reference" if self.teacher is None else self.teacher,
+            "samples": len(fit), "views": len(bank) // len(fit), "bank_mb": round(bank_mb, 1),
+            "holdout": held_from, "trainable_initializers": len(module.trainable),
+            "frozen_zeros": frozen, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early, "out_of_time": result.out_of_time,
+            "agreement_before": agree_before, "agreement_after": agree_after,
+            "top1_before": history[0]["holdout_top1"],
+            "top1_after": next((h["holdout_top1"] for h in history if h["epoch"] == result.best_epoch), None),
+            "history": history, "teacher_seconds": round(teacher_s, 3), "train_seconds": round(result.seconds, 3),
+            "threads": ctx.threads, "seed": seed})
+        stop = ("stopped by max_seconds" if result.out_of_time else
+                "stopped early" if result.stopped_early else "all epochs")
+        self.note(f"trained {len(module.trainable)} initializers for {result.epochs_run} epoch(s) ({stop}) in "
+                  f"{result.seconds:.1f} s; agreement with the teacher on {held_from}: "
+                  f"{agree_before:.4f} -> {agree_after:.4f}" + (f"; {frozen:,} zero weights kept at 0" if frozen else ""))
+        if result.best_epoch == 0:
+            self.note("no epoch beat the model as given: its weights are kept")
+            return ir.passes.PassResult(model, False)
+
+        originals = {name: model.graph.initializers[name].const_value for name in module.trainable}
+        for name, array in module.trained_arrays().items():
+            model.graph.initializers[name].const_value = ir.tensor(array, name=name)
+        updated = open_session(ir.to_proto(model).SerializeToString(), threads=ctx.threads,
+                               optimization_level="disable", what="the recovered model")
+        after = self._parity(module, updated, student_io, hx[:PARITY_SAMPLES])
+        self.details["max_abs_diff"] = after
+        if after > self.tolerance:
+            for name, tensor in originals.items():
+                model.graph.initializers[name].const_value = tensor
+            self.fail(f"recover: the recovered model differs from the torch forward by {after:.3g} > tolerance "
+                      f"{self.tolerance:g}; the weights before training are kept")
+            return ir.passes.PassResult(model, False)
+        self.note(f"written back into the same initializers; onnxruntime vs torch max |diff| {after:.2e}")
+        return ir.passes.PassResult(model, True)
+
+    # -- pieces ---------------------------------------------------------------------------------
+    @staticmethod
+    def _parity(module, sess, io: Interface, x: np.ndarray) -> float:
+        import torch
+
+        ref = sess.run([io.output_name], {io.input_name: x})[0]
+        module.eval()
+        with torch.no_grad():
+            out = module(torch.from_numpy(x)).numpy()
+        return float(np.abs(out - ref).max())
+
+    def _feature_loss(self, module, feats: list[np.ndarray], probe: np.ndarray):
+        import torch
+
+        with torch.no_grad():
+            module(torch.from_numpy(probe))
+        for name, target in zip(self.features, feats):
+            got = tuple(module.captured[name].shape[1:])
+            if got != tuple(target.shape[1:]):
+                raise UserError(f"features: tensor '{name}' is {list(got)} per sample in the model but "
+                                f"{list(target.shape[1:])} in the teacher (pruned tensors cannot be matched)")
+        targets = [torch.from_numpy(f) for f in feats]
+        weight = self.feature_weight
+
+        def loss(idx):
+            terms = []
+            for name, target in zip(self.features, targets):
+                t = target[idx]
+                terms.append(((module.captured[name] - t) ** 2).sum() / (t ** 2).sum().clamp_min(1e-12))
+            return weight * torch.stack(terms).mean()
+
+        return loss
+
+    @staticmethod
+    def _mask_zeros(module, torch) -> int:
+        """Zero gradients for the weights that are exactly 0 (module docstring); returns their count."""
+        frozen = 0
+        for param in module.params:
+            mask = param.detach() != 0
+            zeros = int((~mask).sum())
+            if zeros:
+                frozen += zeros
+                keep = mask.to(param.dtype)
+                param.register_hook(lambda grad, keep=keep: grad * keep)
+        return frozen
+
+
+def _has_tensor(model: ir.Model, name: str) -> bool:
+    graph = model.graph
+    return (name in graph.initializers or any(v.name == name for v in graph.inputs)
+            or any(o.name == name for node in graph for o in node.outputs))
+
+
+def _with_outputs(model: ir.Model, names: list[str]):
+    """A copy of ``model`` as a proto that also outputs the tensors ``names``."""
+    import onnx
+
+    proto = ir.to_proto(model)
+    known = {v.name for v in proto.graph.output}
+    for name in names:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return proto

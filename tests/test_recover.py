@@ -1,0 +1,267 @@
+"""The recover pass: a digits model pruned, then fine-tuned against itself before pruning.
+
+Structure: the interpreter reproduces onnxruntime on a hand-built graph of every supported op
+family and on an exported net; trained values go back into the same initializers (names,
+shapes, dtypes). Numbers: agreement with the unpruned model rises after channel_prune; weights
+zeroed by prune stay exactly zero. Refusal: an op the interpreter lacks, a missing teacher, a
+feature tensor that is not there.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from deployopt import optimize
+from deployopt.core import io
+from deployopt.core.data import ArrayDataset
+from deployopt.core.errors import UserError
+from deployopt.passes import REGISTRY
+from deployopt.passes.channel_prune import ChannelPrunePass
+from deployopt.passes.context import PassContext
+from deployopt.passes.prune import MagnitudePrunePass
+from deployopt.passes.recover import RecoverPass
+from deployopt.passes.recover.interpreter import OnnxModule
+# The digits split and the trained digits_cnn teacher (ONNX, input 'pixels', output 'logits').
+from tests.test_distill import digits, teacher_path  # noqa: F401  (shared module fixtures)
+
+FAST = {"max_epochs": 4, "batch_size": 32, "views": 2, "max_seconds": 60.0, "lr": 3e-3}
+
+
+def run_ort(model: ir.Model | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def agreement(model: ir.Model, teacher: ir.Model, x: np.ndarray) -> float:
+    return float(np.mean(run_ort(model, x).argmax(1) == run_ort(teacher, x).argmax(1)))
+
+
+def recover(model: ir.Model, teacher: ir.Model, digits, tmp_path, **fields):
+    step = RecoverPass(**{**FAST, **fields})
+    step.context = PassContext(training=ArrayDataset(digits["train"][0], name="digits-train"),
+                               evaluation=ArrayDataset(*digits["test"], name="digits-test"),
+                               reference=teacher, seed=0, work_dir=tmp_path, threads=1)
+    return step(model)
+
+
+def shapes(model: ir.Model) -> dict[str, tuple]:
+    return {name: (tuple(v.shape), v.dtype) for name, v in model.graph.initializers.items()}
+
+
+# -- the interpreter -------------------------------------------------------------------------------
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def every_op_model() -> onnx.ModelProto:
+    """A hand-built graph over the supported ops (opset 17: ReduceMean axes as attribute,
+    Squeeze/Unsqueeze axes as input), with asymmetric pads, groups, strides and dilations."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
+    inits = [
+        _init("w1", f(8, 3, 3, 3)), _init("b1", f(8)),
+        _init("bn_s", 1 + f(8) * 0.1), _init("bn_b", f(8)), _init("bn_m", f(8) * 0.1), _init("bn_v", 1 + np.abs(f(8))),
+        _init("w2", f(8, 2, 3, 3)), _init("w3", f(8, 8, 1, 1)), _init("lo", np.float32(-1.0)), _init("hi", np.float32(2.0)),
+        _init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), _init("ax0", np.array([0], np.int64)),
+        _init("minus1", np.array([-1], np.int64)),
+        _init("wg", f(80, 10)), _init("bg", f(10)), _init("wm", f(10, 10)), _init("bm", f(10)),
+        _init("two", np.float32(2.0)), _init("shift", np.float32(0.25)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[0, 0, 1, 1], strides=[1, 1], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"], epsilon=1e-3, name="bn"),
+        helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], group=4, pads=[2, 2, 2, 2], dilations=[2, 2], name="grouped"),
+        helper.make_node("HardSwish", ["c2"], ["hs"], name="hswish"),
+        helper.make_node("HardSigmoid", ["c2"], ["hsig"], alpha=0.3, beta=0.4, name="hsig"),
+        helper.make_node("Mul", ["hs", "hsig"], ["m"], name="mul"),
+        helper.make_node("MaxPool", ["m"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1], name="maxpool"),
+        helper.make_node("Conv", ["mp", "w3"], ["c3"], strides=[1, 1], name="pointwise"),
+        helper.make_node("Clip", ["c3", "lo", "hi"], ["clip"], name="clip"),
+        helper.make_node("Sigmoid", ["clip"], ["sig"], name="sigmoid"),
+        helper.make_node("Tanh", ["clip"], ["tanh"], name="tanh"),
+        helper.make_node("Concat", ["sig", "tanh"], ["cat"], axis=1, name="concat"),
+        helper.make_node("Pad", ["cat", "pads"], ["pad"], mode="reflect", name="pad"),
+        helper.make_node("AveragePool", ["pad"], ["ap"], kernel_shape=[2, 2], strides=[1, 1], name="avgpool"),
+        helper.make_node("Transpose", ["ap"], ["tr"], perm=[0, 2, 3, 1], name="transpose"),
+        helper.make_node("ReduceMean", ["tr"], ["rm"], axes=[1], keepdims=1, name="reducemean"),
+        helper.make_node("Squeeze", ["rm", "ax0_plus"], ["sq"], name="squeeze"),
+        helper.make_node("Identity", ["sq"], ["idn"], name="identity"),
+        helper.make_node("Flatten", ["idn"], ["fl"], axis=1, name="flatten"),
+        helper.make_node("Shape", ["x"], ["shp"], name="shape"),
+        helper.make_node("Gather", ["shp", "ax0"], ["batch"], axis=0, name="gather"),
+        helper.make_node("Concat", ["batch", "minus1"], ["target"], axis=0, name="shape_concat"),
+        helper.make_node("Reshape", ["fl", "target"], ["flat"], name="reshape"),
+        helper.make_node("Constant", [], ["ax0_plus"], value=_init("c", np.array([1], np.int64)), name="const"),
+        helper.make_node("Gemm", ["flat", "wg", "bg"], ["g"], alpha=0.5, beta=1.0, name="gemm"),
+        helper.make_node("MatMul", ["g", "wm"], ["mm"], name="matmul"),
+        helper.make_node("Add", ["mm", "bm"], ["add"], name="bias"),
+        helper.make_node("Sub", ["add", "shift"], ["sub"], name="sub"),
+        helper.make_node("Div", ["sub", "two"], ["div"], name="div"),
+        helper.make_node("Unsqueeze", ["div", "sq_axes_1"], ["us"], name="unsqueeze"),
+        helper.make_node("GlobalAveragePool", ["us"], ["gap"], name="gap"),
+        helper.make_node("Squeeze", ["gap", "sq_axes_1"], ["gsq"], name="squeeze2"),
+        helper.make_node("Softmax", ["gsq"], ["y"], axis=1, name="softmax"),
+        helper.make_node("Constant", [], ["sq_axes_1"], value=_init("c2", np.array([2, 3], np.int64)),
+                         name="const2"),
+    ]
+    order = [n for n in nodes if n.op_type == "Constant"] + [n for n in nodes if n.op_type != "Constant"]
+    graph = helper.make_graph(order, "every_op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_interpreter_matches_onnxruntime_on_every_op_family():
+    proto = every_op_model()
+    x = np.random.default_rng(1).standard_normal((5, 3, 9, 9)).astype(np.float32)
+    module = OnnxModule(ir.from_proto(proto))
+    with torch.no_grad():
+        got = module(torch.from_numpy(x)).numpy()
+    want = run_ort(proto, x)
+    assert got.shape == want.shape == (5, 10)
+    assert np.abs(got - want).max() <= 1e-5
+    # Layer weights are parameters; BN statistics, Clip bounds and shape tensors are not.
+    assert module.trainable == ["w1", "b1", "bn_s", "bn_b", "w2", "w3", "wg", "bg", "wm", "bm"]
+
+
+def test_interpreter_matches_onnxruntime_on_an_exported_net(teacher_path, digits):
+    model = io.load(teacher_path)
+    x = digits["test"][0][:64]
+    with torch.no_grad():
+        got = OnnxModule(model)(torch.from_numpy(x)).numpy()
+    assert np.abs(got - run_ort(model, x)).max() <= 1e-4
+
+
+# -- the pass --------------------------------------------------------------------------------------
+
+def test_recover_after_channel_prune_raises_agreement(teacher_path, digits, tmp_path):
+    teacher = io.load(teacher_path)
+    pruner = ChannelPrunePass(keep=0.5, round_to=1, min_channels=2, reconstruct=False)
+    pruner.context = PassContext(seed=0, work_dir=tmp_path)
+    pruned = pruner(io.load(teacher_path)).model
+    before_layout = shapes(pruned)
+    x_test = digits["test"][0]
+    agree_pruned = agreement(pruned, teacher, x_test)
+    pruned_copy = pruned.clone()
+
+    result = recover(pruned, teacher, digits, tmp_path)
+    d = result.details
+    assert result.modified and result.failure is None
+    assert shapes(result.model) == before_layout  # same initializers: names, shapes, dtypes
+    agree_recovered = agreement(result.model, teacher, x_test)
+    # The pass's own held-out numbers are what onnxruntime gives on the first holdout_samples
+    # (512) evaluation samples.
+    held = x_test[:512]
+    assert d["agreement_before"] == pytest.approx(agreement(pruned_copy, teacher, held), abs=1e-12)
+    assert d["agreement_after"] == pytest.approx(agreement(result.model, teacher, held), abs=1e-12)
+    assert agree_recovered >= agree_pruned + 0.05 and agree_recovered >= 0.9
+    assert d["max_abs_diff"] <= 1e-3 and d["parity_before"] <= 1e-3
+    assert d["samples"] == 1200 and d["views"] == 2 and d["train_seconds"] > 0
+    assert d["peak_rss_mb"] > 0 and d["frozen_zeros"] == 0
+    assert any(n.startswith("trained ") and "agreement with the teacher" in n for n in result.notes)
+
+
+def test_zeros_stay_zero_after_prune_and_recover(teacher_path, digits, tmp_path):
+    teacher = io.load(teacher_path)
+    pruner = MagnitudePrunePass(sparsity=0.6, min_elements=16)
+    pruner.context = PassContext(calibration=ArrayDataset(digits["train"][0][:256]), seed=0, work_dir=tmp_path)
+    pruned = pruner(io.load(teacher_path)).model
+    before = {k: v.const_value.numpy().copy() for k, v in pruned.graph.initializers.items()}
+    zeros = {k: a == 0 for k, a in before.items() if a.dtype == np.float32 and (a == 0).mean() > 0.5}
+    assert zeros  # prune left mostly-zero weights
+
+    result = recover(pruned, teacher, digits, tmp_path, max_epochs=2)
+    assert result.modified
+    after = {k: v.const_value.numpy() for k, v in result.model.graph.initializers.items()}
+    assert result.details["frozen_zeros"] >= sum(int(m.sum()) for m in zeros.values())
+    for name, mask in zeros.items():
+        assert np.all(after[name][mask] == 0), name  # exactly zero, not merely small
+        assert not np.array_equal(after[name][~mask], before[name][~mask]), name  # the rest trained
+
+
+def test_feature_matching_and_refusals(teacher_path, digits, tmp_path):
+    teacher = io.load(teacher_path)
+    # A tensor of the same shape in both models: the dense model against itself, with its first
+    # layer's weights perturbed.
+    student = io.load(teacher_path)
+    first = next(n for n in student.graph if n.op_type == "Conv").inputs[1]
+    noise = np.random.default_rng(0).standard_normal(first.const_value.shape).astype(np.float32)
+    first.const_value = ir.tensor(first.const_value.numpy() * (1 + 0.5 * noise), name=first.name)
+    name = next(n.outputs[0].name for n in student.graph if n.op_type == "Relu")
+    result = recover(student, teacher, digits, tmp_path, features=[name], max_epochs=1)
+    d = result.details
+    assert result.failure is None and d["agreement_before"] < 1.0
+    assert d["agreement_after"] >= d["agreement_before"] and d["history"][1]["loss"] > 0
+    with pytest.raises(UserError, match=r"^features: tensor 'nope' is not in the model$"):
+        recover(io.load(teacher_path), teacher, digits, tmp_path, features=["nope"])
+    step = RecoverPass(**FAST)
+    step.context = PassContext(training=ArrayDataset(digits["train"][0]), seed=0, work_dir=tmp_path)
+    with pytest.raises(UserError, match=r"^teacher: no reference model in this run"):
+        step(io.load(teacher_path))
+
+
+def test_unsupported_op_is_refused_before_training(digits, tmp_path):
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 64])
+    graph = helper.make_graph([helper.make_node("LRN", ["pixels"], ["n"], size=3, name="norm1"),
+                               helper.make_node("Flatten", ["n"], ["logits"], name="flat")], "lrn", [x], [y])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(UserError) as caught:
+        recover(model, model, digits, tmp_path)
+    assert str(caught.value) == "op LRN (node 'norm1') is not supported by the ONNX-to-torch interpreter"
+
+
+def test_recipe_channel_prune_recover_quantize(teacher_path, digits, tmp_path):
+    x, y = digits["test"]
+    np.savez(tmp_path / "train.npz", x=digits["train"][0])
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    recipe = {
+        "model": str(teacher_path),
+        "data": {"training": {"dataset": f"npz:{tmp_path / 'train.npz'}"},
+                 "calibration": {"dataset": f"npz:{tmp_path / 'train.npz'}"},
+                 "evaluation": {"dataset": f"npz:{tmp_path / 'eval.npz'}"}},
+        "passes": [{"channel_prune": {"keep": 0.5, "round_to": 1, "min_channels": 2, "reconstruct": False}},
+                   {"recover": {**FAST, "max_epochs": 3}},
+                   {"quantize": {}}],
+        "benchmark": {"enabled": False},
+    }
+    report = optimize(recipe, tmp_path / "out")
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    steps = {s["pass"]: s for s in doc["steps"]}
+    assert list(steps) == ["channel_prune", "recover", "quantize"]
+    rec = steps["recover"]
+    assert rec["modified"] and rec["details"]["agreement_after"] > rec["details"]["agreement_before"]
+    assert steps["recover"]["accuracy"]["agreement"] > steps["channel_prune"]["accuracy"]["agreement"]
+    assert steps["quantize"]["accuracy"]["agreement"] >= 0.85
+    assert report.exit_code == 0
+    assert REGISTRY["recover"] is RecoverPass
+
+
+def test_unsupported_op_through_the_recipe_is_exit_2(digits, tmp_path):
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 64])
+    graph = helper.make_graph([helper.make_node("LRN", ["pixels"], ["n"], size=3, name="norm1"),
+                               helper.make_node("Flatten", ["n"], ["logits"], name="flat")], "lrn", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "lrn.onnx")
+    np.savez(tmp_path / "train.npz", x=digits["train"][0][:64])
+    recipe = {"model": str(tmp_path / "lrn.onnx"),
+              "data": {"training": {"dataset": f"npz:{tmp_path / 'train.npz'}"}},
+              "passes": [{"recover": {}}], "benchmark": {"enabled": False}}
+    with pytest.raises(UserError) as caught:
+        optimize(recipe, tmp_path / "out")
+    assert str(caught.value) == ("passes[0].recover: op LRN (node 'norm1') is not supported by the "
+                                 "ONNX-to-torch interpreter")
+    assert caught.value.exit_code == 2
+    assert not (tmp_path / "out" / "model.onnx").exists()
