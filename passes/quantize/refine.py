@@ -295,6 +295,9 @@ def _correct_bias(proto: onnx.ModelProto, node: onnx.NodeProto, shift: np.ndarra
 _INT32 = (np.iinfo(np.int32).min, np.iinfo(np.int32).max)
 
 
+_NAMES = {"gptq": "GPTQ", "adaround": "AdaRound"}
+
+
 @dataclasses.dataclass
 class Rounding:
     """How the integer weights are chosen: ``nearest`` (onnxruntime's), ``gptq``, or ``adaround``
@@ -384,8 +387,9 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
             best = min(errors, key=errors.get)
             best_error = errors[best]
             if best_error >= error_nearest:  # never worse than nearest on the calibration data
-                best, why = None, f"{' and '.join(found).replace('gptq', 'GPTQ').replace('adaround', 'AdaRound')} " \
-                                  "not better than nearest on the calibration data"
+                tried = " and ".join(_NAMES[m] for m in found)
+                best, why = None, f"{tried} {'was' if len(found) == 1 else 'were'} not better than nearest on " \
+                                  "the calibration data"
         if best is not None:
             refined = found[best]
             delta = scale[:, :, None] * (refined - zero[:, :, None]) - layer.weight

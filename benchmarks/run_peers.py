@@ -1,0 +1,452 @@
+"""Published numbers against the peer int8 tools: onnxruntime's ``quantize_static`` (its defaults and
+the U8S8 per-channel setting), NNCF and deployopt, on onnxruntime and OpenVINO, in one run.
+
+    .venv/bin/python -m benchmarks.run_peers [--quick] [--runs 50] [--rounds 5]
+        [--work runs/peers] [--fresh] [--out benchmarks/results/peers.md]
+
+Per model (EfficientNet-Lite0 with the demo's export spec and MobileNetV2, both with real ImageNet
+weights), every entry below, in ONE ``deployopt.measure.latency.compare`` run (one worker process
+per entry, interleaved rounds, a (runtime, ep) target per entry), 1 intra-op thread, batch 1:
+
+1. fp32 on onnxruntime: the reference every ratio divides (ratio = p50(reference) / p50(entry),
+   bootstrap 95% interval over the paired rounds); fp32 on OpenVINO beside it.
+2. ``quantize_static(fp32, out, reader)`` with every other argument at its default (QDQ, int8
+   activations and weights, per-tensor, MinMax).
+3. ``quantize_static`` U8S8 per-channel: QDQ, uint8 activations, int8 weights, ``per_channel``,
+   ``reduce_range`` as deployopt chooses for this CPU (``auto_reduce_range``).
+4. ``nncf.quantize`` on the ONNX model (default preset, ``subset_size`` = the calibration set), and
+   its slower variant ``fast_bias_correction=False``; run on onnxruntime and on OpenVINO.
+5. ``deployopt.optimize`` with the demo's passes (cleanup, quantize minmax); run on both runtimes.
+
+Every quantizer calibrates on the same samples: the demo's calibration set (the 'photos' test
+split, 110 crops). Fidelity (``deployopt.evaluate`` with the fp32 model as reference, both run on
+the entry's runtime): top-1 agreement with fp32 (Wilson 95% interval) and KL(fp32 || entry) on
+
+* the demo's held-out crops: the 'photos' train split (440 crops of the same 25 photos as the
+  calibration crops, different crops);
+* unseen photos: the same 22 crop variants of 6 colour/grey photos that are in no built-in
+  dataset (scikit-learn's china/flower, matplotlib's grace_hopper, scikit-image's camera,
+  coins and hubble_deep_field), 132 crops written under the work folder.
+
+Resumable: quantized models and every measurement are kept under ``--work``; a rerun reuses them
+(``--fresh`` measures again). ``--quick`` takes fewer runs and samples, keeps its results apart and
+writes ``<work>/peers-quick.md`` unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import deployopt  # noqa: E402
+from deployopt.core.data import open_dataset  # noqa: E402
+from deployopt.core.errors import one_line  # noqa: E402
+from deployopt.measure import machine  # noqa: E402
+from deployopt.measure.latency import compare  # noqa: E402
+from deployopt.passes.quantize.cpu import auto_reduce_range  # noqa: E402
+
+SHAPE = (1, 3, 224, 224)
+ARCHS = ("efficientnet_lite0", "mobilenet_v2")
+PREPROCESS = {"efficientnet_lite0": "efficientnet-lite", "mobilenet_v2": "imagenet"}
+CALIBRATION = {"dataset": "photos", "split": "test"}
+HELD_OUT = {"dataset": "photos", "split": "train"}
+ORT, OV = ("onnxruntime", None), ("openvino", None)
+#: Convolutions in an onnxruntime-optimized graph, int8 or float.
+CONV_OPS = ("QLinearConv", "Conv", "FusedConv", "NhwcFusedConv", "NhwcConv")
+#: (entry, quantizer, target); the quantizer names the model file the entry runs.
+ENTRIES = (("fp32", "fp32", ORT), ("fp32", "fp32", OV),
+           ("ort quantize_static defaults", "ort-default", ORT),
+           ("ort quantize_static U8S8 per-channel", "ort-u8s8", ORT),
+           ("nncf", "nncf", ORT), ("nncf fast_bias_correction=False", "nncf-fbc", ORT),
+           ("deployopt", "deployopt", ORT),
+           ("nncf", "nncf", OV), ("nncf fast_bias_correction=False", "nncf-fbc", OV),
+           ("deployopt", "deployopt", OV))
+# Colour or grey photos shipped with installed packages and in no built-in dataset: (package, path).
+UNSEEN_PHOTOS = (("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+                 ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"), ("skimage", "data/camera.png"),
+                 ("skimage", "data/coins.png"), ("skimage", "data/hubble_deep_field.jpg"))
+# The 'photos' dataset's crop variants (scale of the short side, position, mirrored): the centre
+# square and its mirror, then 75% and 50% squares at the centre and the four corners.
+_CORNERS = ("center", "top-left", "top-right", "bottom-left", "bottom-right")
+CROP_VARIANTS = [(1.0, "center", False), (1.0, "center", True)] + [
+    (s, pos, flip) for s in (0.75, 0.5) for flip in (False, True) for pos in _CORNERS]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- models -------------------------------------------------------------------------------------
+
+def _fp32(arch: str, folder: pathlib.Path) -> pathlib.Path:
+    path = folder / f"{arch}.onnx"
+    if not path.exists():
+        if arch == "mobilenet_v2":
+            from benchmarks.task_models import build_mobilenet_v2
+
+            build_mobilenet_v2(folder)
+        else:
+            deployopt.export(arch, path, input_shape=list(SHAPE), pretrained=True)
+    return path
+
+
+def calibration_samples(arch: str) -> list[np.ndarray]:
+    data = open_dataset({**CALIBRATION, "preprocess": PREPROCESS[arch]}, input_shape=SHAPE)
+    return [x[i:i + 1] for x, _ in data.batches(16) for i in range(len(x))]
+
+
+def _ort_quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarray], **options) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{name: x} for x in samples])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(fp32), str(out), Reader(), **options)
+
+
+def _nncf_quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarray], **options) -> None:
+    import nncf
+    import onnx
+
+    model = onnx.load(str(fp32))
+    name = model.graph.input[0].name
+    dataset = nncf.Dataset(samples, lambda x: {name: x})
+    onnx.save(nncf.quantize(model, dataset, subset_size=len(samples), **options), str(out))
+
+
+def _deployopt_quantize(arch: str, fp32: pathlib.Path, out: pathlib.Path) -> None:
+    """The demo's passes on the demo's calibration data, no benchmark."""
+    import shutil
+
+    recipe = {"model": str(fp32), "data": {"calibration": {**CALIBRATION, "preprocess": PREPROCESS[arch]}},
+              "passes": [{"cleanup": {}}, {"quantize": {"calibration": "minmax"}}],
+              "benchmark": {"enabled": False}}
+    folder = out.with_suffix("")
+    deployopt.optimize(recipe, folder)
+    shutil.copyfile(folder / "model.onnx", out)
+
+
+def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Path], dict[str, str]]:
+    """{quantizer: model path} (cached in ``folder``) and {quantizer: one-line error} for those that failed."""
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = _fp32(arch, folder)
+    reduce_range, _ = auto_reduce_range()
+    samples = calibration_samples(arch)
+    makers = {
+        "ort-default": lambda out: _ort_quantize(fp32, out, samples),
+        "ort-u8s8": lambda out: _ort_quantize(fp32, out, samples, quant_format=QuantFormat.QDQ,
+                                              activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                              per_channel=True, reduce_range=reduce_range),
+        "nncf": lambda out: _nncf_quantize(fp32, out, samples),
+        "nncf-fbc": lambda out: _nncf_quantize(fp32, out, samples, fast_bias_correction=False),
+        "deployopt": lambda out: _deployopt_quantize(arch, fp32, out),
+    }
+    paths, errors = {"fp32": fp32}, {}
+    for name, make in makers.items():
+        out = folder / f"{arch}-{name}.onnx"
+        error_file = out.with_suffix(".error")
+        if not out.exists() and not error_file.exists():
+            log(f"{arch}: quantizing with {name} on {len(samples)} calibration samples")
+            start = time.perf_counter()
+            try:
+                make(out)
+                log(f"{arch}: {name} done in {time.perf_counter() - start:.0f} s")
+            except Exception as e:  # a peer tool failing is a result of the comparison
+                error_file.write_text(one_line(e, with_type=True), encoding="utf-8")
+                out.unlink(missing_ok=True)
+        if out.exists():
+            paths[name] = out
+        else:
+            errors[name] = error_file.read_text(encoding="utf-8")
+            log(f"{arch}: {name} FAILED: {errors[name]}")
+    return paths, errors
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def unseen_photo_folder(folder: pathlib.Path) -> pathlib.Path:
+    """The crops of ``UNSEEN_PHOTOS`` as PNG files in ``folder`` (written once)."""
+    import importlib
+
+    from PIL import Image
+
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == len(UNSEEN_PHOTOS) * len(CROP_VARIANTS):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for package, relative in UNSEEN_PHOTOS:
+        source = pathlib.Path(importlib.import_module(package).__file__).parent / relative
+        with Image.open(source) as im:
+            image = im.convert("RGB")
+        w, h = image.size
+        for k, (scale, position, flip) in enumerate(CROP_VARIANTS):
+            side = round(scale * min(w, h))
+            left = {"center": (w - side) // 2, "top-left": 0, "bottom-left": 0}.get(position, w - side)
+            top = {"center": (h - side) // 2, "top-left": 0, "top-right": 0}.get(position, h - side)
+            crop = image.crop((left, top, left + side, top + side))
+            if flip:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crop.save(folder / f"{pathlib.Path(relative).stem}-{k:02d}.png")
+    return folder
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+class Store:
+    """Measurements kept as JSON in one file, so an interrupted run resumes where it stopped."""
+
+    def __init__(self, path: pathlib.Path, fresh: bool):
+        self.path = path
+        self.data = {} if fresh or not path.exists() else json.loads(path.read_text(encoding="utf-8"))
+
+    def get(self, key: str, compute):
+        if key not in self.data:
+            self.data[key] = compute()
+            self.path.write_text(json.dumps(self.data, indent=1), encoding="utf-8")
+        return self.data[key]
+
+
+def _latency(arch: str, paths: dict, runs: int, rounds: int) -> dict:
+    entries = [(f"{label} [{target[0]}]", paths[quantizer], target) for label, quantizer, target in ENTRIES
+               if quantizer in paths]
+    log(f"{arch}: latency of {len(entries)} entries, {rounds} interleaved rounds of {runs} runs")
+    result = compare([p for _, p, _ in entries], labels=[e[0] for e in entries], targets=[t for _, _, t in entries],
+                     threads=(1,), batch=(1,), runs=runs, rounds=rounds, warmup=10, progress=False)
+    return result.to_dict()
+
+
+def _fidelity(path: pathlib.Path, fp32: pathlib.Path, data, runtime: str) -> dict:
+    try:
+        result = deployopt.evaluate(path, data, reference=fp32, runtime=runtime, threads=1)
+    except Exception as e:  # a model a runtime cannot run is a result of the comparison
+        return {"error": one_line(e, with_type=True)}
+    return {"n": result.n, "agreement": result.agreement, "agreement_ci": result.agreement_ci, "kl": result.kl}
+
+
+def int8_convs(path: pathlib.Path, folder: pathlib.Path) -> list[int]:
+    """[convolutions that run as QLinearConv, all convolutions] in onnxruntime's optimized graph:
+    a Conv onnxruntime cannot fuse with its Q/DQ runs in float between them."""
+    import onnx
+
+    from deployopt.core.session import open_session
+
+    optimized = folder / f"{path.stem}.ort-optimized.onnx"
+    open_session(path, threads=1, optimized_path=optimized, what=str(path))
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    optimized.unlink()
+    return [ops.count("QLinearConv"), sum(op in CONV_OPS for op in ops)]
+
+
+def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, datasets: dict,
+            folder: pathlib.Path) -> dict:
+    latency = store.get(f"{arch}/latency", lambda: _latency(arch, paths, runs, rounds))
+    convs = {q: store.get(f"{arch}/{q}/int8-convs", lambda: int8_convs(p, folder))
+             for q, p in paths.items() if q != "fp32"}
+    fidelity = {}
+    for label, quantizer, (runtime, _) in ENTRIES:
+        if quantizer not in paths or quantizer == "fp32":
+            continue
+        for name, spec in datasets.items():
+            key = f"{arch}/{quantizer}/{runtime}/{name}"
+            if key not in store.data:
+                log(f"{arch}: fidelity of {label} on {runtime}, {name}")
+            data = {**spec, "preprocess": PREPROCESS[arch]}
+            fidelity[key] = store.get(key, lambda: _fidelity(paths[quantizer], paths["fp32"], data, runtime))
+    return {"latency": latency, "fidelity": fidelity, "int8_convs": convs}
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def _entry_rows(arch: str, measured: dict, errors: dict) -> list[dict]:
+    """One dict per entry of ENTRIES: label, quantizer, runtime, latency row (or None), fidelity per set."""
+    rows = {r["model"]: r for r in measured["latency"]["rows"]}
+    out = []
+    for label, quantizer, (runtime, _) in ENTRIES:
+        row = None if quantizer in errors else rows.get(f"{label} [{runtime}]")
+        fid = {name: measured["fidelity"].get(f"{arch}/{quantizer}/{runtime}/{name}") for name in ("held-out", "unseen")}
+        out.append({"label": label, "quantizer": quantizer, "runtime": runtime, "row": row, "fidelity": fid})
+    return out
+
+
+def _speed(entry: dict) -> str:
+    row = entry["row"]
+    return f"{row['speedup']:.2f}x [{row['speedup_ci'][0]:.2f}, {row['speedup_ci'][1]:.2f}]"
+
+
+def findings(per_arch: dict, errors: dict) -> list[str]:
+    """Where deployopt wins and loses, from the measured numbers."""
+    lines = []
+    for arch, measured in per_arch.items():
+        entries = [e for e in _entry_rows(arch, measured, errors[arch]) if e["quantizer"] != "fp32"
+                   and e["row"] is not None and not e["row"].get("error")]
+        parts = []
+        for runtime in ("onnxruntime", "openvino"):
+            on = [e for e in entries if e["runtime"] == runtime]
+            if not on:
+                continue
+            best = max(on, key=lambda e: e["row"]["speedup"])
+            ours = next((e for e in on if e["quantizer"] == "deployopt"), None)
+            text = f"on {runtime} the fastest int8 is {best['label']} at {_speed(best)}"
+            if ours is not None and ours is not best:
+                text += f", deployopt {_speed(ours)}"
+            elif ours is best:
+                text += " (deployopt)"
+            parts.append(text)
+        faithful = [e for e in entries if all(f and "kl" in f for f in e["fidelity"].values())]
+        if faithful:
+            best = min(faithful, key=lambda e: e["fidelity"]["unseen"]["kl"])
+            peers = [e for e in faithful if e["quantizer"] != "deployopt"]
+            ours = [e for e in faithful if e["quantizer"] == "deployopt"]
+            text = (f"lowest KL on unseen photos: {best['label']} on {best['runtime']} "
+                    f"({best['fidelity']['unseen']['kl']:.4f}, agreement {best['fidelity']['unseen']['agreement']:.1%})")
+            if peers and ours:
+                peer = min(peers, key=lambda e: e["fidelity"]["unseen"]["kl"])
+                mine = min(ours, key=lambda e: e["fidelity"]["unseen"]["kl"])
+                text += (f"; best peer {peer['label']} on {peer['runtime']} {peer['fidelity']['unseen']['kl']:.4f} "
+                         f"vs deployopt {mine['fidelity']['unseen']['kl']:.4f} "
+                         f"({peer['fidelity']['unseen']['kl'] / max(mine['fidelity']['unseen']['kl'], 1e-12):.1f}x lower)")
+            parts.append(text)
+        lines.append(f"- **{arch}**: " + "; ".join(parts) + ".")
+    # Why, on onnxruntime: how many convolutions each file's Q/DQ placement lets onnxruntime fuse.
+    for arch, measured in per_arch.items():
+        convs = measured.get("int8_convs", {})
+        names = {q: label for label, q, _ in ENTRIES}
+        slow = [e["label"] for e in _entry_rows(arch, measured, errors[arch]) if e["runtime"] == "onnxruntime"
+                and e["quantizer"] != "fp32" and e["row"] and not e["row"].get("error") and e["row"]["speedup_ci"][1] < 1]
+        text = (f"- **{arch}, why on onnxruntime**: convolutions onnxruntime runs as int8 QLinearConv (of all) "
+                "in its optimized graph: " + ", ".join(f"{names[q]} {a}/{b}" for q, (a, b) in convs.items()) + ".")
+        if slow:
+            text += (" A convolution left unfused runs in float between DequantizeLinear/QuantizeLinear and "
+                     f"pays for both, which is why {', '.join(slow)} run slower than fp32 there.")
+        lines.append(text)
+    return lines
+
+
+def _condensed(warnings: list[str]) -> str:
+    noisy = [w for w in warnings if "CV" in w]
+    others = [w for w in warnings if "CV" not in w]
+    if noisy:
+        others.append(f"{len(noisy)} entries with a timing CV above 10% (ratios over interleaved rounds remain usable)")
+    return "; ".join(others)
+
+
+def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dict, settings: dict) -> str:
+    rr, rr_reason = auto_reduce_range()
+    lines = ["# Peers: int8 from onnxruntime quantize_static, NNCF and deployopt on onnxruntime and OpenVINO", "",
+             f"Machine: {machine.stamp_line(stamp)}", "", f"Command: `{command}`", "",
+             "The machine was shared with other agents' jobs during the run (2 cores, load average far above 2): "
+             "absolute milliseconds are inflated and noisy; the ratios come from one interleaved run per model "
+             f"({settings['rounds']} rounds of {settings['runs']} timed runs per entry, one worker process "
+             "per entry, 1 intra-op thread, batch 1), so drift of the host hits every entry alike.", "",
+             "- speedup = p50(fp32 on onnxruntime) / p50(entry), bootstrap 95% interval over the paired rounds.",
+             "- Every quantizer calibrates on the demo's calibration set ('photos' test split, 110 crops).",
+             "- `quantize_static defaults`: `quantize_static(fp32, out, reader)`, nothing else set (QDQ, int8 "
+             "activations and weights, per-tensor, MinMax).",
+             f"- `U8S8 per-channel`: QDQ, uint8 activations, int8 per-channel weights, reduce_range={rr} "
+             f"(deployopt's choice here: {rr_reason.split(':')[0]}).",
+             "- `nncf`: `nncf.quantize(onnx_model, nncf.Dataset(calibration), subset_size=110)`, default preset "
+             "(symmetric weights and activations), target device ANY; the second NNCF entry adds "
+             "`fast_bias_correction=False`.",
+             "- `deployopt`: `deployopt.optimize` with the demo's passes (cleanup, quantize minmax).",
+             "- OpenVINO compiles float models with INFERENCE_PRECISION_HINT f32, int8 (Q/DQ) models with "
+             "its default precision; the OpenVINO entries run the very same .onnx files.",
+             "- Agreement: top-1 with the fp32 model run on the same runtime (Wilson 95% CI); KL = "
+             "KL(softmax fp32 || softmax entry), mean over samples (`deployopt.evaluate`). `held-out crops`: the "
+             "demo's data.fidelity, 'photos' train split (other crops of the photos calibration saw); "
+             "`unseen photos`: 22 crops each of 6 photos in no built-in dataset (sklearn china and "
+             "flower, matplotlib grace_hopper, skimage camera, coins, hubble_deep_field), so no calibration "
+             "sample came from them.",
+             "- int8 convs: convolutions onnxruntime runs as QLinearConv, of all convolutions, in its optimized "
+             "graph (ORT_ENABLE_ALL).", ""]
+    for arch, measured in per_arch.items():
+        sets = {name: next((v["n"] for k, v in measured["fidelity"].items() if k.endswith("/" + name) and "n" in v), "?")
+                for name in ("held-out", "unseen")}
+        lines += [f"## {arch}", "",
+                  f"| entry | runtime | p50 ms | speedup vs ORT fp32 [95% CI] | agreement, held-out crops "
+                  f"(n={sets['held-out']}) | KL held-out | agreement, unseen photos (n={sets['unseen']}) | KL unseen "
+                  "| int8 convs (ORT) | size MB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in _entry_rows(arch, measured, errors[arch]):
+            quantizer, runtime, row = e["quantizer"], e["runtime"], e["row"]
+            if quantizer in errors[arch]:
+                lines.append(f"| {e['label']} | {runtime} | FAILED to quantize: {errors[arch][quantizer]} "
+                             "| | | | | | | |")
+                continue
+            lat = (f"FAILED: {row['error']}", "") if row.get("error") else (f"{row['p50_ms']:.2f}", _speed(e))
+            cells = []
+            for name in ("held-out", "unseen"):
+                result = e["fidelity"][name]
+                if quantizer == "fp32":
+                    cells += ["reference", "0"]
+                elif result is None or "error" in result:
+                    cells += [f"FAILED: {result['error'] if result else 'not measured'}", ""]
+                else:
+                    cells += [f"{result['agreement']:.1%} [{result['agreement_ci'][0]:.1%}, "
+                              f"{result['agreement_ci'][1]:.1%}]", f"{result['kl']:.4f}"]
+            convs = measured.get("int8_convs", {}).get(quantizer)
+            conv_cell = f"{convs[0]}/{convs[1]}" if convs and runtime == "onnxruntime" else ""
+            lines.append(f"| {e['label']} | {runtime} {row['runtime_version']} | {lat[0]} | {lat[1]} | "
+                         + " | ".join(cells) + f" | {conv_cell} | {sizes[arch][quantizer]:.2f} |")
+        if measured["latency"].get("warnings"):
+            lines += ["", "Latency run warnings: " + _condensed(measured["latency"]["warnings"]) + "."]
+        lines.append("")
+    lines += ["## Findings", "", *findings(per_arch, errors), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few runs and 32 samples per fidelity set: a trial")
+    parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "peers"))
+    parser.add_argument("--fresh", action="store_true", help="measure again instead of reusing kept results")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    runs = args.runs or (10 if args.quick else 50)
+    rounds = args.rounds or (2 if args.quick else 7)
+    work = pathlib.Path(args.work)
+    out = pathlib.Path(args.out) if args.out else (
+        work / "peers-quick.md" if args.quick else ROOT / "benchmarks" / "results" / "peers.md")
+    command = "python -m benchmarks.run_peers " + " ".join(argv if argv is not None else sys.argv[1:])
+    limit = {"limit": 32} if args.quick else {}
+    datasets = {"held-out": {**HELD_OUT, **limit},
+                "unseen": {"dataset": f"folder:{unseen_photo_folder(work / 'unseen-photos')}", **limit}}
+    work.mkdir(parents=True, exist_ok=True)
+    store = Store(work / ("measured-quick.json" if args.quick else "measured.json"), args.fresh)
+    per_arch, errors, sizes = {}, {}, {}
+    for arch in ARCHS:
+        paths, errors[arch] = build_models(arch, work / "models")
+        sizes[arch] = {q: p.stat().st_size / 1e6 for q, p in paths.items()}
+        per_arch[arch] = measure(arch, paths, store, runs=runs, rounds=rounds, datasets=datasets,
+                                 folder=work / "models")
+    stamp = machine.stamp(runtimes=True)
+    text = markdown(command.strip(), stamp, per_arch, errors, sizes, {"runs": runs, "rounds": rounds})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "machine": stamp,
+                                                    "errors": errors, "sizes_mb": sizes, **per_arch}, indent=1),
+                                        encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
