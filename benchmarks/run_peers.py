@@ -269,7 +269,19 @@ def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, dat
                 log(f"{arch}: fidelity of {label} on {runtime}, {name}")
             data = {**spec, "preprocess": PREPROCESS[arch]}
             fidelity[key] = store.get(key, lambda: _fidelity(paths[quantizer], paths["fp32"], data, runtime))
-    return {"latency": latency, "fidelity": fidelity, "int8_convs": convs}
+    return {"latency": latency, "fidelity": fidelity, "int8_convs": convs,
+            "deployopt_float": deployopt_float(paths["deployopt"]) if "deployopt" in paths else {}}
+
+
+def deployopt_float(model: pathlib.Path) -> dict[str, int]:
+    """{reason kind: nodes} deployopt's quantize left in float, from the run's report.json."""
+    report = json.loads((model.with_suffix("") / "report.json").read_text(encoding="utf-8"))
+    counts: dict[str, int] = {}
+    for step in report.get("steps", []):
+        for node in (step.get("details") or {}).get("float_nodes", []):
+            kind = node["reason"].split(":")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -319,9 +331,10 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
             if peers and ours:
                 peer = min(peers, key=lambda e: e["fidelity"]["unseen"]["kl"])
                 mine = min(ours, key=lambda e: e["fidelity"]["unseen"]["kl"])
+                ratio = peer["fidelity"]["unseen"]["kl"] / max(mine["fidelity"]["unseen"]["kl"], 1e-12)
                 text += (f"; best peer {peer['label']} on {peer['runtime']} {peer['fidelity']['unseen']['kl']:.4f} "
-                         f"vs deployopt {mine['fidelity']['unseen']['kl']:.4f} "
-                         f"({peer['fidelity']['unseen']['kl'] / max(mine['fidelity']['unseen']['kl'], 1e-12):.1f}x lower)")
+                         f"(agreement {peer['fidelity']['unseen']['agreement']:.1%}) vs deployopt "
+                         f"{mine['fidelity']['unseen']['kl']:.4f}: the peer's KL is {ratio:.1f}x deployopt's")
             parts.append(text)
         lines.append(f"- **{arch}**: " + "; ".join(parts) + ".")
     # Why, on onnxruntime: how many convolutions each file's Q/DQ placement lets onnxruntime fuse.
@@ -332,6 +345,10 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                 and e["quantizer"] != "fp32" and e["row"] and not e["row"].get("error") and e["row"]["speedup_ci"][1] < 1]
         text = (f"- **{arch}, why on onnxruntime**: convolutions onnxruntime runs as int8 QLinearConv (of all) "
                 "in its optimized graph: " + ", ".join(f"{names[q]} {a}/{b}" for q, (a, b) in convs.items()) + ".")
+        kept_float = measured.get("deployopt_float") or {}
+        if kept_float:
+            text += (" deployopt left " + ", ".join(f"{n} nodes float for {kind}" for kind, n in kept_float.items())
+                     + " (its latency-aware search times int8 against float per node on this host).")
         if slow:
             text += (" A convolution left unfused runs in float between DequantizeLinear/QuantizeLinear and "
                      f"pays for both, which is why {', '.join(slow)} run slower than fp32 there.")

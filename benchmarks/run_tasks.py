@@ -334,6 +334,8 @@ def run_task(task: Task, work: pathlib.Path, args) -> dict[str, Any]:
     try:
         ort_path = work / "ort_int8.onnx"
         if not (args.reuse and ort_path.is_file()):
+            if args.no_quantize:
+                raise RuntimeError("not in the work folder and --no-quantize given")
             ort_quantize(task, ort_path)
         forms.append({"label": "onnxruntime quantize_static (defaults)", "path": ort_path, "record": None})
     except Exception as e:  # noqa: BLE001 - a row saying why beats no table
@@ -348,6 +350,9 @@ def run_task(task: Task, work: pathlib.Path, args) -> dict[str, Any]:
                       "".join(f"-{k}={v}" for k, v in sorted(settings.items())))
         if args.reuse and (out / "report.json").is_file() and (out / "model.onnx").is_file():
             report = deployopt.Report.read(out / "report.json")
+        elif args.no_quantize:
+            forms.append({"label": label, "path": None, "error": "not in the work folder and --no-quantize given"})
+            continue
         else:
             report = deployopt_quantize(task, settings, tolerance, out)
         record = quantize_record(report)
@@ -414,7 +419,7 @@ def table(result: dict[str, Any], load: str) -> list[str]:
              "float nodes and why |", "|---|---|---|---|---|"]
     for form in result["forms"]:
         if form.get("path") is None:
-            lines.append(f"| {form['label']} | failed: {form.get('error')} | - | - | - |")
+            lines.append(f"| {form['label']} | not measured: {form.get("error")} | - | - | - |")
             continue
         fid, lab = metric_cells(task, form["metrics"])
         lines.append(f"| {form['label']} | {_latency_cell(form)} | {fid} | {lab} | {_float_cell(form)} |")
@@ -461,6 +466,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="with --work: keep the models, data and quantized models an earlier run left there "
                          "(task metrics and latency are always measured again)")
+    ap.add_argument("--no-quantize", action="store_true",
+                    help="with --reuse: a quantized form the work folder lacks gets a 'not run' row instead")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tasks.md"))
     args = ap.parse_args(argv)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]

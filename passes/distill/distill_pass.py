@@ -3,7 +3,7 @@
 The current ONNX model is the teacher, run in onnxruntime (no PyTorch source needed). A student
 (a ``models/`` name, ``package.module:callable``, or ``{onnx: path}`` for one trained elsewhere)
 learns from the teacher's softened outputs and the labels when there are any
-(passes._distill_train gives the loss and the loop), is exported through
+(``deployopt.passes.distill.train`` gives the loss and the loop), is exported through
 ``deployopt.models.export.export_model`` with its torch-vs-onnxruntime parity check, keeping the
 teacher's input/output names and dynamic batch, and is scored against the teacher on
 ``data.evaluation``:
