@@ -419,7 +419,7 @@ def table(result: dict[str, Any], load: str) -> list[str]:
              "float nodes and why |", "|---|---|---|---|---|"]
     for form in result["forms"]:
         if form.get("path") is None:
-            lines.append(f"| {form['label']} | not measured: {form.get("error")} | - | - | - |")
+            lines.append(f"| {form['label']} | not measured: {form.get('error')} | - | - | - |")
             continue
         fid, lab = metric_cells(task, form["metrics"])
         lines.append(f"| {form['label']} | {_latency_cell(form)} | {fid} | {lab} | {_float_cell(form)} |")

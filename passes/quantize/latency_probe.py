@@ -6,8 +6,9 @@ to the probe from the pass context): int8 that pays off on onnxruntime may not o
 search decides on what will be deployed. Per-node profiles are onnxruntime's only; on another
 runtime the cost model is not built and the timed trials alone decide.
 
-Timing. Both models run ``ROUNDS`` rounds of ``RUNS`` timed runs (after ``WARMUP``), the order
-alternating each round. ``ratio = exp(mean_r log(p50_r(model) / p50_r(reference)))``, the
+Timing. Both models warm up (``WARMUP`` runs each), then run ``ROUNDS`` rounds of ``RUNS``
+timed runs (one warm run before each), the order alternating each round; for a model slow enough
+that this would pass ``MAX_COMPARE_S``, fewer runs per round (at least ``MIN_RUNS``). ``ratio = exp(mean_r log(p50_r(model) / p50_r(reference)))``, the
 geometric mean of the per-round p50 ratios (it cancels drift of the host between rounds), with a
 95% bootstrap interval over rounds and runs (deployopt.measure.timing.speedup_interval).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import pathlib
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -35,6 +37,9 @@ from deployopt.passes.quantize.data import Feed
 
 #: Interleaved timing of a candidate against the float model (per trial).
 WARMUP, RUNS, ROUNDS = 5, 30, 3
+#: Seconds one interleaved comparison aims at when RUNS would take longer, and the fewest timed
+#: runs per round it goes down to.
+MAX_COMPARE_S, MIN_RUNS = 20.0, 8
 #: Per-node profiles (float model and the first quantization).
 PROFILE_WARMUP, PROFILE_RUNS = 5, 20
 #: A configuration counts as faster than float at a latency ratio of at most this (and with its
@@ -106,12 +111,21 @@ def measure_latency(reference: pathlib.Path, model: pathlib.Path, feeds: Feed, *
     ``runtime``/``ep``, with the harness's session settings and statistics (module doc)."""
     sessions = [open_runtime(p, runtime, ep, threads=threads, what=f"model {pathlib.Path(p).name}")
                 for p in (reference, model)]
+    per_run_s = 0.0
+    for sess in sessions:  # full warm-up once; the last warm run also estimates the cost of a run
+        for _ in range(max(1, warmup)):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+        per_run_s += time.perf_counter() - t0
+    # A large model (a detector at 800x608 runs ~1 s per call on a busy host) would spend minutes
+    # on RUNS x ROUNDS; fewer runs per round keep one comparison near MAX_COMPARE_S, never below
+    # MIN_RUNS (the bootstrap interval widens accordingly, and decisions read that interval).
+    runs = max(MIN_RUNS, min(runs, int(MAX_COMPARE_S / max(rounds * per_run_s, 1e-9))))
     samples: list[list[np.ndarray]] = [[], []]
     for r in range(rounds):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):
             sess = sessions[i]
-            for _ in range(warmup):
-                sess.run(None, feeds)
+            sess.run(None, feeds)  # one warm run after the other model ran: caches are the other's
             ns, _ = time_runs(lambda s=sess: s.run(None, feeds), runs)
             samples[i].append(ns / 1e6)
     ref_p50 = float(np.median(np.concatenate(samples[0])))
