@@ -32,6 +32,19 @@ CLASSIFICATION_KEYS = ("classes", "top1", "top1_ci", "top5", "top5_ci", "agreeme
                        "max_abs_diff", "kl")
 
 
+#: Input bytes fed in one run of a dynamic-batch model. Activations grow with the batch: 32
+#: samples of a 640x640 detector in one run hold gigabytes, so large inputs go a few at a time
+#: (16 MB: 26 samples at 3x224x224, 3 at 3x640x640), small ones a whole batch at once.
+MAX_CHUNK_INPUT_BYTES = 16 * 2**20
+
+
+def chunk_size(x) -> int:
+    """Samples of batch ``x`` (an array or {input: array}) fed in one run: MAX_CHUNK_INPUT_BYTES of input."""
+    arrays = list(x.values()) if isinstance(x, dict) else [np.asarray(x)]
+    sample_bytes = sum(a[:1].nbytes for a in arrays)
+    return max(1, min(len(arrays[0]), MAX_CHUNK_INPUT_BYTES // max(1, sample_bytes)))
+
+
 # -- running a model over a dataset -------------------------------------------------------------
 
 class _Runner:
@@ -73,12 +86,13 @@ class _Runner:
 
     def run(self, x, step: int | None = None) -> list[tuple[int, int, dict[str, np.ndarray]]]:
         """The outputs of one batch, as (start, stop, {name: array}) per chunk of samples
-        start..stop-1 fed at once (``step`` samples, default the model's fixed batch or the whole
-        batch). A chunk smaller than a fixed-batch model's batch is padded by repeating its last
-        sample; padded rows are dropped from every output whose first axis is the batch."""
+        start..stop-1 fed at once (``step`` samples, default the model's fixed batch, else as many
+        as ``MAX_CHUNK_INPUT_BYTES`` of input allows). A chunk smaller than a fixed-batch model's
+        batch is padded by repeating its last sample; padded rows are dropped from every output
+        whose first axis is the batch."""
         feeds = x if isinstance(x, dict) else {self.spec.name: np.asarray(x).astype(self.spec.dtype, copy=False)}
         total = len(next(iter(feeds.values())))
-        step = step or self.fixed_batch or total
+        step = step or self.fixed_batch or chunk_size(feeds)
         width = self.fixed_batch or step
         chunks = []
         for start in range(0, total, step):
@@ -179,8 +193,9 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
                dynamic_ncols=True)
     try:
         for x, y in dataset.batches(batch_size):
-            mine = model.run(x, step)
-            theirs = [None] * len(mine) if ref is None else [outs for _, _, outs in ref.run(x, step)]
+            chunk = step or chunk_size(x)  # the same chunks for both models, so their outputs pair up
+            mine = model.run(x, chunk)
+            theirs = [None] * len(mine) if ref is None else [outs for _, _, outs in ref.run(x, chunk)]
             for (start, stop, outs), ref_outs in zip(mine, theirs):
                 given = {"file": reader.batch(n + start, n + stop) if reader is not None else None,
                          "dataset": None if y is None or not dataset.labeled else np.asarray(y)[start:stop]}
