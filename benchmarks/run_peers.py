@@ -1,7 +1,7 @@
 """Published numbers against the peer int8 tools: onnxruntime's ``quantize_static`` (its defaults and
 the U8S8 per-channel setting), NNCF and deployopt, on onnxruntime and OpenVINO, in one run.
 
-    .venv/bin/python -m benchmarks.run_peers [--quick] [--runs 50] [--rounds 5]
+    .venv/bin/python -m benchmarks.run_peers [--quick] [--runs 40] [--rounds 6]
         [--work runs/peers] [--fresh] [--out benchmarks/results/peers.md]
 
 Per model (EfficientNet-Lite0 with the demo's export spec and MobileNetV2, both with real ImageNet
@@ -274,13 +274,15 @@ def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, dat
 
 
 def deployopt_float(model: pathlib.Path) -> dict[str, int]:
-    """{reason kind: nodes} deployopt's quantize left in float, from the run's report.json."""
+    """How many nodes deployopt's quantize left in float, from the run's report.json: {latency: nodes
+    its latency-aware search returned to float, latency_convs: the convolutions among them, other}."""
     report = json.loads((model.with_suffix("") / "report.json").read_text(encoding="utf-8"))
-    counts: dict[str, int] = {}
+    counts = {"latency": 0, "latency_convs": 0, "other": 0}
     for step in report.get("steps", []):
         for node in (step.get("details") or {}).get("float_nodes", []):
-            kind = node["reason"].split(":")[0]
-            counts[kind] = counts.get(kind, 0) + 1
+            latency = node["reason"].startswith("latency")
+            counts["latency" if latency else "other"] += 1
+            counts["latency_convs"] += latency and node["op_type"] == "Conv"
     return counts
 
 
@@ -345,10 +347,10 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                 and e["quantizer"] != "fp32" and e["row"] and not e["row"].get("error") and e["row"]["speedup_ci"][1] < 1]
         text = (f"- **{arch}, why on onnxruntime**: convolutions onnxruntime runs as int8 QLinearConv (of all) "
                 "in its optimized graph: " + ", ".join(f"{names[q]} {a}/{b}" for q, (a, b) in convs.items()) + ".")
-        kept_float = measured.get("deployopt_float") or {}
-        if kept_float:
-            text += (" deployopt left " + ", ".join(f"{n} nodes float for {kind}" for kind, n in kept_float.items())
-                     + " (its latency-aware search times int8 against float per node on this host).")
+        kept = measured.get("deployopt_float") or {}
+        if kept.get("latency"):
+            text += (f" deployopt's latency-aware search, timed on this loaded host, returned {kept['latency']} "
+                     f"nodes ({kept['latency_convs']} of them Conv) to float where int8 measured slower.")
         if slow:
             text += (" A convolution left unfused runs in float between DequantizeLinear/QuantizeLinear and "
                      f"pays for both, which is why {', '.join(slow)} run slower than fp32 there.")
@@ -437,8 +439,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fresh", action="store_true", help="measure again instead of reusing kept results")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    runs = args.runs or (10 if args.quick else 50)
-    rounds = args.rounds or (2 if args.quick else 7)
+    runs = args.runs or (10 if args.quick else 40)
+    rounds = args.rounds or (2 if args.quick else 6)
     work = pathlib.Path(args.work)
     out = pathlib.Path(args.out) if args.out else (
         work / "peers-quick.md" if args.quick else ROOT / "benchmarks" / "results" / "peers.md")
