@@ -426,6 +426,9 @@ def table(result: dict[str, Any], load: str) -> list[str]:
     lines += ["", "Against the issue's figures:", ""]
     for form in result["forms"]:
         text = figure(task, form, result["forms"][0])
+        record = form.get("record") or {}
+        if text is not None and (record.get("latency_result") == "float" or record.get("status") == "reverted"):
+            text += " (the model returned is fp32: no int8 configuration was faster)"
         if text is not None:
             lines.append(f"- {form['label']}: {text}")
     return lines + [""]
