@@ -111,18 +111,26 @@ def _db(signal, noise):
     return 10 * np.log10(np.maximum(signal, eps) / np.maximum(noise, eps))
 
 
+#: float64 elements converted at once by ``_energy`` (16 MB): a float64 copy of a whole
+#: high-resolution tensor would be the largest allocation of the pass.
+_ENERGY_BLOCK = 2 * 2**20
+
+
 def _energy(x: np.ndarray, minus: np.ndarray | None = None) -> np.ndarray:
     """Sum of squares of ``x`` (or of ``x - minus``) per channel (axis 1), or one total for
-    tensors without a channel axis; float64, one channel at a time (a float64 copy of a whole
-    high-resolution tensor would be the largest allocation of the pass)."""
+    tensors without a channel axis; in float64, a block of channels at a time (``_ENERGY_BLOCK``
+    elements: one channel at a time in Python made this the slowest part of the pass)."""
     if x.ndim < 2:
         x, minus = x.reshape(1, 1, -1), None if minus is None else minus.reshape(1, 1, -1)
-    sums = np.empty(x.shape[1])
-    for c in range(x.shape[1]):
-        v = x[:, c].astype(np.float64)
+    channels = x.shape[1]
+    block = max(1, _ENERGY_BLOCK // max(1, x[:, :1].size))
+    sums = np.empty(channels)
+    for start in range(0, channels, block):
+        stop = min(channels, start + block)
+        v = np.moveaxis(x[:, start:stop], 1, 0).astype(np.float64).reshape(stop - start, -1)
         if minus is not None:
-            v -= minus[:, c]
-        sums[c] = np.dot(v.ravel(), v.ravel())
+            v -= np.moveaxis(minus[:, start:stop], 1, 0).reshape(stop - start, -1)
+        sums[start:stop] = np.einsum("ij,ij->i", v, v)
     return sums
 
 
