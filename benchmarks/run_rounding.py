@@ -15,8 +15,6 @@
 3. Quantizes each model six times, ``QuantizePass(rounding=r, calibration=c, latency_aware=False)``
    with everything else at its defaults (bias correction on), and records the time and what the
    refinement and the range search did.
-   The pass's per-tensor SQNR ranking is skipped (a report diagnostic; without
-   ``max_accuracy_drop`` it does not change the model returned).
 4. Fidelity to fp32 on both held-out sets (deployopt.measure.metrics.fidelity on logits from
    onnxruntime, graph optimization on): top-1 agreement with its 95% interval and the mean
    KL(fp32 || int8) of the softmax.
@@ -69,19 +67,6 @@ def datasets(arch: str) -> dict:
             "unseen photos": _photos(arch, "all", lambda p: not seen(p), "photos, all crops of photos 16-25")}
 
 
-class _NoSqnr:
-    """The pass without its per-tensor SQNR ranking: a report diagnostic that, without
-    ``max_accuracy_drop``, does not change the model returned, and the slowest step here."""
-
-    def __init__(self, pass_class):
-        self.pass_class = pass_class
-
-    def __call__(self, **settings):
-        p = self.pass_class(**settings)
-        p._rank_by_sqnr = lambda *args: []
-        return p
-
-
 def _logits(path: pathlib.Path, x: np.ndarray, threads: int) -> np.ndarray:
     from deployopt.core.session import open_session
 
@@ -95,7 +80,7 @@ def _quantize(fp32: pathlib.Path, out: pathlib.Path, cal, rounding: str, calibra
     from deployopt.passes.context import PassContext
     from deployopt.passes.quantize import QuantizePass
 
-    p = _NoSqnr(QuantizePass)(rounding=rounding, calibration=calibration, latency_aware=False,
+    p = QuantizePass(rounding=rounding, calibration=calibration, latency_aware=False,
                               adaround_budget_s=budget)
     p.context = PassContext(calibration=cal, work_dir=out.parent)
     t0 = time.perf_counter()

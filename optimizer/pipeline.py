@@ -565,7 +565,8 @@ def _run(recipe: Recipe, out_dir: pathlib.Path, staging: pathlib.Path, started: 
                                training=datasets.get("training") or datasets.get("calibration"),
                                reference=reference, seed=recipe.seed, work_dir=work_dir,
                                threads=recipe.benchmark.threads[0], metrics=recipe.metrics,
-                               runtime=recipe.benchmark.runtime, ep=recipe.benchmark.ep)
+                               runtime=recipe.benchmark.runtime, ep=recipe.benchmark.ep,
+                               bench_slot=None if bench_slot is _now else bench_slot)
         judge = _judge(recipe, input_path, datasets)
         steps: list[StepRecord] = []
         model, failure = _run_passes(recipe, model, base_ctx, steps, input_path, normalization, source, shapes,

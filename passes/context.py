@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -34,3 +35,7 @@ class PassContext:
     # The recipe's task metric specs (deployopt.measure.tasks.MetricSpec), by which a pass with an
     # accuracy tolerance judges its candidates (deployopt.measure.judge); empty: the defaults.
     metrics: list[MetricSpec] = dataclasses.field(default_factory=list)
+    # Runs a latency measurement while this run holds the machine's benchmark slot:
+    # ``bench_slot(measure)`` returns ``measure()``. A sweep runs trials side by side, and a pass's
+    # own timings must not overlap another trial's; None: measure at once.
+    bench_slot: Callable[[Callable[[], Any]], Any] | None = None

@@ -26,7 +26,8 @@ import collections
 import dataclasses
 import pathlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -82,21 +83,29 @@ class LatencyProbe:
 
     runtime: str = "onnxruntime"
     ep: str | None = None
+    slot: Callable[[Callable[[], Any]], Any] | None = None
 
-    def on_target(self, runtime: str, ep: str | None) -> LatencyProbe:
-        """This probe, measuring on ``runtime``/``ep`` from now on (the pass context's target)."""
-        self.runtime, self.ep = runtime, ep
+    def on_target(self, runtime: str, ep: str | None, slot: Callable[[Callable[[], Any]], Any] | None = None,
+                  ) -> LatencyProbe:
+        """This probe, measuring on ``runtime``/``ep`` from now on (the pass context's target),
+        each measurement inside ``slot`` (the pass context's benchmark slot) when given."""
+        self.runtime, self.ep, self.slot = runtime, ep, slot
         return self
 
+    def _in_slot(self, measure: Callable[[], Any]) -> Any:
+        return measure() if self.slot is None else self.slot(measure)
+
     def compare(self, reference: pathlib.Path, model: pathlib.Path, feeds: Feed, threads: int) -> Timing:
-        return measure_latency(reference, model, feeds, threads=threads, runtime=self.runtime, ep=self.ep)
+        return self._in_slot(lambda: measure_latency(reference, model, feeds, threads=threads, runtime=self.runtime,
+                                                     ep=self.ep))
 
     def profile(self, path: pathlib.Path, proto: onnx.ModelProto, feeds: Feed, threads: int) -> NodeCosts:
         from deployopt.measure.profile import profile_model
 
-        prof = profile_model(path, threads=threads, runs=PROFILE_RUNS, warmup=PROFILE_WARMUP,
-                             shapes={k: tuple(v.shape) for k, v in feeds.items()},
-                             isolated=False, timeout=None, runtime=self.runtime, ep=self.ep)
+        prof = self._in_slot(lambda: profile_model(
+            path, threads=threads, runs=PROFILE_RUNS, warmup=PROFILE_WARMUP,
+            shapes={k: tuple(v.shape) for k, v in feeds.items()}, isolated=False, timeout=None,
+            runtime=self.runtime, ep=self.ep))
         # Kernel times above the end-to-end latency (coverage > 1) are the profiler's own
         # bookkeeping, a few µs per kernel: take it off every kernel evenly, or graphs with many
         # small kernels (int8 with its Q/DQ) would look slower than they run.

@@ -448,7 +448,7 @@ class QuantizePass(DeployFunctionalPass):
         feed = next(feeds(ctx.calibration, prepared.inputs, fixed, fixed))[0]  # one sample (or one fixed batch)
         outcome = latency_search.search(
             float_path=prepared.float_path, trial0=best, pre_proto=prepared.proto, qdq0_proto=best_proto,
-            capable=capable, feeds=feed, threads=ctx.threads, probe=self.probe.on_target(ctx.runtime, ctx.ep),
+            capable=capable, feeds=feed, threads=ctx.threads, probe=self.probe.on_target(ctx.runtime, ctx.ep, ctx.bench_slot),
             quantize=quantizer,
             check=self._latency_check(prepared, best, scorer),
             internal_unfused=internal_unfused(self.details["ort_optimized"], best_proto),
