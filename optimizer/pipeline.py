@@ -85,7 +85,8 @@ def _log(message: str) -> None:
     report_status(message)
 
 
-def _prepare_out_dir(out_dir: pathlib.Path) -> pathlib.Path:
+def prepare_out_dir(out_dir: pathlib.Path) -> pathlib.Path:
+    """The output folder, created and checked writable (one-line ``UserError`` naming it)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: output path exists and is not a folder")
     try:
@@ -498,7 +499,7 @@ def run(recipe: Recipe, out_dir: str | pathlib.Path, *, cache: StepCache | None 
     from the same input and settings; ``bench_slot`` runs every latency measurement (benchmark,
     profiles, step guards) while the run holds the machine's benchmark slot."""
     started = time.time()
-    out_dir = _prepare_out_dir(pathlib.Path(out_dir))
+    out_dir = prepare_out_dir(pathlib.Path(out_dir))
     if not isinstance(recipe.model, dict):
         io.check_output_path(out_dir / "model.onnx", input_path=recipe.model)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))

@@ -23,6 +23,7 @@ from typing import Any
 import deployopt
 from deployopt.core import io
 from deployopt.core.errors import UserError
+from deployopt.pipeline import prepare_out_dir
 from deployopt.sweeps import results
 from deployopt.sweeps.search import Proposer
 from deployopt.sweeps.spec import SweepSpec, Target, Trial, build_trial_recipe, load_sweep, trial_mapping
@@ -35,14 +36,7 @@ def _log(message: str) -> None:
 def _prepare(out_dir: pathlib.Path) -> pathlib.Path:
     """The output folder, created; an earlier sweep's trials/ and best/ in it are removed (its
     cache/ is kept: that is what a rerun reuses)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: output path exists and is not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out_dir}: cannot create the output folder: {e.strerror}") from e
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"{out_dir}: output folder is not writable")
+    prepare_out_dir(out_dir)
     for stale in ("trials", "best"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     return out_dir.resolve()
