@@ -195,6 +195,22 @@ def test_bad_values_and_missing_extras_are_one_line_errors(workspace, tmp_path, 
                                        "pip install 'deployopt[ray]'\n")
 
 
+def test_unreachable_ray_address_is_one_line_exit_2_without_hanging(workspace, tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port nothing listens on once this socket closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    grid = _write_sweep(workspace, "grid2.yaml", space={"passes[1].prune.sparsity": [0.3]})
+    start = time.monotonic()
+    assert main(["sweep", str(grid), "-o", str(tmp_path / "z"), "--address", f"127.0.0.1:{port}"]) == 2
+    assert time.monotonic() - start < 60
+    err = capsys.readouterr().err
+    assert err.startswith(f"deployopt: error: --address 127.0.0.1:{port}: cannot connect to a Ray cluster there")
+    assert err.count("\n") == 1
+
+
 def test_random_search_draws_distinct_trials_within_the_budget(workspace, tmp_path):
     from deployopt.sweeps.search import Proposer
     from deployopt.sweeps.spec import load_sweep

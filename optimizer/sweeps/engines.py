@@ -181,6 +181,26 @@ def require_ray():
     return ray
 
 
+#: Seconds to wait for a Ray cluster's address to accept a connection: ray.init itself retries an
+#: unreachable address without end.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse (one line, exit 2) a ``host:port`` or ``ray://host:port`` address that does not accept
+    a TCP connection within CONNECT_TIMEOUT_S; ``auto`` and other forms are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"--address {address}: cannot connect to a Ray cluster there "
+                        f"({e.strerror or type(e).__name__}, waited up to {CONNECT_TIMEOUT_S:g} s)") from e
+
+
 class RayEngine:
     """Trials as Ray tasks on the cluster at ``address`` (None: a local instance with one
     ``bench_slot``). Every node that runs trials must offer ``bench_slot`` (start it with
@@ -193,6 +213,8 @@ class RayEngine:
         self._ray = ray
         self._owned = not ray.is_initialized()
         if self._owned:
+            if address:
+                _check_reachable(address)
             try:
                 if address:
                     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
