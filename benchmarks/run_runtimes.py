@@ -67,7 +67,9 @@ def _int8(arch: str, fp32: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
 def _top1(path, runtime: str, data) -> np.ndarray:
     model = open_runtime(path, runtime, threads=2)
     name = model.inputs[0]
-    return np.concatenate([np.argmax(model.run(None, {name: x})[0], axis=1) for x, _ in data.batches(16)])
+    # one sample per run: the exports have a fixed batch of 1
+    return np.concatenate([np.argmax(model.run(None, {name: x[i:i + 1]})[0], axis=1)
+                           for x, _ in data.batches(16) for i in range(len(x))])
 
 
 def _run(arch: str, folder: pathlib.Path, threads: int, runs: int, rounds: int) -> list[dict]:
