@@ -228,7 +228,7 @@ def test_adaround_cuts_a_convolutions_output_error_on_held_out_digits(digits):
 
     def error(q):
         return float(np.mean((held @ (_grid(q, scale, zero) - w)[0].T) ** 2))
-    assert out.q is not None and out.iterations == 1000
+    assert out.iterations == 1000
     assert error(out.q) < 0.6 * error(nearest)
     floor = np.floor(w / scale[:, :, None])
     assert np.all((out.q == floor) | (out.q == floor + 1))

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from deployopt.core.data import Dataset
 from deployopt.measure.judge import Judge, Verdict
-from deployopt.measure.metrics import predicted_class, row_cosine
+from deployopt.measure.metrics import predicted_class
 from deployopt.passes.quantize.data import Feed
 
 #: Without max_accuracy_drop, a trial's task score against the float model may fall at most
@@ -42,19 +42,6 @@ def predicted_classes(sess: ort.InferenceSession, stream: Iterable[Feed]) -> np.
     output = sess.get_outputs()[0].name
     parts = [predicted_class(sess.run([output], feed)[0]) for feed in stream]
     return np.concatenate(parts) if parts else np.empty(0)
-
-
-def output_cosine(sess: ort.InferenceSession, float_sess: ort.InferenceSession, stream: Iterable[Feed]) -> float:
-    """Mean per-sample cosine of all of ``sess``'s outputs to ``float_sess``'s, each sample's
-    outputs flattened and concatenated, over the stream (both models run batch by batch, so
-    nothing of the dataset is held): a diagnostic over every output at once."""
-    total, count = 0.0, 0
-    for feed in stream:
-        rows = [np.concatenate([np.asarray(o, np.float64).reshape(len(o), -1) for o in s.run(None, feed)], axis=1)
-                for s in (sess, float_sess)]
-        total += float(row_cosine(*rows).sum())
-        count += len(rows[0])
-    return total / count if count else float("nan")
 
 
 def verdict_record(verdict: Verdict) -> dict[str, Any]:
