@@ -374,7 +374,7 @@ def test_optimize_refuses_nan_weights_with_exit_2(tmp_path):
 
 def test_optimize_cleanup_quantize_on_an_opset9_export_with_weights_as_inputs(tmp_path):
     model = _export(tmp_path, 9)
-    recipe = _recipe(tmp_path, model, [{"cleanup": {}}, {"quantize": {"min_step_speedup": None, "samples": 16}}])
+    recipe = _recipe(tmp_path, model, [{"cleanup": {}}, {"quantize": {"min_step_speedup": None, "samples": 16, "latency_aware": False}}])
     out = tmp_path / "out"
     proc = _cli(["optimize", str(recipe), "-o", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr

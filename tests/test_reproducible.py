@@ -26,7 +26,7 @@ def ws(tmp_path_factory):
               "passes": [{"cleanup": {}},
                          {"prune": {"sparsity": 0.5, "reconstruct": True, "min_elements": 16,
                                     "skip_first_last": False}},
-                         {"quantize": {"min_step_speedup": None}}],
+                         {"quantize": {"min_step_speedup": None, "latency_aware": False}}],
               "benchmark": {"enabled": False}}
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return root
