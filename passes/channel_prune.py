@@ -26,7 +26,10 @@ Steps (``passes.channel_groups`` finds what is tied to what):
    per-channel constants, sink input columns (blocks of ``H·W`` columns after a Flatten), Concat
    offsets, constant Reshape targets; then shapes are re-inferred. The model's inputs and outputs
    keep their shapes.
-5. Reconstruction (``passes.channel_reconstruct`` on the engine of ``passes.reconstruct``): each
+5. Mean compensation (with calibration data, ``passes.channel_reconstruct``): each layer reading
+   removed channels adds their mean contribution ``Σ_c Σ_k W[o, c, k]·E[x_c]`` to its bias, so
+   a removed channel takes away only its variations, not its average.
+6. Reconstruction (``passes.channel_reconstruct`` on the engine of ``passes.reconstruct``): each
    sink layer's weights and bias are re-solved by ridge least squares so that, on calibration
    data, its output on the pruned model's inputs matches the dense model's output.
 
@@ -92,6 +95,7 @@ class ChannelPrunePass(DeployInPlacePass):
     criterion: Literal["l1", "l2", "activation"] = "l1"
     round_to: int = setting(8, low=1)  # kept counts are multiples of this (or the whole group)
     min_channels: int = setting(8, low=1)  # never fewer in a group (or the whole group)
+    compensate: bool | None = None  # removed channels' means into the readers' biases; None: with calibration data
     reconstruct: bool | None = None  # None: when calibration data exists
     ridge: float = setting(1e-3, low=0)  # least-squares damping, relative to the mean input energy
     samples: int = setting(256, low=1)  # calibration samples for activation energy and reconstruction
@@ -106,9 +110,13 @@ class ChannelPrunePass(DeployInPlacePass):
         if self.reconstruct is True and data is None:
             raise UserError("reconstruct: true needs calibration data, and there is none "
                             "(set data.calibration in the recipe)")
+        if self.compensate is True and data is None:
+            raise UserError("compensate: true needs calibration data, and there is none "
+                            "(set data.calibration in the recipe)")
         reconstruct = data is not None if self.reconstruct is None else self.reconstruct
+        compensate = data is not None if self.compensate is None else self.compensate
         self._check_patterns(model.graph)
-        if data is not None and (reconstruct or self.criterion == "activation"):
+        if data is not None and (reconstruct or compensate or self.criterion == "activation"):
             recon.check_data(model, data, "data.calibration")
 
         ir_common.NameFixPass()(model)  # every value needs a name to be captured in onnxruntime
@@ -131,7 +139,9 @@ class ChannelPrunePass(DeployInPlacePass):
             details["groups"] = [self._group_record(g, None, excluded) for g in groups]
             return ir.passes.PassResult(model, modified=False)
 
-        scores = self._scores(model, candidates, data)
+        moments = self._sink_moments(model, candidates, data) if (
+            compensate or self.criterion == "activation") else {}
+        scores = self._scores(candidates, moments)
         kept = self._select(candidates, scores)
         for g in groups:  # Concat outputs follow their inputs
             if g.derived and not g.whole and any(p.group in kept for p in g.parts):
@@ -146,7 +156,10 @@ class ChannelPrunePass(DeployInPlacePass):
 
         original = model.clone() if reconstruct else None
         details["macs_before"] = model_stats(model)["macs"]
+        shifts = self._mean_shifts(kept, moments) if compensate else {}
         self._slice(model, kept)
+        if compensate:
+            self._compensate(model, kept, shifts)
         removed = sum(g.channels - len(i) for g, i in kept.items() if not g.derived)
         total = sum(g.channels for g in candidates)
         self.note(f"removed {removed} of {total} channels in {sum(not g.derived for g in kept)} "
@@ -187,9 +200,9 @@ class ChannelPrunePass(DeployInPlacePass):
         return found
 
     # -- ranking ---------------------------------------------------------------------------------
-    def _scores(self, model: ir.Model, groups: list[ChannelGroup], data) -> dict[ChannelGroup, np.ndarray]:
+    def _scores(self, groups: list[ChannelGroup], moments: dict) -> dict[ChannelGroup, np.ndarray]:
         if self.criterion == "activation":
-            return self._activation_scores(model, groups, data)
+            return self._activation_scores(groups, moments)
         p = 1 if self.criterion == "l1" else 2
         scores = {}
         for g in groups:
@@ -214,16 +227,25 @@ class ChannelPrunePass(DeployInPlacePass):
         gamma, var = const_array(bn.inputs[1]), const_array(bn.inputs[4])
         return np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
 
-    def _activation_scores(self, model, groups, data) -> dict[ChannelGroup, np.ndarray]:
+    @staticmethod
+    def _involved(groups: list[ChannelGroup]) -> list[ChannelGroup]:
+        """The groups and the Concat outputs they feed."""
         involved: list[ChannelGroup] = []
         todo = list(groups)
-        while todo:  # the groups themselves and the Concat outputs they feed
+        while todo:
             g = todo.pop()
             if g not in involved:
                 involved.append(g)
                 todo += [d for d, _ in g.concat_users]
-        names = sorted({s.node.inputs[0].name for g in involved for s in g.sinks})
-        energy = recon.mean_squares(model, names, data, self.samples, self.context.threads) if names else {}
+        return involved
+
+    def _sink_moments(self, model: ir.Model, groups: list[ChannelGroup], data) -> dict:
+        """``(E[x], E[x²])`` of every sink input of these groups, one run over the calibration data."""
+        names = sorted({s.node.inputs[0].name for g in self._involved(groups) for s in g.sinks})
+        return recon.channel_moments(model, names, data, self.samples, self.context.threads) if names else {}
+
+    def _activation_scores(self, groups: list[ChannelGroup], moments: dict) -> dict[ChannelGroup, np.ndarray]:
+        energy = {name: squares for name, (_, squares) in moments.items()}
 
         cache: dict[ChannelGroup, np.ndarray] = {}
 
@@ -292,6 +314,36 @@ class ChannelPrunePass(DeployInPlacePass):
                 if not (v.is_graph_input() or v.is_graph_output()):
                     v.shape = None
         ir_common.ShapeInferencePass()(model)
+
+    # -- mean compensation ------------------------------------------------------------------------
+    @staticmethod
+    def _mean_shifts(kept: dict[ChannelGroup, np.ndarray], moments: dict) -> dict[ir.Node, np.ndarray | None]:
+        """Per sink, the mean its removed inputs contributed to each (unsliced) output; from the
+        weights before slicing."""
+        shifts: dict[ir.Node, np.ndarray | None] = {}
+        for g, index in kept.items():
+            removed = np.setdiff1d(np.arange(g.channels), index)
+            for sink in g.sinks:
+                means = moments[sink.node.inputs[0].name][0]
+                shift = recon.mean_shift(sink.node, _expand(removed, sink.block), means)
+                previous = shifts.get(sink.node, 0.0)
+                shifts[sink.node] = None if shift is None or previous is None else previous + shift
+        return shifts
+
+    def _compensate(self, model: ir.Model, kept: dict[ChannelGroup, np.ndarray], shifts: dict) -> None:
+        out_index = {node: index for g, index in kept.items() for node in g.sources}
+        done, skipped = 0, []
+        for node, shift in shifts.items():
+            if shift is None:
+                skipped.append(node.name)
+                continue
+            recon.add_to_bias(model.graph, node, shift if node not in out_index else shift[out_index[node]])
+            done += 1
+        self.details["mean_compensated"] = done
+        note = f"mean compensation: {done} layer(s) took the removed channels' means into their bias"
+        if skipped:
+            note += f"; not {', '.join(skipped)} (no per-output bias to take it)"
+        self.note(note)
 
     # -- reconstruction ----------------------------------------------------------------------------
     def _reconstruct(self, original, model: ir.Model, kept: dict[ChannelGroup, np.ndarray], data) -> None:

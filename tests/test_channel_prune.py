@@ -198,9 +198,49 @@ def test_activation_criterion_needs_data_and_ranks_like_the_weights_here():
     w = _residual_weights()
     with pytest.raises(UserError, match=r"^criterion: 'activation' ranks channels on calibration data"):
         _prune(_residual(w), keep=0.5, criterion="activation")
-    pruned, result = _prune(_residual(w), X4, keep=0.5, criterion="activation", reconstruct=False)
+    pruned, result = _prune(_residual(w), X4, keep=0.5, criterion="activation", reconstruct=False,
+                            compensate=False)
     reference = _residual(_slice_residual(w, KEEP_R, KEEP_I))
     np.testing.assert_allclose(_run(pruned, X4), _run(reference, X4), rtol=1e-5, atol=1e-5)
+
+
+def _constant_channels(gemm: bool) -> onnx.ModelProto:
+    """Conv 3->8 (channels 0-3 have zero filters and bias 2: constant Relu(2) = 2) -> Relu -> a
+    1x1 Conv 8->4, or Flatten -> Gemm 8·4·4->5 (transB=1, alpha 0.5, beta 2)."""
+    w1 = _w(8, 3, 3, 3)
+    w1[:4] = 0.0
+    b1 = RNG.normal(0, 0.1, 8).astype(np.float32)
+    b1[:4] = 2.0
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu1")]
+    weights = {"W1": w1, "B1": b1}
+    if gemm:
+        nodes += [helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+                  helper.make_node("Gemm", ["f", "W2", "B2"], ["y"], name="fc", transB=1, alpha=0.5, beta=2.0)]
+        weights.update(W2=_w(5, 8 * 16), B2=_w(5))
+        return _model(nodes, weights, [2, 3, 4, 4], [2, 5])
+    nodes.append(helper.make_node("Conv", ["r", "W2"], ["y"], name="conv2"))  # no bias: one is added
+    weights["W2"] = _w(4, 8, 1, 1)
+    return _model(nodes, weights, [2, 3, 4, 4], [2, 4, 4, 4])
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["conv", "flatten-gemm"])
+def test_mean_compensation_moves_constant_channels_into_the_bias(gemm):
+    """Removing constant channels loses nothing once their readers' biases take the constant:
+    the pruned model equals the dense one; without compensation it does not."""
+    dense = _constant_channels(gemm)
+    x = RNG.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    pruned, result = _prune(dense, x, keep=0.5, reconstruct=False)
+    assert [g["kept"] for g in result.details["groups"] if g["status"] == "pruned"] == [4]
+    assert result.details["mean_compensated"] == 1
+    np.testing.assert_allclose(_run(pruned, x), _run(dense, x), rtol=1e-5, atol=1e-5)
+    plain, _ = _prune(dense, x, keep=0.5, reconstruct=False, compensate=False)
+    assert np.abs(_run(plain, x) - _run(dense, x)).max() > 0.1
+
+
+def test_compensate_true_needs_data():
+    with pytest.raises(UserError, match=r"^compensate: true needs calibration data, and there is none"):
+        _prune(_constant_channels(False), keep=0.5, compensate=True)
 
 
 def test_folded_batchnorm_conv_bias_is_sliced():
