@@ -2,7 +2,7 @@
 their unpruned selves, with and without int8.
 
     .venv/bin/python -m benchmarks.run_recover [--quick] [--models mobilenet_v2,efficientnet_lite0]
-        [--keeps 0.9,0.75,0.5] [--epochs 4] [--max-seconds 900] [--lr LR] [--crops 24] [--runs 30]
+        [--keeps 0.9,0.75,0.5] [--epochs 4] [--max-seconds 900] [--lr LR] [--views N] [--crops 24] [--runs 30]
         [--rounds 3] [--out benchmarks/results/recover.md]
 
 ``--quick``: MobileNetV2 at keep 0.75 only (the row the target is about).
@@ -182,7 +182,8 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
         io.save(pruned, pruned_path)
         variants[f"keep {keep}"] = {"path": pruned_path, "keep": keep, "recover": False, "int8": False, "train_s": None}
         step = RecoverPass(max_epochs=args.epochs, max_seconds=args.max_seconds,
-                           **({"lr": args.lr} if args.lr is not None else {}))
+                           **({"lr": args.lr} if args.lr is not None else {}),
+                           **({"views": args.views} if args.views is not None else {}))
         step.context = PassContext(training=training, reference=reference, seed=0, work_dir=tmp, threads=args.threads)
         t0 = time.perf_counter()
         result = step(io.load(pruned_path))
@@ -223,7 +224,10 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
              "speedup = its inverse with a bootstrap 95% interval. Agreement (Wilson 95% interval) and "
              "KL(fp32 || model) on the 440 held-out 'photos' crops; top-1 on the 20 labelled ImageNet samples. "
              f"recover: {args.epochs} epoch(s) at most, max_seconds {args.max_seconds:g}"
-             + (f", lr {args.lr:g}" if args.lr is not None else "") + ", other settings its defaults; train s is the whole recover step (view bank, teacher labels, training, checks).", ""]
+             + (f", lr {args.lr:g}" if args.lr is not None else "")
+             + (f", views {args.views}" if args.views is not None else "")
+             + ", other settings its defaults; train s is the whole recover step (view bank, teacher labels, "
+             "training, checks).", ""]
     for arch, res in results.items():
         lines += [f"## {arch} ({res['train_images']} training images)", "",
                   "| model | p50 ms | ratio | speedup [95% CI] | MACs | MB | agreement [95% CI] | KL | top-1 | train s |",
@@ -297,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--max-seconds", type=float, default=900.0)
     parser.add_argument("--lr", type=float, default=None, help="recover's peak learning rate (default: the pass's)")
+    parser.add_argument("--views", type=int, default=None,
+                        help="recover's copies per training image (default: the pass's)")
     parser.add_argument("--crops", type=int, default=24, help="random crops per large training picture")
     parser.add_argument("--threads", type=int, default=2, help="threads for training and the teacher")
     parser.add_argument("--runs", type=int, default=30)
