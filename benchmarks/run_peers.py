@@ -87,7 +87,8 @@ def log(message: str) -> None:
 
 # -- models -------------------------------------------------------------------------------------
 
-def _fp32(arch: str, folder: pathlib.Path) -> pathlib.Path:
+def fp32_model(arch: str, folder: pathlib.Path) -> pathlib.Path:
+    """``folder/ARCH.onnx``, the real-weight fp32 export (made once; run_runtimes uses it too)."""
     path = folder / f"{arch}.onnx"
     if not path.exists():
         if arch == "mobilenet_v2":
@@ -130,8 +131,8 @@ def _nncf_quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarr
     onnx.save(nncf.quantize(model, dataset, subset_size=len(samples), **options), str(out))
 
 
-def _deployopt_quantize(arch: str, fp32: pathlib.Path, out: pathlib.Path) -> None:
-    """The demo's passes on the demo's calibration data, no benchmark."""
+def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path) -> None:
+    """The demo's passes on the demo's calibration data, no benchmark, saved as ``out``."""
     import shutil
 
     recipe = {"model": str(fp32), "data": {"calibration": {**CALIBRATION, "preprocess": PREPROCESS[arch]}},
@@ -147,7 +148,7 @@ def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Pat
     from onnxruntime.quantization import QuantFormat, QuantType
 
     folder.mkdir(parents=True, exist_ok=True)
-    fp32 = _fp32(arch, folder)
+    fp32 = fp32_model(arch, folder)
     reduce_range, _ = auto_reduce_range()
     samples = calibration_samples(arch)
     makers = {
@@ -157,7 +158,7 @@ def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Pat
                                               per_channel=True, reduce_range=reduce_range),
         "nncf": lambda out: _nncf_quantize(fp32, out, samples),
         "nncf-fbc": lambda out: _nncf_quantize(fp32, out, samples, fast_bias_correction=False),
-        "deployopt": lambda out: _deployopt_quantize(arch, fp32, out),
+        "deployopt": lambda out: deployopt_int8(arch, fp32, out),
     }
     paths, errors = {"fp32": fp32}, {}
     for name, make in makers.items():

@@ -44,9 +44,8 @@ if str(ROOT) not in sys.path:
 from deployopt.core.data import open_dataset  # noqa: E402
 from deployopt.measure import machine  # noqa: E402
 
-SHAPE = (1, 3, 224, 224)
-ARCHS = ("efficientnet_lite0", "mobilenet_v2")
-PREPROCESS = {"mobilenet_v2": "imagenet", "efficientnet_lite0": "efficientnet-lite"}
+from benchmarks.run_peers import ARCHS, PREPROCESS, SHAPE  # noqa: E402  (the same two real-weight models)
+
 PHOTOS, CALIBRATION_PHOTOS = 25, 15  # 'photos' lists its 22 crop variants photo-major: source i is photo i % 25
 ROUNDINGS = ("nearest", "gptq", "adaround")
 CALIBRATIONS = ("minmax", "mse")

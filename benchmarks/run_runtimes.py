@@ -5,9 +5,10 @@ OpenVINO (CPU), side by side in one interleaved run.
         [--out benchmarks/results/runtimes.md]
 
 1. Models with real ImageNet weights: EfficientNet-Lite0 (the demo's export spec, 1x3x224x224)
-   and MobileNetV2 (torchvision weights, ``benchmarks.task_models.build_mobilenet_v2``).
-2. int8: ``deployopt.optimize`` with the demo's passes (cleanup, quantize with minmax
-   calibration) on the demo's calibration data ('photos' test split), no benchmark.
+   and MobileNetV2 (torchvision weights), exported by ``run_peers.fp32_model``.
+2. int8: ``run_peers.deployopt_int8``, ``deployopt.optimize`` with the demo's passes (cleanup,
+   quantize with minmax calibration) on the demo's calibration data ('photos' test split), no
+   benchmark.
 3. Latency: the four (model, runtime) pairs of each architecture in one
    ``deployopt.measure.latency.compare`` run (one worker process each, interleaved rounds, a
    target per entry), at ``--threads`` intra-op threads and batch 1; ratio = p50(onnxruntime fp32)
@@ -31,37 +32,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import deployopt  # noqa: E402
 from deployopt.core.data import open_dataset  # noqa: E402
 from deployopt.measure import machine  # noqa: E402
 from deployopt.measure.latency import compare  # noqa: E402
 from deployopt.measure.metrics import wilson_interval  # noqa: E402
 from deployopt.measure.runtime import open_runtime  # noqa: E402
 
-SHAPE = (1, 3, 224, 224)
-PREPROCESS = {"efficientnet_lite0": "efficientnet-lite", "mobilenet_v2": "imagenet"}
+from benchmarks.run_peers import PREPROCESS, SHAPE, deployopt_int8, fp32_model  # noqa: E402  (the same models)
+
 TARGETS = (("onnxruntime", None), ("openvino", None))
-
-
-def _fp32(arch: str, folder: pathlib.Path) -> pathlib.Path:
-    if arch == "mobilenet_v2":
-        from benchmarks.task_models import build_mobilenet_v2
-
-        return build_mobilenet_v2(folder).model
-    path = folder / f"{arch}.onnx"
-    deployopt.export(arch, path, input_shape=list(SHAPE), pretrained=True)
-    return path
-
-
-def _int8(arch: str, fp32: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
-    """The demo's quantization of ``fp32`` (cleanup, quantize minmax on the 'photos' test split)."""
-    recipe = {"model": str(fp32),
-              "data": {"calibration": {"dataset": "photos", "split": "test", "preprocess": PREPROCESS[arch]}},
-              "passes": [{"cleanup": {}}, {"quantize": {"calibration": "minmax"}}],
-              "benchmark": {"enabled": False}}
-    out = folder / f"{arch}-int8"
-    deployopt.optimize(recipe, out)
-    return out / "model.onnx"
 
 
 def _top1(path, runtime: str, data) -> np.ndarray:
@@ -73,8 +52,9 @@ def _top1(path, runtime: str, data) -> np.ndarray:
 
 
 def _run(arch: str, folder: pathlib.Path, threads: int, runs: int, rounds: int) -> list[dict]:
-    fp32 = _fp32(arch, folder)
-    int8 = _int8(arch, fp32, folder)
+    fp32 = fp32_model(arch, folder)
+    int8 = folder / f"{arch}-int8.onnx"
+    deployopt_int8(arch, fp32, int8)
     entries = [(f"{kind} {runtime}", path, (runtime, ep)) for kind, path in (("fp32", fp32), ("int8", int8))
                for runtime, ep in TARGETS]
     result = compare([p for _, p, _ in entries], labels=[e[0] for e in entries], targets=[t for _, _, t in entries],
