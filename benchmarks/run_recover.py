@@ -13,15 +13,17 @@ their unpruned selves, with and without int8.
    matplotlib's grace_hopper, scikit-image's other pictures (retina, hubble deep field, grass,
    gravel, brick, color, ihc, camera, coins, moon, page, text, clock_motion), the foolbox CIFAR
    thumbnails and the first 50 faces of scikit-image's lfw_subset; ``--crops`` random square
-   crops of each of the large pictures (seeded); and the 110 crops of the 'photos' test split
-   (the demo's calibration set: other crops of the photos the held-out set is cut from, none of
-   the held-out crops). Written as PNGs and read back through the model's preprocessing preset
-   (``folder:`` dataset). The same images calibrate ``channel_prune`` (reconstruction) and
+   crops of each of the large pictures (seeded); and the even-numbered half of the 110 crops of
+   the 'photos' test split (the demo's calibration set: other crops of the photos the held-out
+   set is cut from, none of the held-out crops). Written as PNGs and read back through the
+   model's preprocessing preset (``folder:`` dataset). The odd-numbered half of those crops is
+   recover's early-stopping set (``data.evaluation``), in no other set: early stopping on
+   training-folder images (textures, faces) rejected epochs that raised agreement on photos. The same images calibrate ``channel_prune`` (reconstruction) and
    ``quantize``: the pruned model is fitted on data like the deployment data, as a user's own
    image folder would be.
 3. Per keep: ``ChannelPrunePass(keep)`` (defaults: l1, reconstruction), then ``RecoverPass``
-   (its defaults, ``max_epochs`` and ``max_seconds`` from the flags; early stopping on a tenth
-   of the training images), and ``QuantizePass(latency_aware=False)`` on each (int8 throughout).
+   (its defaults, ``max_epochs`` and ``max_seconds`` from the flags; early stopping on the
+   early-stopping crops of step 2), and ``QuantizePass(latency_aware=False)`` on each (int8 throughout).
 4. Held-out: agreement and KL vs fp32 on the 440 'photos' crops of the train split (the demo's
    fidelity set: scikit-image photos and the ImageNet samples), top-1 on the 20 labelled
    'imagenet-samples' (``deployopt.measure.accuracy``); latency ratio vs fp32 with a bootstrap
@@ -97,9 +99,10 @@ def _small_images() -> list:
     return small
 
 
-def write_training_folder(folder: pathlib.Path, crops: int, seed: int = 0) -> int:
+def write_training_folder(folder: pathlib.Path, crops: int, early_stopping: pathlib.Path, seed: int = 0) -> int:
     """Random square crops (side 35-100% of the short side) of the large pictures, plus the
-    small ones whole, as PNGs in ``folder``; returns how many files."""
+    small ones whole, as PNGs in ``folder``; the photo crops alternate between ``folder`` and
+    ``early_stopping``. Returns how many training files."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     count = 0
@@ -114,9 +117,10 @@ def write_training_folder(folder: pathlib.Path, crops: int, seed: int = 0) -> in
     for name, image in _small_images():
         image.resize((256, 256)).save(folder / name)
         count += 1
-    for name, image in _calibration_crops():
-        image.resize((256, 256)).save(folder / name)
-        count += 1
+    early_stopping.mkdir(parents=True, exist_ok=True)
+    for k, (name, image) in enumerate(_calibration_crops()):
+        image.resize((256, 256)).save((early_stopping if k % 2 else folder) / name)
+        count += 0 if k % 2 else 1
     return count
 
 
@@ -140,7 +144,8 @@ def _calibration_crops() -> list:
 
 # -- one architecture --------------------------------------------------------------------------
 
-def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folder: pathlib.Path) -> dict:
+def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folder: pathlib.Path,
+             stop_folder: pathlib.Path) -> dict:
     from deployopt import models
     from deployopt.core import io
     from deployopt.core.data import open_dataset
@@ -161,6 +166,7 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
     # 0% agreement on photos; shuffled: 46% at keep 0.75 before recovery).
     training = open_dataset({"dataset": f"folder:{train_folder}", "preprocess": preset, "shuffle": True},
                             input_shape=SHAPE)
+    early_stopping = open_dataset({"dataset": f"folder:{stop_folder}", "preprocess": preset}, input_shape=SHAPE)
     fidelity = open_dataset({"dataset": "photos", "split": "train", "preprocess": preset}, input_shape=SHAPE)
     labelled = open_dataset({"dataset": "imagenet-samples", "preprocess": preset}, input_shape=SHAPE)
     reference = io.load(fp32)
@@ -184,7 +190,8 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
         step = RecoverPass(max_epochs=args.epochs, max_seconds=args.max_seconds,
                            **({"lr": args.lr} if args.lr is not None else {}),
                            **({"views": args.views} if args.views is not None else {}))
-        step.context = PassContext(training=training, reference=reference, seed=0, work_dir=tmp, threads=args.threads)
+        step.context = PassContext(training=training, evaluation=early_stopping, reference=reference, seed=0,
+                                   work_dir=tmp, threads=args.threads)
         t0 = time.perf_counter()
         result = step(io.load(pruned_path))
         train_s = time.perf_counter() - t0
@@ -212,7 +219,8 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
         v = variants[row["model"]]
         v["p50_ms"], v["speedup"], v["speedup_ci"], v["error"] = (row["p50_ms"], row["speedup"],
                                                                   row["speedup_ci"], row["error"])
-    return {"variants": variants, "warnings": list(bench.warnings), "train_images": len(training)}
+    return {"variants": variants, "warnings": list(bench.warnings), "train_images": len(training),
+            "stop_images": len(early_stopping)}
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -229,7 +237,7 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
              + ", other settings its defaults; train s is the whole recover step (view bank, teacher labels, "
              "training, checks).", ""]
     for arch, res in results.items():
-        lines += [f"## {arch} ({res['train_images']} training images)", "",
+        lines += [f"## {arch} ({res['train_images']} training images, {res['stop_images']} early-stopping crops)", "",
                   "| model | p50 ms | ratio | speedup [95% CI] | MACs | MB | agreement [95% CI] | KL | top-1 | train s |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for label, v in res["variants"].items():
@@ -318,10 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="run_recover-") as folder:
         tmp = pathlib.Path(folder)
         train_folder = tmp / "training"
-        count = write_training_folder(train_folder, args.crops)
+        stop_folder = tmp / "early_stopping"
+        count = write_training_folder(train_folder, args.crops, stop_folder)
         print(f"{count} training images in {train_folder}", file=sys.stderr)
         for arch in archs:
-            results[arch] = run_arch(arch, keeps, args, tmp, train_folder)
+            results[arch] = run_arch(arch, keeps, args, tmp, train_folder, stop_folder)
     png = args.out.with_suffix(".png")
     pareto_png(results, png)
     text = markdown(results, command.strip(), machine.stamp_line(machine.stamp()), args, png.name)
