@@ -345,8 +345,31 @@ def test_mse_calibration_writes_the_searched_ranges_into_the_graph(digits_model)
     assert np.mean(_logits(searched, held).argmax(1) == _logits(proto, held).argmax(1)) >= 0.97
 
 
+def _output_sqnr_db(a, b, x):
+    ya, yb = _logits(a, x).astype(np.float64), _logits(b, x).astype(np.float64)
+    return 10 * np.log10(np.sum(ya ** 2) / np.sum((yb - ya) ** 2))
+
+
+def test_auto_calibration_keeps_the_method_whose_model_is_closest_to_float(digits_model):
+    """``calibration: auto`` makes the minmax, mse and entropy models, scores each by output SQNR
+    on the first refine_samples calibration samples, and returns the best one: the very model
+    that method gives alone, with the scores in the report."""
+    proto, x, _ = digits_model
+    auto, details = _quantize(proto, x, calibration="auto")
+    choice = details["calibration"]["choice"]
+    scores = choice["output_sqnr_db"]
+    assert list(scores) == ["minmax", "mse", "entropy"] and choice["samples"] == 64
+    chosen = details["calibration"]["method"]
+    assert scores[chosen] == max(scores.values())
+    alone = {m: _quantize(proto, x, calibration=m)[0] for m in scores}
+    for method, model in alone.items():  # the scores are the models' own, within rounding and kernels
+        assert abs(_output_sqnr_db(proto, model, x[:64]) - scores[method]) < 1.0
+    assert [numpy_helper.to_array(t).tobytes() for t in auto.graph.initializer] == \
+        [numpy_helper.to_array(t).tobytes() for t in alone[chosen].graph.initializer]
+
+
 @pytest.mark.parametrize("settings, message", [
-    ({"calibration": "kl"}, "calibration: 'kl' is not one of minmax, percentile, entropy, distribution, mse"),
+    ({"calibration": "kl"}, "calibration: 'kl' is not one of minmax, percentile, entropy, distribution, mse, auto"),
     ({"adaround_iterations": 10}, "adaround_iterations: 10 is outside [50, 100000]"),
     ({"adaround_iterations": 1.5}, "adaround_iterations: expected int, got 1.5"),
     ({"adaround_budget_s": 0}, "adaround_budget_s: 0 is outside (0, inf)"),

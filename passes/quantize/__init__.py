@@ -4,7 +4,8 @@
 * cpu: ``reduce_range`` for this CPU
 * data: datasets against the model's inputs, checked and streamed as feeds
 * prepare: the float model made ready for onnxruntime's quantizer
-* calibration: streamed calibration ranges
+* calibration: streamed calibration ranges; ranges: the mse range search; calibration_choice:
+  ``calibration: auto`` (the method whose int8 model is closest to float)
 * quantizer: QDQ insertion for every trial; refine: GPTQ rounding and bias correction
 * report: the graph accounting (int8, float and folded nodes); kernels: what onnxruntime runs
 * sqnr, sensitivity: per-tensor rankings (local SQNR, output error)

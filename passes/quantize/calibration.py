@@ -47,8 +47,9 @@ COLLECTORS = {**METHODS, "mse": CalibrationMethod.Entropy}
 
 
 def histogram_method(method: str) -> str:
-    """The memory model's name for what ``method`` collects (mse: histograms, like entropy)."""
-    return "entropy" if method == "mse" else method
+    """The memory model's name for what ``method`` collects (mse: histograms, like entropy; auto:
+    the largest of the methods it tries, the histograms)."""
+    return "entropy" if method in ("mse", "auto") else method
 
 
 @dataclasses.dataclass

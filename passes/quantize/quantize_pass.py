@@ -18,7 +18,9 @@ Flow of ``call``:
 2. ``prepare``: constants lifted, nodes named, opset raised, ``quant_pre_process`` (prepare.py).
 3. calibration streamed chunk by chunk into a range cache (calibration.py); with
    ``calibration: mse`` each activation's range is the clipping with the least
-   quantize-dequantize error on its calibration histogram (ranges.py).
+   quantize-dequantize error on its calibration histogram (ranges.py); with ``calibration: auto``
+   minmax, mse and entropy each go through steps 3-4 and the int8 model with the highest output
+   SQNR against the float model on calibration samples is kept (calibration_choice.py).
 4. the first quantization, by ``quantize_static`` reading that cache, its int8 weights and int32
    biases refined against float statistics of the calibration data (quantizer.py, refine.py;
    ``rounding: adaround`` learns the rounding per layer, rounding.py).
@@ -65,6 +67,7 @@ from deployopt.passes.quantize import fallback, latency_search, memory
 from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck, Scorer
 from deployopt.passes.quantize.calibration import (METHODS, Activations, calibrate, chunked,
                                                    clamp_to_activations, histogram_method)
+from deployopt.passes.quantize.calibration_choice import AUTO_METHODS, best_method, output_sqnr_db
 from deployopt.passes.quantize.cpu import auto_reduce_range
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, model_inputs, samples_in, scan
 from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
@@ -100,8 +103,10 @@ class QuantizePass(DeployFunctionalPass):
     # tools: the step guard is on by default here.
     min_step_speedup: float | None = setting(1.0, low=0, low_open=True)
 
-    # mse: per-tensor clipping range with the least quantize-dequantize error (ranges.py)
-    calibration: Literal["minmax", "percentile", "entropy", "distribution", "mse"] = "minmax"
+    # mse: per-tensor clipping range with the least quantize-dequantize error (ranges.py); auto:
+    # minmax, mse and entropy each make the int8 model, the one closest to float is kept
+    # (calibration_choice.py)
+    calibration: Literal["minmax", "percentile", "entropy", "distribution", "mse", "auto"] = "minmax"
     percentile: float = setting(99.999, low=0, high=100, low_open=True)  # for calibration: percentile
     per_channel: bool = True
     symmetric_activations: bool = False
@@ -165,11 +170,21 @@ class QuantizePass(DeployFunctionalPass):
         with times("preprocess"):
             prepared = self._prepare(proto, folder)
         excluded = self._excluded_nodes(prepared)
-        with times("calibration"):
-            cache = self._calibrate(prepared, folder, n_cal)
-        quantizer = Quantizer(prepared.path, cache, self._static_options(reduce_range), times,
-                              self._refiner(prepared, reduce_range), float_nodes=excluded)
-        best = quantizer([], folder / "trial0.onnx")
+        methods = AUTO_METHODS if self.calibration == "auto" else (self.calibration,)
+        refiner = self._refiner(prepared, reduce_range)  # float statistics shared by every method
+        quantizers, firsts, calibrations = {}, {}, {}
+        for method in methods:
+            with times("calibration"):
+                cache, calibrations[method] = self._calibrate(prepared, folder, n_cal, method)
+            quantizers[method] = Quantizer(prepared.path, cache, self._static_options(reduce_range, method), times,
+                                           refiner, float_nodes=excluded)
+            firsts[method] = quantizers[method]([], folder / f"trial0-{method}.onnx")
+        method = methods[0]
+        if len(methods) > 1:
+            with times("calibration_choice"):
+                method = self._choose_calibration(prepared, firsts, calibrations)
+        self.details["calibration"] = calibrations[method]
+        quantizer, best = quantizers[method], firsts[method]
         with times("sqnr"), RssSampler() as rss:
             ranked = self._rank_by_sqnr(prepared, best, folder)
         self.details["memory"]["sqnr_peak_mb"] = None if rss.peak_mb is None else round(rss.peak_mb)
@@ -278,43 +293,60 @@ class QuantizePass(DeployFunctionalPass):
         return list(self.op_types) if self.op_types else sorted(QUANTIZABLE)
 
     # -- 3. calibration ---------------------------------------------------------------------------
-    def _calibrate(self, prepared: Prepared, folder: pathlib.Path, n_cal: int) -> pathlib.Path:
-        """Calibration ranges of the pre-processed model, saved as a cache for quantize_static."""
+    def _calibrate(self, prepared: Prepared, folder: pathlib.Path, n_cal: int, method: str) -> tuple[pathlib.Path, dict]:
+        """Calibration ranges of the pre-processed model by ``method``, saved as a cache for
+        quantize_static, and what the report says of them."""
         ctx = self.context
         start = time.perf_counter()
         stream = feeds(ctx.calibration, prepared.inputs, self.samples, self.batch_size)
         search: dict = {}
         with RssSampler() as rss:
-            ranges = calibrate(prepared.path, folder, method=self.calibration, percentile=self.percentile,
+            ranges = calibrate(prepared.path, folder, method=method, percentile=self.percentile,
                                op_types=self._op_types(), chunks=chunked(stream, self._chunk_samples),
                                threads=ctx.threads, activations=self._activation_grid(), search=search)
         clamped = clamp_to_activations(ranges, activation_bounds(prepared.proto))
         if clamped:
             self.note(f"{clamped} calibration ranges of Relu/Clip outputs clamped to the activation's "
                       "bounds (onnxruntime folds those activations into the range)")
-        if self.calibration == "distribution":
+        if method == "distribution":
             self.note("distribution calibration gives symmetric ranges (it is designed for float8): "
                       "uint8 tensors that are never negative lose about one bit")
-        cache = folder / "ranges.json"
+        cache = folder / f"ranges-{method}.json"
         save_tensors_data(ranges, cache)
         seconds = time.perf_counter() - start
-        self.details["calibration"] = {
-            "method": self.calibration, "samples": n_cal, "dataset": ctx.calibration.name,
+        details = {
+            "method": method, "samples": n_cal, "dataset": ctx.calibration.name,
             "chunk_samples": self._chunk_samples, "tensors": len(ranges.data),
             "seconds": round(seconds, 3),
             # highest RSS sampled during calibration, and the process's peak so far
             "rss_peak_during_mb": None if rss.peak_mb is None else round(rss.peak_mb, 1),
             "process_peak_rss_mb": round(peak_rss_mb(), 1)}
-        if self.calibration == "percentile":
-            self.details["calibration"]["percentile"] = self.percentile
+        if method == "percentile":
+            details["percentile"] = self.percentile
         if search:
-            self.details["calibration"]["range_search"] = search
+            details["range_search"] = search
             self.note(f"range search: {search['tensors_clipped']} of {len(ranges.data)} activation ranges "
                       f"clipped inside minmax; quantize-dequantize error "
                       f"{search['tensor_error_reduction_db']:.1f} dB below minmax (mean)")
-        self.note(f"calibrated {len(ranges.data)} tensors with {self.calibration} on {n_cal} samples "
+        self.note(f"calibrated {len(ranges.data)} tensors with {method} on {n_cal} samples "
                   f"of '{ctx.calibration.name}' in {seconds:.1f} s")
-        return cache
+        return cache, details
+
+    def _choose_calibration(self, prepared: Prepared, models: dict[str, pathlib.Path],
+                            calibrations: dict[str, dict]) -> str:
+        """``calibration: auto``: the method whose int8 model has the highest output SQNR against
+        the float model on the first ``refine_samples`` calibration samples (calibration_choice.py)."""
+        n = min(self.refine_samples, self.samples)
+        scores = {}
+        for method, path in models.items():
+            batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
+            scores[method] = round(output_sqnr_db(prepared.path, path, batches, self.context.threads), 2)
+        chosen = best_method(scores)
+        calibrations[chosen]["choice"] = {"output_sqnr_db": scores, "samples": n,
+                                          "tried": {m: c["seconds"] for m, c in calibrations.items()}}
+        self.note("calibration auto: " + ", ".join(f"{m} {v:.1f} dB" for m, v in scores.items())
+                  + f" output SQNR on {n} calibration samples; {chosen} kept")
+        return chosen
 
     def _activation_grid(self) -> Activations:
         """The integer range and symmetry of activations, as onnxruntime's quantizer sets them."""
@@ -323,12 +355,12 @@ class QuantizePass(DeployFunctionalPass):
         return Activations(int(qmin), int(qmax), self.symmetric_activations)
 
     # -- 4. quantization --------------------------------------------------------------------------
-    def _static_options(self, reduce_range: bool) -> dict:
+    def _static_options(self, reduce_range: bool, method: str) -> dict:
         """quantize_static's format arguments for these settings."""
         return {"quant_format": QuantFormat.QDQ, "op_types_to_quantize": self._op_types(),
                 "per_channel": self.per_channel, "reduce_range": reduce_range,
                 "activation_type": QUANT_TYPES[self.activation_type], "weight_type": QUANT_TYPES[self.weight_type],
-                "calibrate_method": METHODS[self.calibration],
+                "calibrate_method": METHODS[method],
                 "extra_options": {"ActivationSymmetric": self.symmetric_activations,
                                   "WeightSymmetric": self.symmetric_weights}}
 
