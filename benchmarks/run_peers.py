@@ -16,7 +16,7 @@ per entry, interleaved rounds, a (runtime, ep) target per entry), 1 intra-op thr
    ``reduce_range`` as deployopt chooses for this CPU (``auto_reduce_range``).
 4. ``nncf.quantize`` on the ONNX model (default preset, ``subset_size`` = the calibration set), and
    its slower variant ``fast_bias_correction=False``; run on onnxruntime and on OpenVINO.
-5. ``deployopt.optimize`` with the demo's passes (cleanup, quantize minmax); run on both runtimes.
+5. ``deployopt.optimize`` with the demo's passes (cleanup, quantize with ``calibration: auto``); run on both runtimes.
 
 Every quantizer calibrates on the same samples: the demo's calibration set (the 'photos' test
 split, 110 crops). Fidelity (``deployopt.evaluate`` with the fp32 model as reference, both run on
@@ -136,7 +136,7 @@ def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path) -> None:
     import shutil
 
     recipe = {"model": str(fp32), "data": {"calibration": {**CALIBRATION, "preprocess": PREPROCESS[arch]}},
-              "passes": [{"cleanup": {}}, {"quantize": {"calibration": "minmax"}}],
+              "passes": [{"cleanup": {}}, {"quantize": {"calibration": "auto"}}],
               "benchmark": {"enabled": False}}
     folder = out.with_suffix("")
     deployopt.optimize(recipe, folder)
@@ -344,7 +344,7 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                          "deployopt recipe in two ways: full 8-bit symmetric weights (deployopt takes 7-bit weights "
                          "on a CPU without VNNI, so that onnxruntime's uint8 x int8 kernels cannot saturate) and "
                          "per-tensor activation ranges from the mean of per-sample min/max (NNCF's MEAN_MINMAX) "
-                         "instead of the global min/max the demo's `calibration: minmax` takes.")
+                         "where the demo's `calibration: auto` chooses among global min/max, mse and entropy ranges.")
     # Why, on onnxruntime: how many convolutions each file's Q/DQ placement lets onnxruntime fuse.
     for arch, measured in per_arch.items():
         convs = measured.get("int8_convs", {})
@@ -390,7 +390,7 @@ def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dic
              "- `nncf`: `nncf.quantize(onnx_model, nncf.Dataset(calibration), subset_size=110)`, default preset "
              "(symmetric weights and activations), target device ANY; the second NNCF entry adds "
              "`fast_bias_correction=False`.",
-             "- `deployopt`: `deployopt.optimize` with the demo's passes (cleanup, quantize minmax).",
+             "- `deployopt`: `deployopt.optimize` with the demo's passes (cleanup, quantize with `calibration: auto`).",
              "- OpenVINO compiles float models with INFERENCE_PRECISION_HINT f32, int8 (Q/DQ) models with "
              "its default precision; the OpenVINO entries run the very same .onnx files.",
              "- Agreement: top-1 with the fp32 model run on the same runtime (Wilson 95% CI); KL = "
