@@ -377,8 +377,8 @@ def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dic
     rr, rr_reason = auto_reduce_range()
     lines = ["# Peers: int8 from onnxruntime quantize_static, NNCF and deployopt on onnxruntime and OpenVINO", "",
              f"Machine: {machine.stamp_line(stamp)}", "", f"Command: `{command}`", "",
-             "The machine was shared with other agents' jobs during the run (2 cores, load average far above 2): "
-             "absolute milliseconds are inflated and noisy; the ratios come from one interleaved run per model "
+             "Absolute milliseconds move with the host's load (the warnings under each table say when it was "
+             "loaded); the ratios come from one interleaved run per model "
              f"({settings['rounds']} rounds of {settings['runs']} timed runs per entry, one worker process "
              "per entry, 1 intra-op thread, batch 1), so drift of the host hits every entry alike.", "",
              "- speedup = p50(fp32 on onnxruntime) / p50(entry), bootstrap 95% interval over the paired rounds.",

@@ -13,7 +13,7 @@ more) forms:
 * onnxruntime ``quantize_static`` with its defaults (QDQ, int8 activations and weights, per-tensor,
   MinMax) fed the calibration samples through a ``CalibrationDataReader``;
 * ``deployopt.optimize`` with cleanup + quantize as the demo recipe runs it (QDQ U8S8 per-channel,
-  minmax calibration, latency-aware, the step guard on);
+  ``calibration: auto``, latency-aware, the step guard on);
 * the same with ``max_accuracy_drop`` on the model's task metric (the recipe's ``metrics:``), so
   the fallback returns nodes to float until the task metric is within the tolerance;
 * per model, any extra settings tried while investigating a missed figure (``LEVERS``).
@@ -56,7 +56,7 @@ from deployopt.measure import machine  # noqa: E402
 
 TASKS = ("mobilenet_v2", "layout", "segmenter", "recognizer")
 #: deployopt's quantize settings in the demo recipe (the pass defaults: QDQ U8S8 per-channel).
-QUANTIZE = {"calibration": "minmax"}
+QUANTIZE = {"calibration": "auto"}
 FORCED_INT8 = "deployopt quantize, int8 kept where slower (latency_aware: false, min_step_speedup: null)"
 #: Extra deployopt rows per model: (label, quantize settings on top of QUANTIZE, with the tolerance).
 LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
@@ -67,7 +67,12 @@ LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "segmenter": [(FORCED_INT8, {"latency_aware": False, "min_step_speedup": None}, False)],
     "recognizer": [(FORCED_INT8, {"latency_aware": False, "min_step_speedup": None}, False)],
     "mobilenet_v2": [("deployopt quantize, reduce_range: false (8-bit weights)", {"reduce_range": False}, False),
-                     ("deployopt quantize, calibration: percentile", {"calibration": "percentile"}, False)],
+                     ("deployopt quantize, calibration: minmax", {"calibration": "minmax"}, False)],
+    # Measured while investigating the missed F1 (onnxruntime quantize_static directly, QDQ):
+    # 16-bit activations (QUInt16) with the same int8 weights keep F1 0.948, so the loss is the
+    # per-tensor uint8 activations; calibrating on the test pages
+    # themselves (0.631) or 8-bit weights (0.569) does not help.
+    "layout": [("deployopt quantize, calibration: minmax", {"calibration": "minmax"}, False)],
 }
 
 
