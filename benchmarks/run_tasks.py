@@ -68,9 +68,8 @@ LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "recognizer": [(FORCED_INT8, {"latency_aware": False, "min_step_speedup": None}, False)],
     "mobilenet_v2": [("deployopt quantize, reduce_range: false (8-bit weights)", {"reduce_range": False}, False),
                      ("deployopt quantize, calibration: minmax", {"calibration": "minmax"}, False)],
-    # Measured while investigating the missed F1 (onnxruntime quantize_static directly, QDQ):
-    # 16-bit activations (QUInt16) with the same int8 weights keep F1 0.948, so the loss is the
-    # per-tensor uint8 activations; calibrating on the test pages
+    # Measured while investigating the missed F1 (run_layout_activations.py): 16-bit activations
+    # with the same int8 weights keep F1 0.948, so the loss is the per-tensor uint8 activations; calibrating on the test pages
     # themselves (0.631) or 8-bit weights (0.569) does not help.
     "layout": [("deployopt quantize, calibration: minmax", {"calibration": "minmax"}, False)],
 }
