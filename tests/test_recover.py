@@ -3,7 +3,8 @@
 Structure: the interpreter reproduces onnxruntime on a hand-built graph of every supported op
 family and on an exported net; trained values go back into the same initializers (names,
 shapes, dtypes). Numbers: agreement with the unpruned model rises after channel_prune; weights
-zeroed by prune stay exactly zero. Refusal: an op the interpreter lacks, a missing teacher, a
+zeroed by prune stay exactly zero; after quantize, quantization-aware recovery raises the int8
+model's agreement with float while the graph, scales and integer ranges stay as they were. Refusal: an op the interpreter lacks, a missing teacher, a
 feature tensor that is not there.
 """
 
@@ -27,6 +28,7 @@ from deployopt.passes import REGISTRY
 from deployopt.passes.channel_prune import ChannelPrunePass
 from deployopt.passes.context import PassContext
 from deployopt.passes.prune import MagnitudePrunePass
+from deployopt.passes.quantize import QuantizePass
 from deployopt.passes.recover import RecoverPass
 from deployopt.passes.recover.interpreter import OnnxModule
 # The digits split and the trained digits_cnn teacher (ONNX, input 'pixels', output 'logits').
@@ -189,6 +191,48 @@ def test_zeros_stay_zero_after_prune_and_recover(teacher_path, digits, tmp_path)
     for name, mask in zeros.items():
         assert np.all(after[name][mask] == 0), name  # exactly zero, not merely small
         assert not np.array_equal(after[name][~mask], before[name][~mask]), name  # the rest trained
+
+
+def skewed_teacher(teacher_path) -> ir.Model:
+    """The trained digits net with 4 of its first layer's 16 channels scaled up 30x and the next
+    layer's inputs from them scaled down 30x: the same function (ReLU is positively homogeneous),
+    but per-tensor int8 gives every other channel of those tensors 30x coarser steps."""
+    model = io.load(teacher_path)
+    first, second = [n for n in model.graph if n.op_type == "Conv"][:2]
+    for value, index, factor in ((first.inputs[1], np.s_[:4], 30.0), (first.inputs[2], np.s_[:4], 30.0),
+                                 (second.inputs[1], np.s_[:, :4], 1 / 30.0)):
+        array = value.const_value.numpy().copy()
+        array[index] *= factor
+        value.const_value = ir.tensor(array, name=value.name)
+    return model
+
+
+def test_recover_after_quantize_trains_the_int8_weights(teacher_path, digits, tmp_path):
+    teacher = skewed_teacher(teacher_path)
+    x_test = digits["test"][0]
+    assert agreement(teacher, io.load(teacher_path), x_test) == 1.0  # the skew changes no prediction
+    quantizer = QuantizePass(per_channel=False, rounding="nearest", bias_correction=False, reduce_range=True,
+                             latency_aware=False, min_step_speedup=None)
+    quantizer.context = PassContext(calibration=ArrayDataset(digits["train"][0][:64]), seed=0, work_dir=tmp_path)
+    int8 = quantizer(skewed_teacher(teacher_path)).model
+    before = {name: v.const_value.numpy().copy() for name, v in int8.graph.initializers.items()}
+    ops = [(n.op_type, n.name) for n in int8.graph]
+    agree_int8 = agreement(int8, teacher, x_test)
+
+    result = recover(int8, teacher, digits, tmp_path, max_epochs=8)
+    d = result.details
+    assert result.modified and result.failure is None and d["quantization_aware"]
+    assert [(n.op_type, n.name) for n in result.model.graph] == ops
+    after = {name: v.const_value.numpy() for name, v in result.model.graph.initializers.items()}
+    assert {k: (a.dtype, a.shape) for k, a in after.items()} == {k: (a.dtype, a.shape) for k, a in before.items()}
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    weights = {k for k, a in before.items() if a.dtype == np.int8}
+    assert changed and changed <= weights | {k for k, a in before.items() if a.dtype == np.int32}  # not the scales
+    for name in weights:  # 7-bit weights (reduce_range) stay 7-bit
+        assert np.abs(after[name].astype(np.int16)).max() <= np.abs(before[name].astype(np.int16)).max(), name
+    # Measured: 0.715 -> 0.905 on the 597 test digits (8 epochs, lr 3e-3).
+    assert agree_int8 <= 0.8 and agreement(result.model, teacher, x_test) >= agree_int8 + 0.1
+    assert d["relative_rms_diff"] <= 0.2 and d["parity_before"] <= 0.2
 
 
 def test_feature_matching_and_refusals(teacher_path, digits, tmp_path):

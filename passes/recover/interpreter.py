@@ -10,6 +10,21 @@ opset-dependent attributes-vs-inputs). It holds every float initializer of the m
     buffers      everything else (normalisation constants, Clip bounds, BN mean and variance,
                  shape tensors): they describe the graph, not what it learned.
 
+Quantized graphs (QDQ, as the quantize pass writes them) train too: quantization-aware
+fine-tuning. A weight stored as integers q with scale s and zero point z behind a
+DequantizeLinear is trained as its float value w = s (q - z) (a parameter, in float units so the
+optimizer's step means the same for every layer), and every forward uses its fake-quantized form
+
+    DQ(w) = s (clamp(round(w / s) + z, q_min, q_max) - z)
+
+with the straight-through estimator for the rounding (d round(u) / du := 1; zero outside the
+clamp). q_min, q_max are the tensor's own integer range when it was given for 8-bit weights (so
+a weight quantized to 7 bits for CPUs without VNNI stays 7-bit) and the integer type's range
+otherwise (int32 biases). A QuantizeLinear on an activation computes clamp(round(x / s) + z)
+with the same estimator, so training sees the rounding and clipping onnxruntime applies, with
+the model's scales and zero points held fixed. ``trained_arrays()`` writes each such weight back
+as clamp(round(w / s) + z) in its integer dtype: the same graph, scales and kernels.
+
 BatchNormalization always uses its stored mean and variance (inference form, also while
 training): the graph is fine-tuned as the ONNX file computes it, and the running statistics are
 written back unchanged. ``trained_arrays()`` returns the parameters under their initializer
@@ -51,11 +66,32 @@ def _is_float(value: ir.Value) -> bool:
         ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16)
 
 
+def _is_integer_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.dtype is not None and value.dtype in (
+        ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32)
+
+
+def quantized_weights(model: ir.Model) -> dict[str, ir.Node]:
+    """Integer initializers read by a DequantizeLinear (QDQ weights and biases) -> that node."""
+    found: dict[str, ir.Node] = {}
+    for node in model.graph:
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and node.inputs:
+            value = node.inputs[0]
+            if value.name in model.graph.initializers and _is_integer_constant(value):
+                found.setdefault(value.name, node)
+    return found
+
+
 def trainable_initializers(model: ir.Model) -> list[str]:
-    """Names of the float initializers the interpreter trains (module docstring), in graph order."""
+    """Names of the initializers the interpreter trains (module docstring), in graph order."""
     graph = model.graph
     names: list[str] = []
+    quantized = quantized_weights(model)
     for node in graph:
+        if node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None \
+                and node.inputs[0].name in quantized and node.inputs[0].name not in names:
+            names.append(node.inputs[0].name)
+            continue
         positions: Iterable[int] = WEIGHT_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
         if node.op_type == "Add" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2:
             a, b = node.inputs
@@ -308,6 +344,44 @@ def _cast(node, x):
     return x.to(dtypes[to])
 
 
+#: Integer ranges of the quantized types (QuantizeLinear's output, DequantizeLinear's input).
+INTEGER_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.uint16: (0, 65535),
+                  torch.int16: (-32768, 32767), torch.int32: (-2**31, 2**31 - 1)}
+
+
+def _along(node, t: torch.Tensor, rank: int) -> torch.Tensor:
+    """A scale or zero point shaped to broadcast along the node's ``axis`` (per-channel)."""
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(())
+    if _attr(node, "block_size", 0):
+        raise UserError(f"op {node.op_type} (node '{node.name}'): blocked quantization is not supported by the "
+                        f"ONNX-to-torch interpreter")
+    shape = [1] * rank
+    shape[int(_attr(node, "axis", 1)) % rank] = -1
+    return t.reshape(shape)
+
+
+def _round_ste(u: torch.Tensor) -> torch.Tensor:
+    """round(u) forward, identity gradient (straight-through estimator)."""
+    return u + (torch.round(u) - u).detach()
+
+
+def fake_quantize(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """clamp(round(u / scale) + zero, low, high): the integers, as floats, with the STE gradient."""
+    return torch.clamp(_round_ste(u / scale) + zero, low, high)
+
+
+def _quantize(node, x, scale, zero=None):
+    low, high = INTEGER_RANGES[torch.uint8 if zero is None else zero.dtype]
+    zero_f = torch.zeros(()) if zero is None else _along(node, zero.float(), x.dim())
+    return fake_quantize(x, _along(node, scale, x.dim()), zero_f, low, high)
+
+
+def _dequantize(node, q, scale, zero=None):
+    zero_f = torch.zeros(()) if zero is None else _along(node, zero.float(), q.dim())
+    return (q.float() - zero_f) * _along(node, scale, q.dim())
+
+
 #: op type -> fn(node, *inputs, [opset=]) returning one tensor.
 OPS: dict[str, Callable] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": lambda n, a, b: torch.matmul(a, b),
@@ -323,7 +397,7 @@ OPS: dict[str, Callable] = {
                                           else reversed(range(x.dim())))),
     "ReduceMean": _reduce_mean, "Pad": _pad, "Identity": lambda n, x: x, "Dropout": lambda n, x, *_: x,
     "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "Shape": _shape, "Gather": _gather, "Slice": _slice,
-    "Cast": _cast,
+    "Cast": _cast, "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
 }
 #: Ops whose function takes the model's opset (their attributes moved to inputs across opsets).
 OPSET_DEPENDENT = ("Softmax", "ReduceMean", "Squeeze", "Unsqueeze", "Pad")
@@ -381,11 +455,19 @@ class OnnxModule(nn.Module):
         self._slot: dict[str, tuple[str, int]] = {}  # tensor name -> ("param"|"buffer", index)
         self._dtypes: dict[str, np.dtype] = {}
         buffers: list[torch.Tensor] = []
+        #: quantized weight name -> (scale, zero point, q_min, q_max), shaped like the weight.
+        self.quantized: dict[str, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
+        readers = quantized_weights(model)
         for name in self.trainable:
             array = graph.initializers[name].const_value.numpy()
             self._dtypes[name] = array.dtype
             self._slot[name] = ("param", len(self.params))
-            self.params.append(nn.Parameter(_as_tensor(array)))
+            if name in readers:
+                self.quantized[name] = _quantization_of(readers[name], array)
+                scale, zero, _, _ = self.quantized[name]
+                self.params.append(nn.Parameter((_as_tensor(array).float() - zero) * scale))
+            else:
+                self.params.append(nn.Parameter(_as_tensor(array)))
         for name, value in graph.initializers.items():
             if name not in self._slot and value.const_value is not None:
                 self._slot[name] = ("buffer", len(buffers))
@@ -424,12 +506,54 @@ class OnnxModule(nn.Module):
             while args and args[-1] is None:  # trailing optional inputs left out
                 args.pop()
             fn = OPS[node.op_type]
-            out = fn(node, *args, opset=self.opset) if node.op_type in OPSET_DEPENDENT else fn(node, *args)
+            if node.op_type == "DequantizeLinear" and in_names[0] in self.quantized:
+                scale, zero, low, high = self.quantized[in_names[0]]
+                out = (fake_quantize(args[0], scale, zero, low, high) - zero) * scale
+            elif node.op_type in OPSET_DEPENDENT:
+                out = fn(node, *args, opset=self.opset)
+            else:
+                out = fn(node, *args)
             env[out_names[0]] = out
         self.captured = {name: (env[name] if name in env else self._constant(name)) for name in self.capture}
         return env[self.output_names[0]] if self.output_names[0] in env else self._constant(self.output_names[0])
 
     def trained_arrays(self) -> dict[str, np.ndarray]:
-        """Every trainable initializer's current value, in its original dtype and shape."""
-        return {name: self.parameter(name).detach().cpu().numpy().astype(self._dtypes[name], copy=True)
-                for name in self.trainable}
+        """Every trainable initializer's current value, in its original dtype and shape (quantized
+        weights as their integers, clamp(round(w / s) + z))."""
+        arrays = {}
+        with torch.no_grad():
+            for name in self.trainable:
+                value = self.parameter(name).detach()
+                if name in self.quantized:
+                    scale, zero, low, high = self.quantized[name]
+                    value = fake_quantize(value, scale, zero, low, high)
+                arrays[name] = value.cpu().numpy().astype(self._dtypes[name], copy=True)
+        return arrays
+
+
+def _quantization_of(reader: ir.Node, array: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Scale, zero point (shaped to broadcast over ``array``) and integer range of a QDQ weight."""
+    def constant(i: int) -> torch.Tensor | None:
+        if i >= len(reader.inputs) or reader.inputs[i] is None:
+            return None
+        value = reader.inputs[i]
+        if value.const_value is None:
+            raise UserError(f"op DequantizeLinear (node '{reader.name}'): a scale or zero point computed at run "
+                            f"time is not supported by the ONNX-to-torch interpreter")
+        return _as_tensor(value.const_value.numpy())
+
+    rank = array.ndim
+    scale = _along(reader, constant(1).float(), rank)
+    zero_t = constant(2)
+    zero = torch.zeros(()) if zero_t is None else _along(reader, zero_t.float(), rank)
+    if array.dtype in (np.int8, np.uint8):
+        # The quantizer's own range for this tensor (7 bits with reduce_range): trained weights
+        # must not leave it, or the integer kernels it was chosen for would saturate.
+        if array.dtype == np.int8:  # symmetric: the larger magnitude bounds both sides
+            bound = float(np.abs(array.astype(np.int16)).max())
+            low, high = max(-bound, -128.0), min(bound, 127.0)
+        else:
+            low, high = float(array.min()), float(array.max())
+    else:
+        low, high = INTEGER_RANGES[_as_tensor(array[:0]).dtype]
+    return scale, zero, low, high

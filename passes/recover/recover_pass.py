@@ -30,11 +30,22 @@ fine-tune that does not help leaves the model as it was). Bounded: ``max_samples
 samples, ``views`` copies, ``max_memory_mb`` for the bank and its targets, ``max_epochs`` and
 ``max_seconds``.
 
+After ``quantize`` (a QDQ graph) this is quantization-aware fine-tuning: the integer weights and
+biases train through their fake-quantized forms with the model's scales held fixed (see
+``deployopt.passes.recover.interpreter``), the teacher is still the float input model, and the
+written-back integers keep the graph, its scales and so its fused int8 kernels. The quantize
+step's choices (calibrated ranges, GPTQ rounding, the float fallback) are the starting point.
+
 Write-back: trained values replace the values of the same initializers (names, shapes and dtypes
 unchanged). The result is then run in onnxruntime against the torch forward on held-out inputs;
-a max |onnxruntime - torch| above ``tolerance`` restores the original weights and fails the step.
-The same check runs before training, so an interpreter that does not reproduce the model fails
-before any training time is spent.
+a difference above the tolerance restores the original weights and fails the step. The same
+check runs before training, so an interpreter that does not reproduce the model fails before any
+training time is spent. The difference is max |onnxruntime - torch| for a float graph
+(``tolerance``), and the relative RMS difference ||onnxruntime - torch|| / ||onnxruntime|| for a
+quantized one (``quantized_tolerance``): a one-ulp difference in a convolution's sum flips a
+rounding tie of the next QuantizeLinear, and the flips cascade. Measured on MobileNetV2 int8:
+torch vs onnxruntime's QDQ reference kernels 7.6%, onnxruntime's own integer kernels vs the same
+reference 7.4%, so only a relative bound can tell an interpreter error (order 100%) from that.
 """
 
 from __future__ import annotations
@@ -82,6 +93,7 @@ class RecoverPass(DeployInPlacePass):
     holdout_samples: int = setting(512, low=1)  # at most this many data.evaluation samples
     patience: int | None = setting(2, low=1)  # epochs without better held-out agreement
     tolerance: float = setting(1e-3, low=0, low_open=True)  # max |onnxruntime - torch| on the outputs
+    quantized_tolerance: float = setting(0.2, low=0, low_open=True)  # relative RMS, quantized graphs
     max_memory_mb: float = setting(4096.0, low=0, low_open=True)  # view bank + cached teacher outputs
     seed: int | None = setting(None, low=0)  # None: the recipe's seed
 
@@ -173,11 +185,15 @@ class RecoverPass(DeployInPlacePass):
         # The interpreter must reproduce the model before its weights are worth training.
         current = open_session(ir.to_proto(model).SerializeToString(), threads=ctx.threads,
                                optimization_level="disable", what="the model")
-        before = self._parity(module, current, student_io, hx[:PARITY_SAMPLES])
+        quantized = any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph)
+        limit, measure = ((self.quantized_tolerance, "relative RMS") if quantized else (self.tolerance, "max |diff|"))
+        self.details["quantization_aware"] = quantized
+        before = self._parity(module, current, student_io, hx[:PARITY_SAMPLES], quantized)
         self.details["parity_before"] = before
-        if before > self.tolerance:
-            self.fail(f"recover: the torch interpreter differs from onnxruntime by {before:.3g} > tolerance "
-                      f"{self.tolerance:g} on the model as given; not trained")
+        if before > limit:
+            self.fail(f"recover: the torch interpreter differs from onnxruntime by {before:.3g} ({measure}) > "
+                      f"{'quantized_tolerance' if quantized else 'tolerance'} {limit:g} on the model as given; "
+                      f"not trained")
             return ir.passes.PassResult(model, False)
 
         # The view bank and its teacher targets, within the memory budget.
@@ -231,26 +247,30 @@ class RecoverPass(DeployInPlacePass):
             model.graph.initializers[name].const_value = ir.tensor(array, name=name)
         updated = open_session(ir.to_proto(model).SerializeToString(), threads=ctx.threads,
                                optimization_level="disable", what="the recovered model")
-        after = self._parity(module, updated, student_io, hx[:PARITY_SAMPLES])
-        self.details["max_abs_diff"] = after
-        if after > self.tolerance:
+        after = self._parity(module, updated, student_io, hx[:PARITY_SAMPLES], quantized)
+        self.details["relative_rms_diff" if quantized else "max_abs_diff"] = after
+        if after > limit:
             for name, tensor in originals.items():
                 model.graph.initializers[name].const_value = tensor
-            self.fail(f"recover: the recovered model differs from the torch forward by {after:.3g} > tolerance "
-                      f"{self.tolerance:g}; the weights before training are kept")
+            self.fail(f"recover: the recovered model differs from the torch forward by {after:.3g} ({measure}) > "
+                      f"{'quantized_tolerance' if quantized else 'tolerance'} {limit:g}; the weights before "
+                      f"training are kept")
             return ir.passes.PassResult(model, False)
-        self.note(f"written back into the same initializers; onnxruntime vs torch max |diff| {after:.2e}")
+        self.note(f"written back into the same initializers; onnxruntime vs torch {measure} {after:.2e}")
         return ir.passes.PassResult(model, True)
 
     # -- pieces ---------------------------------------------------------------------------------
     @staticmethod
-    def _parity(module, sess, io: Interface, x: np.ndarray) -> float:
+    def _parity(module, sess, io: Interface, x: np.ndarray, relative: bool) -> float:
+        """max |onnxruntime - torch|, or with ``relative`` their relative RMS difference (docstring)."""
         import torch
 
         ref = sess.run([io.output_name], {io.input_name: x})[0]
         module.eval()
         with torch.no_grad():
             out = module(torch.from_numpy(x)).numpy()
+        if relative:
+            return float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-12))
         return float(np.abs(out - ref).max())
 
     def _feature_loss(self, module, feats: list[np.ndarray], probe: np.ndarray):
@@ -279,7 +299,10 @@ class RecoverPass(DeployInPlacePass):
     def _mask_zeros(module, torch) -> int:
         """Zero gradients for the weights that are exactly 0 (module docstring); returns their count."""
         frozen = 0
+        quantized = {id(module.parameter(name)) for name in module.quantized}
         for param in module.params:
+            if id(param) in quantized:  # int8 rounding makes many small weights 0: not pruned ones
+                continue
             mask = param.detach() != 0
             zeros = int((~mask).sum())
             if zeros:
