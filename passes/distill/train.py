@@ -29,7 +29,9 @@ reaches a good minimum in the few epochs a deployment pipeline can afford. With 
 so a run cut short by the clock still ends at the low end of the cycle. Early stopping watches
 the top-1 agreement ``mean[argmax s == argmax t]`` on a held-out set and restores the best
 weights (``keep_initial``: the weights before training compete too, for a model that starts
-from trained weights). ``extra_loss(idx)`` adds a term to each batch's loss (the recover pass's
+from trained weights). Equal agreement goes to the lower held-out KL(softmax t || softmax s):
+a small held-out set on which every epoch agrees fully (a quantized model fine-tuned against
+its float self) still tells the epochs apart. ``extra_loss(idx)`` adds a term to each batch's loss (the recover pass's
 feature matching), computed after the student's forward on the batch ``idx``.
 """
 
@@ -207,22 +209,25 @@ class TrainResult:
     best_epoch: int | None  # None without a held-out set
     best_agreement: float | None
     stopped_early: bool
-    history: list[dict]  # per epoch: {epoch, loss, holdout_agreement, holdout_top1}; 0 = untrained
+    history: list[dict]  # per epoch: {epoch, loss, holdout_agreement, holdout_kl, holdout_top1}; 0 = untrained
     seconds: float
     out_of_time: bool = False  # max_seconds ended the run
 
 
 @torch.no_grad()
 def holdout_scores(student: nn.Module, x: torch.Tensor, teacher_logits: np.ndarray,
-                   labels: np.ndarray | None, batch_size: int = 512) -> tuple[float, float | None]:
-    """Agreement ``mean[argmax student(x) == argmax teacher(x)]`` and top-1 vs the labels (None
-    without labels), with the student in eval mode (``deployopt.measure.metrics``)."""
+                   labels: np.ndarray | None, batch_size: int = 512) -> tuple[float, float, float | None]:
+    """Agreement ``mean[argmax student(x) == argmax teacher(x)]``, mean KL(teacher || student) and
+    top-1 vs the labels (None without labels), with the student in eval mode
+    (``deployopt.measure.metrics``)."""
     was_training = student.training
     student.eval()
-    logits = torch.cat([student(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+    with torch.no_grad():
+        logits = torch.cat([student(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
     student.train(was_training)
-    agree = metrics.top1_agreement(logits, teacher_logits)
-    return agree, None if labels is None else metrics.topk_accuracy(logits, labels)
+    fidelity = metrics.fidelity(logits, teacher_logits)
+    return (fidelity["agreement"], fidelity["kl"],
+            None if labels is None else metrics.topk_accuracy(logits, labels))
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -244,8 +249,7 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
     """Train ``student`` in place on (x, teacher logits t, labels y); returns the history.
 
     ``holdout``: (x, teacher logits, labels or None) for early stopping on agreement; the weights
-    with the best held-out agreement are restored at the end (ties go to the later epoch, trained
-    at a lower rate). Held-out top-1 vs the labels is reported alongside when there are labels.
+    with the best held-out agreement are restored at the end (ties go to the lower held-out KL). Held-out top-1 vs the labels is reported alongside when there are labels.
     """
     start = time.perf_counter()
     xt, tt = torch.from_numpy(x), torch.from_numpy(t)
@@ -262,13 +266,14 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps)
 
     def scores() -> dict:
-        agree, top1 = (None, None) if hx is None else holdout_scores(student, hx, ht, hy)
-        return {"holdout_agreement": agree, "holdout_top1": top1}
+        agree, kl, top1 = (None, None, None) if hx is None else holdout_scores(student, hx, ht, hy)
+        return {"holdout_agreement": agree, "holdout_kl": kl, "holdout_top1": top1}
 
     history = [{"epoch": 0, "loss": None, **scores()}]
     best_epoch, best_agree, best_state, since_best = None, -1.0, None, 0
+    best_kl = math.inf
     if cfg.keep_initial and history[0]["holdout_agreement"] is not None:
-        best_epoch, best_agree = 0, history[0]["holdout_agreement"]
+        best_epoch, best_agree, best_kl = 0, history[0]["holdout_agreement"], history[0]["holdout_kl"]
         best_state = copy.deepcopy(student.state_dict())
     stopped = out_of_time = False
     total_steps = cfg.epochs * steps
@@ -313,13 +318,13 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
                                 + ("" if agree is None else f" held-out agreement {agree:.4f}")
                                 + ("" if top1 is None else f" top-1 {top1:.4f}"))
             if agree is not None:
-                if agree > best_agree:
+                kl = history[-1]["holdout_kl"]
+                if agree > best_agree or (agree == best_agree and kl < best_kl):
                     since_best = 0
+                    best_epoch, best_agree, best_kl = epoch, agree, kl
+                    best_state = copy.deepcopy(student.state_dict())
                 else:
                     since_best += 1
-                if agree >= best_agree:
-                    best_epoch, best_agree = epoch, agree
-                    best_state = copy.deepcopy(student.state_dict())
             if out_of_time:
                 break
             if agree is not None and cfg.patience is not None and since_best >= cfg.patience and epoch < cfg.epochs:

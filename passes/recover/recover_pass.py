@@ -21,12 +21,14 @@ drawn once, the teacher labels each copy once (onnxruntime, cached), and the loo
 
 Masking: a weight that is exactly 0 when the pass starts (magnitude pruning's zeros) gets a zero
 gradient, ``g <- g * [w != 0]``. With AdamW the moments of such a weight stay 0, so its update is
-0 and decoupled weight decay scales 0 to 0: pruned weights stay exactly zero.
+0 and decoupled weight decay scales 0 to 0: pruned weights stay exactly zero. Integer weights
+of a quantized graph are not masked: int8 rounding makes many small weights 0 that no pruning
+chose (the float weights of layers left in float are).
 
 Early stopping watches the top-1 agreement with the teacher on ``data.evaluation`` when the
 recipe has one (at most ``holdout_samples`` of it), else on a held-out fraction ``holdout`` of the
-training samples; the weights of the best epoch are kept, the untrained ones included (a
-fine-tune that does not help leaves the model as it was). Bounded: ``max_samples`` training
+training samples (equal agreement: the lower KL there); the weights of the best epoch are kept,
+the untrained ones included (a fine-tune that does not help leaves the model as it was). Bounded: ``max_samples`` training
 samples, ``views`` copies, ``max_memory_mb`` for the bank and its targets, ``max_epochs`` and
 ``max_seconds``.
 
@@ -222,6 +224,7 @@ class RecoverPass(DeployInPlacePass):
         result = dt.train(module, bank, logits, None, (hx, ht, hy), train_cfg, extra_loss=extra_loss)
         history = result.history
         agree_before, agree_after = history[0]["holdout_agreement"], result.best_agreement
+        best = next(h for h in history if h["epoch"] == result.best_epoch)
         self.details.update({
             "teacher": "reference" if self.teacher is None else self.teacher,
             "samples": len(fit), "views": len(bank) // len(fit), "bank_mb": round(bank_mb, 1),
@@ -229,15 +232,16 @@ class RecoverPass(DeployInPlacePass):
             "frozen_zeros": frozen, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early, "out_of_time": result.out_of_time,
             "agreement_before": agree_before, "agreement_after": agree_after,
-            "top1_before": history[0]["holdout_top1"],
-            "top1_after": next((h["holdout_top1"] for h in history if h["epoch"] == result.best_epoch), None),
+            "kl_before": history[0]["holdout_kl"], "kl_after": best["holdout_kl"],
+            "top1_before": history[0]["holdout_top1"], "top1_after": best["holdout_top1"],
             "history": history, "teacher_seconds": round(teacher_s, 3), "train_seconds": round(result.seconds, 3),
             "threads": ctx.threads, "seed": seed})
         stop = ("stopped by max_seconds" if result.out_of_time else
                 "stopped early" if result.stopped_early else "all epochs")
         self.note(f"trained {len(module.trainable)} initializers for {result.epochs_run} epoch(s) ({stop}) in "
                   f"{result.seconds:.1f} s; agreement with the teacher on {held_from}: "
-                  f"{agree_before:.4f} -> {agree_after:.4f}" + (f"; {frozen:,} zero weights kept at 0" if frozen else ""))
+                  f"{agree_before:.4f} -> {agree_after:.4f} (KL {history[0]['holdout_kl']:.3g} -> "
+                  f"{best['holdout_kl']:.3g})" + (f"; {frozen:,} zero weights kept at 0" if frozen else ""))
         if result.best_epoch == 0:
             self.note("no epoch beat the model as given: its weights are kept")
             return ir.passes.PassResult(model, False)
