@@ -66,7 +66,7 @@ def datasets(arch: str) -> dict:
             "unseen photos": _photos(arch, "all", lambda p: not seen(p), "photos, all crops of photos 16-25")}
 
 
-def _logits(path: pathlib.Path, x: np.ndarray, threads: int) -> np.ndarray:
+def logits(path: pathlib.Path, x: np.ndarray, threads: int) -> np.ndarray:
     from deployopt.core.session import open_session
 
     sess = open_session(path, threads=threads, what=str(path.name))
@@ -102,7 +102,7 @@ def run_arch(arch: str, tmp: pathlib.Path, budget: float, threads: int, runs: in
     data = datasets(arch)
     held_out = {held: np.concatenate([x for x, _ in data[held].batches(16)])
                 for held in ("seen photos", "unseen photos")}
-    reference = {held: _logits(fp32, x, threads) for held, x in held_out.items()}
+    reference = {held: logits(fp32, x, threads) for held, x in held_out.items()}
     rows, paths = {}, {}
     for calibration in CALIBRATIONS:
         for rounding in ROUNDINGS:
@@ -112,7 +112,7 @@ def run_arch(arch: str, tmp: pathlib.Path, budget: float, threads: int, runs: in
             rows[label] = _quantize(fp32, path, data["calibration"], rounding, calibration, budget)
             paths[label] = path
             for held, x in held_out.items():
-                r = fidelity(_logits(path, x, threads), reference[held])
+                r = fidelity(logits(path, x, threads), reference[held])
                 rows[label][held] = {"n": len(x), **{k: r[k] for k in ("agreement", "agreement_ci", "kl")}}
                 print(f"[{arch}]   {held}: agreement {r['agreement']:.4f} KL {r['kl']:.3e}", file=sys.stderr)
     print(f"[{arch}] latency", file=sys.stderr)

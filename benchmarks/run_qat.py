@@ -1,0 +1,173 @@
+"""Published numbers for quantization-aware recovery: ``quantize`` then ``recover`` on the int8
+graph, against ``quantize`` alone, on real-weight models.
+
+    .venv/bin/python -m benchmarks.run_qat [--archs efficientnet_lite0,mobilenet_v2] [--epochs 3]
+        [--lr 2e-5] [--views 8] [--max-seconds 1500] [--runs 20] [--rounds 3] [--out benchmarks/results/qat.md]
+
+1. Exports EfficientNet-Lite0 and MobileNetV2 with their real ImageNet weights at 1x3x224x224,
+   dynamic batch (``run_rounding``'s export).
+2. Data as in ``run_rounding``: calibration = the 'photos' test-split crops of photos 1-15;
+   'seen photos' = the train-split crops of those photos; 'unseen photos' = all crops of photos
+   16-25, which neither calibration nor training saw.
+3. ``QuantizePass(calibration='auto', latency_aware=False)`` on the calibration crops (the
+   deployopt int8 of ``peers.md``), then ``RecoverPass`` on that int8 graph with the fp32 export
+   as the teacher, the calibration crops as ``data.training`` (``views`` augmented copies each,
+   early stopping on a held-out tenth of them) and ``--epochs``/``--lr``/``--max-seconds``.
+4. Fidelity to fp32 of both int8 models on both held-out sets (onnxruntime, graph optimization
+   on, so the integer kernels a user runs): top-1 agreement with its 95% interval and the mean
+   KL(fp32 || int8). Latency of both against fp32 (``deployopt.measure.latency.compare``:
+   worker processes, interleaved rounds, batch 1, one thread): recover changes only integers in
+   the graph, so the ratios should match within noise.
+
+Writes ``--out`` with the machine stamp and the command, and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from deployopt.measure import machine  # noqa: E402
+
+from benchmarks.run_peers import ARCHS, SHAPE  # noqa: E402  (the same two real-weight models)
+from benchmarks.run_rounding import datasets, logits  # noqa: E402  (the same data split and runner)
+
+HELD_OUT = ("seen photos", "unseen photos")
+
+
+def _int8(fp32: pathlib.Path, out: pathlib.Path, cal) -> dict:
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.passes.quantize import QuantizePass
+
+    step = QuantizePass(calibration="auto", latency_aware=False)
+    step.context = PassContext(calibration=cal, work_dir=out.parent)
+    t0 = time.perf_counter()
+    result = step(io.load(fp32))
+    io.save(result.model, out)
+    return {"seconds": time.perf_counter() - t0, "chosen": result.details["calibration"].get("method")}
+
+
+def _recover(fp32: pathlib.Path, int8: pathlib.Path, out: pathlib.Path, cal, settings: dict) -> dict:
+    from deployopt.core import io
+    from deployopt.passes.context import PassContext
+    from deployopt.passes.recover import RecoverPass
+
+    step = RecoverPass(**settings)
+    step.context = PassContext(training=cal, reference=io.load(fp32), seed=0, work_dir=out.parent, threads=2)
+    t0 = time.perf_counter()
+    result = step(io.load(int8))
+    io.save(result.model, out)
+    d = result.details
+    return {"seconds": time.perf_counter() - t0, "modified": result.modified, "failure": result.failure,
+            **{k: d.get(k) for k in ("epochs_run", "best_epoch", "train_seconds", "teacher_seconds", "samples",
+                                     "views", "relative_rms_diff", "kl_before", "kl_after")}}
+
+
+def run_arch(arch: str, tmp: pathlib.Path, settings: dict, runs: int, rounds: int) -> dict:
+    from deployopt import models
+    from deployopt.measure.latency import compare
+    from deployopt.measure.metrics import fidelity
+    from deployopt.models.export import export_model
+
+    fp32 = tmp / f"{arch}.onnx"
+    export_model(models.build(arch, pretrained=True), fp32, SHAPE, dynamic_batch=True)
+    data = datasets(arch)
+    held_out = {held: np.concatenate([x for x, _ in data[held].batches(16)]) for held in HELD_OUT}
+    reference = {held: logits(fp32, x, 1) for held, x in held_out.items()}
+    int8, recovered = tmp / f"{arch}-int8.onnx", tmp / f"{arch}-int8-recover.onnx"
+    print(f"[{arch}] quantize", file=sys.stderr)
+    rows = {"int8": _int8(fp32, int8, data["calibration"])}
+    print(f"[{arch}] recover", file=sys.stderr)
+    rows["int8 + recover"] = _recover(fp32, int8, recovered, data["calibration"], settings)
+    paths = {"int8": int8, "int8 + recover": recovered}
+    for label, path in paths.items():
+        for held, x in held_out.items():
+            r = fidelity(logits(path, x, 1), reference[held])
+            rows[label][held] = {"n": len(x), **{k: r[k] for k in ("agreement", "agreement_ci", "kl")}}
+            print(f"[{arch}] {label} {held}: agreement {r['agreement']:.4f} KL {r['kl']:.3e}", file=sys.stderr)
+    bench = compare([fp32, *paths.values()], labels=["fp32", *paths], threads=(1,), batch=(1,), warmup=5,
+                    runs=runs, rounds=rounds, progress=False)
+    for r in bench.rows:
+        if r["model"] in rows:
+            rows[r["model"]]["latency"] = r
+    return {"rows": rows, "sizes": {k: len(v) for k, v in data.items()}, "warnings": list(bench.warnings)}
+
+
+def _cell(entry: dict) -> tuple[str, str]:
+    lo, hi = entry["agreement_ci"]
+    return f"{100 * entry['agreement']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", f"{entry['kl']:.2e}"
+
+
+def _speed(row: dict) -> str:
+    lat = row.get("latency")
+    if lat is None or lat["error"]:
+        return "error"
+    return f"{lat['speedup']:.2f}x [{lat['speedup_ci'][0]:.2f}, {lat['speedup_ci'][1]:.2f}]"
+
+
+def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
+    lines = ["# Quantization-aware recovery: quantize, then recover on the int8 graph", "",
+             f"Machine: {machine.stamp_line(stamp)}", "", f"Command: `{command}`", "",
+             "Real ImageNet weights, 1x3x224x224. int8: `QuantizePass(calibration='auto', latency_aware=False)` on "
+             "the 'photos' test-split crops of photos 1-15. int8 + recover: `RecoverPass` on that int8 graph, the "
+             "fp32 export as teacher, the same crops as training data "
+             f"({json.dumps(settings)}). 'seen photos': the train-split crops of photos 1-15; 'unseen photos': all "
+             "crops of photos 16-25, in no calibration or training set. agreement = top-1 agreement with fp32 "
+             "[95% interval], KL = mean KL(fp32 || int8), both from onnxruntime's integer kernels. speedup = "
+             "p50(fp32) / p50(model), batch 1, 1 thread, interleaved rounds [95% interval].", ""]
+    for arch, res in results.items():
+        lines += [f"## {arch}", "", f"{res['sizes']['calibration']} calibration/training crops, "
+                  f"{res['sizes']['seen photos']} seen-photo crops, {res['sizes']['unseen photos']} unseen-photo "
+                  "crops.", "",
+                  "| model | seen photos: agreement | KL | unseen photos: agreement | KL | speedup vs fp32 | time |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, row in res["rows"].items():
+            seen, unseen = _cell(row["seen photos"]), _cell(row["unseen photos"])
+            what = (f"{row['seconds']:.0f} s (calibration {row['chosen']})" if label == "int8" else
+                    f"{row['seconds']:.0f} s ({row['epochs_run']} epochs, best {row['best_epoch']}, "
+                    f"{row['samples']} samples x {row['views']} views)" if row.get("epochs_run") is not None else
+                    f"{row['seconds']:.0f} s: {row.get('failure')}")
+            lines.append(f"| {label} | {seen[0]} | {seen[1]} | {unseen[0]} | {unseen[1]} | {_speed(row)} | {what} |")
+        if res["warnings"]:
+            lines += ["", "Timing warnings: " + "; ".join(res["warnings"])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--max-seconds", type=float, default=1500.0)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat.md"))
+    args = parser.parse_args(argv)
+    settings = {"max_epochs": args.epochs, "lr": args.lr, "views": args.views, "max_seconds": args.max_seconds,
+                "patience": None}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="deployopt-qat-") as tmp:
+        for arch in args.archs.split(","):
+            results[arch] = run_arch(arch, pathlib.Path(tmp), settings, args.runs, args.rounds)
+    command = "python -m benchmarks.run_qat " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(command.strip(), machine.stamp(), results, settings)
+    pathlib.Path(args.out).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
