@@ -21,6 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from deployopt import optimize
+from deployopt.cli import main as cli_main
 from deployopt.core import io
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError
@@ -233,6 +234,32 @@ def test_recover_after_quantize_trains_the_int8_weights(teacher_path, digits, tm
     # Measured: 0.715 -> 0.905 on the 597 test digits (8 epochs, lr 3e-3).
     assert agree_int8 <= 0.8 and agreement(result.model, teacher, x_test) >= agree_int8 + 0.1
     assert d["relative_rms_diff"] <= 0.2 and d["parity_before"] <= 0.2
+
+
+def test_cli_quantize_then_recover(teacher_path, digits, tmp_path):
+    """``deployopt optimize`` with [quantize, recover]: the int8 graph is fine-tuned against the
+    recipe's input model and the per-step accuracy shows what recover bought."""
+    import yaml
+
+    io.save(skewed_teacher(teacher_path), tmp_path / "skewed.onnx")
+    x, y = digits["test"]
+    np.savez(tmp_path / "train.npz", x=digits["train"][0])
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    recipe = {"model": str(tmp_path / "skewed.onnx"),
+              "data": {"calibration": {"dataset": f"npz:{tmp_path / 'train.npz'}", "limit": 64},
+                       "training": {"dataset": f"npz:{tmp_path / 'train.npz'}"},
+                       "evaluation": {"dataset": f"npz:{tmp_path / 'eval.npz'}"}},
+              "passes": [{"quantize": {"per_channel": False, "rounding": "nearest", "bias_correction": False,
+                                       "reduce_range": True, "latency_aware": False, "min_step_speedup": None}},
+                         {"recover": {**FAST, "max_epochs": 8}}],
+              "benchmark": {"enabled": False}}
+    (tmp_path / "qat.yaml").write_text(yaml.safe_dump(recipe))
+    assert cli_main(["optimize", str(tmp_path / "qat.yaml"), "-o", str(tmp_path / "out"), "--in-process"]) == 0
+    steps = {s["pass"]: s for s in json.loads((tmp_path / "out" / "report.json").read_text())["steps"]}
+    assert steps["recover"]["modified"] and steps["recover"]["details"]["quantization_aware"]
+    assert steps["recover"]["accuracy"]["agreement"] >= steps["quantize"]["accuracy"]["agreement"] + 0.1
+    final = io.load(tmp_path / "out" / "model.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in final.graph) > 0  # still the int8 graph
 
 
 def test_feature_matching_and_refusals(teacher_path, digits, tmp_path):
