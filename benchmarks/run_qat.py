@@ -11,8 +11,13 @@ graph, against ``quantize`` alone, on real-weight models.
    16-25, which neither calibration nor training saw.
 3. ``QuantizePass(calibration='auto', latency_aware=False)`` on the calibration crops (the
    deployopt int8 of ``peers.md``), then ``RecoverPass`` on that int8 graph with the fp32 export
-   as the teacher, the calibration crops as ``data.training`` (``views`` augmented copies each,
-   early stopping on a held-out tenth of them) and ``--epochs``/``--lr``/``--max-seconds``.
+   as the teacher and ``--epochs``/``--lr``/``--views``/``--max-seconds``. Training images:
+   ``run_recover``'s training folder (random crops of pictures in neither held-out set, faces,
+   thumbnails, and the even half of the calibration crops) without the crops of photos 16-25;
+   early stopping (``data.evaluation``) on the odd half of the calibration crops of photos 1-15.
+   Early stopping on a random tenth of the calibration crops instead (the pass's default without
+   ``data.evaluation``) is leaky: a crop's mirror or a larger crop of the same photo is in
+   training, and epochs that memorise them win.
 4. Fidelity to fp32 of both int8 models on both held-out sets (onnxruntime, graph optimization
    on, so the integer kernels a user runs): top-1 agreement with its 95% interval and the mean
    KL(fp32 || int8). Latency of both against fp32 (``deployopt.measure.latency.compare``:
@@ -39,8 +44,9 @@ if str(ROOT) not in sys.path:
 
 from deployopt.measure import machine  # noqa: E402
 
-from benchmarks.run_peers import ARCHS, SHAPE  # noqa: E402  (the same two real-weight models)
-from benchmarks.run_rounding import datasets, logits  # noqa: E402  (the same data split and runner)
+from benchmarks.run_peers import ARCHS, PREPROCESS, SHAPE  # noqa: E402  (the same two real-weight models)
+from benchmarks.run_recover import write_training_folder  # noqa: E402
+from benchmarks.run_rounding import CALIBRATION_PHOTOS, PHOTOS, datasets, logits  # noqa: E402
 
 HELD_OUT = ("seen photos", "unseen photos")
 
@@ -58,23 +64,40 @@ def _int8(fp32: pathlib.Path, out: pathlib.Path, cal) -> dict:
     return {"seconds": time.perf_counter() - t0, "chosen": result.details["calibration"].get("method")}
 
 
-def _recover(fp32: pathlib.Path, int8: pathlib.Path, out: pathlib.Path, cal, settings: dict) -> dict:
+def training_folders(tmp: pathlib.Path, crops: int) -> tuple[pathlib.Path, pathlib.Path]:
+    """(training folder, early-stopping folder) of step 3 in the module docstring."""
+    train, stop = tmp / "training", tmp / "early-stopping"
+    write_training_folder(train, crops, stop)
+    for folder in (train, stop):  # calibration crops are 'photo_<index>.png'; the photo is index % 25
+        for path in folder.glob("photo_*.png"):
+            if int(path.stem.split("_")[1]) % PHOTOS >= CALIBRATION_PHOTOS:
+                path.unlink()
+    return train, stop
+
+
+def _recover(arch: str, fp32: pathlib.Path, int8: pathlib.Path, out: pathlib.Path, folders, settings: dict) -> dict:
     from deployopt.core import io
+    from deployopt.core.data import open_dataset
     from deployopt.passes.context import PassContext
     from deployopt.passes.recover import RecoverPass
 
+    train, stop = (open_dataset({"dataset": f"folder:{f}", "preprocess": PREPROCESS[arch]}, input_shape=SHAPE)
+                   for f in folders)
     step = RecoverPass(**settings)
-    step.context = PassContext(training=cal, reference=io.load(fp32), seed=0, work_dir=out.parent, threads=2)
+    step.context = PassContext(training=train, evaluation=stop, reference=io.load(fp32), seed=0,
+                               work_dir=out.parent, threads=2)
     t0 = time.perf_counter()
     result = step(io.load(int8))
     io.save(result.model, out)
     d = result.details
     return {"seconds": time.perf_counter() - t0, "modified": result.modified, "failure": result.failure,
+            "stop_samples": len(stop),
             **{k: d.get(k) for k in ("epochs_run", "best_epoch", "train_seconds", "teacher_seconds", "samples",
-                                     "views", "relative_rms_diff", "kl_before", "kl_after")}}
+                                     "views", "relative_rms_diff", "agreement_before", "agreement_after",
+                                     "kl_before", "kl_after")}}
 
 
-def run_arch(arch: str, tmp: pathlib.Path, settings: dict, runs: int, rounds: int) -> dict:
+def run_arch(arch: str, tmp: pathlib.Path, folders, settings: dict, runs: int, rounds: int) -> dict:
     from deployopt import models
     from deployopt.measure.latency import compare
     from deployopt.measure.metrics import fidelity
@@ -89,7 +112,7 @@ def run_arch(arch: str, tmp: pathlib.Path, settings: dict, runs: int, rounds: in
     print(f"[{arch}] quantize", file=sys.stderr)
     rows = {"int8": _int8(fp32, int8, data["calibration"])}
     print(f"[{arch}] recover", file=sys.stderr)
-    rows["int8 + recover"] = _recover(fp32, int8, recovered, data["calibration"], settings)
+    rows["int8 + recover"] = _recover(arch, fp32, int8, recovered, folders, settings)
     paths = {"int8": int8, "int8 + recover": recovered}
     for label, path in paths.items():
         for held, x in held_out.items():
@@ -121,13 +144,13 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
              f"Machine: {machine.stamp_line(stamp)}", "", f"Command: `{command}`", "",
              "Real ImageNet weights, 1x3x224x224. int8: `QuantizePass(calibration='auto', latency_aware=False)` on "
              "the 'photos' test-split crops of photos 1-15. int8 + recover: `RecoverPass` on that int8 graph, the "
-             "fp32 export as teacher, the same crops as training data "
-             f"({json.dumps(settings)}). 'seen photos': the train-split crops of photos 1-15; 'unseen photos': all "
+             "fp32 export as teacher, trained on run_recover's training folder without photos 16-25, early "
+             f"stopping on the odd half of the calibration crops ({json.dumps(settings)}). 'seen photos': the train-split crops of photos 1-15; 'unseen photos': all "
              "crops of photos 16-25, in no calibration or training set. agreement = top-1 agreement with fp32 "
              "[95% interval], KL = mean KL(fp32 || int8), both from onnxruntime's integer kernels. speedup = "
              "p50(fp32) / p50(model), batch 1, 1 thread, interleaved rounds [95% interval].", ""]
     for arch, res in results.items():
-        lines += [f"## {arch}", "", f"{res['sizes']['calibration']} calibration/training crops, "
+        lines += [f"## {arch}", "", f"{res['sizes']['calibration']} calibration crops, "
                   f"{res['sizes']['seen photos']} seen-photo crops, {res['sizes']['unseen photos']} unseen-photo "
                   "crops.", "",
                   "| model | seen photos: agreement | KL | unseen photos: agreement | KL | speedup vs fp32 | time |",
@@ -135,8 +158,10 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
         for label, row in res["rows"].items():
             seen, unseen = _cell(row["seen photos"]), _cell(row["unseen photos"])
             what = (f"{row['seconds']:.0f} s (calibration {row['chosen']})" if label == "int8" else
-                    f"{row['seconds']:.0f} s ({row['epochs_run']} epochs, best {row['best_epoch']}, "
-                    f"{row['samples']} samples x {row['views']} views)" if row.get("epochs_run") is not None else
+                    f"{row['seconds']:.0f} s ({row['samples']} samples x {row['views']} views, {row['epochs_run']} "
+                    f"epochs, best {row['best_epoch']}; early-stopping agreement {row['agreement_before']:.3f} -> "
+                    f"{row['agreement_after']:.3f} on {row['stop_samples']} crops)"
+                    if row.get("epochs_run") is not None else
                     f"{row['seconds']:.0f} s: {row.get('failure')}")
             lines.append(f"| {label} | {seen[0]} | {seen[1]} | {unseen[0]} | {unseen[1]} | {_speed(row)} | {what} |")
         if res["warnings"]:
@@ -148,9 +173,10 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=",".join(ARCHS))
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--crops", type=int, default=24, help="random crops per large training picture")
     parser.add_argument("--max-seconds", type=float, default=1500.0)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
@@ -160,8 +186,9 @@ def main(argv=None) -> int:
                 "patience": None}
     results = {}
     with tempfile.TemporaryDirectory(prefix="deployopt-qat-") as tmp:
+        folders = training_folders(pathlib.Path(tmp), args.crops)
         for arch in args.archs.split(","):
-            results[arch] = run_arch(arch, pathlib.Path(tmp), settings, args.runs, args.rounds)
+            results[arch] = run_arch(arch, pathlib.Path(tmp), folders, settings, args.runs, args.rounds)
     command = "python -m benchmarks.run_qat " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(command.strip(), machine.stamp(), results, settings)
     pathlib.Path(args.out).write_text(text, encoding="utf-8")
