@@ -145,8 +145,9 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
              "Real ImageNet weights, 1x3x224x224. int8: `QuantizePass(calibration='auto', latency_aware=False)` on "
              "the 'photos' test-split crops of photos 1-15. int8 + recover: `RecoverPass` on that int8 graph, the "
              "fp32 export as teacher, trained on run_recover's training folder without photos 16-25, early "
-             f"stopping on the odd half of the calibration crops ({json.dumps(settings)}). 'seen photos': the train-split crops of photos 1-15; 'unseen photos': all "
-             "crops of photos 16-25, in no calibration or training set. agreement = top-1 agreement with fp32 "
+             f"stopping on the odd half of the calibration crops ({json.dumps(settings)}). 'seen photos': the "
+             "train-split crops of photos 1-15; 'unseen photos': all crops of photos 16-25, in no calibration or "
+             "training set. agreement = top-1 agreement with fp32 "
              "[95% interval], KL = mean KL(fp32 || int8), both from onnxruntime's integer kernels. speedup = "
              "p50(fp32) / p50(model), batch 1, 1 thread, interleaved rounds [95% interval].", ""]
     for arch, res in results.items():

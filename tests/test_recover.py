@@ -1,11 +1,11 @@
 """The recover pass: a digits model pruned, then fine-tuned against itself before pruning.
 
-Structure: the interpreter reproduces onnxruntime on a hand-built graph of every supported op
-family and on an exported net; trained values go back into the same initializers (names,
-shapes, dtypes). Numbers: agreement with the unpruned model rises after channel_prune; weights
-zeroed by prune stay exactly zero; after quantize, quantization-aware recovery raises the int8
-model's agreement with float while the graph, scales and integer ranges stay as they were. Refusal: an op the interpreter lacks, a missing teacher, a
-feature tensor that is not there.
+Structure: the interpreter reproduces onnxruntime on a hand-built graph of every supported op family
+and on an exported net; trained values go back into the same initializers (names, shapes, dtypes).
+Numbers: agreement with the unpruned model rises after channel_prune; weights zeroed by prune stay
+exactly zero; after quantize, quantization-aware recovery raises the int8 model's agreement with
+float while the graph, scales and integer ranges stay as they were. Refusal: an op the interpreter
+lacks, a missing teacher, a feature tensor that is not there.
 """
 
 from __future__ import annotations

@@ -249,7 +249,8 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
     """Train ``student`` in place on (x, teacher logits t, labels y); returns the history.
 
     ``holdout``: (x, teacher logits, labels or None) for early stopping on agreement; the weights
-    with the best held-out agreement are restored at the end (ties go to the lower held-out KL). Held-out top-1 vs the labels is reported alongside when there are labels.
+    with the best held-out agreement are restored at the end (ties go to the lower held-out KL).
+    Held-out top-1 vs the labels is reported alongside when there are labels.
     """
     start = time.perf_counter()
     xt, tt = torch.from_numpy(x), torch.from_numpy(t)

@@ -25,18 +25,20 @@ gradient, ``g <- g * [w != 0]``. With AdamW the moments of such a weight stay 0,
 of a quantized graph are not masked: int8 rounding makes many small weights 0 that no pruning
 chose (the float weights of layers left in float are).
 
-Early stopping watches the top-1 agreement with the teacher on ``data.evaluation`` when the
-recipe has one (at most ``holdout_samples`` of it), else on a held-out fraction ``holdout`` of the
-training samples (equal agreement: the lower KL there); the weights of the best epoch are kept,
-the untrained ones included (a fine-tune that does not help leaves the model as it was). Bounded: ``max_samples`` training
-samples, ``views`` copies, ``max_memory_mb`` for the bank and its targets, ``max_epochs`` and
-``max_seconds``.
+Early stopping watches the top-1 agreement with the teacher on ``data.evaluation`` when the recipe
+has one (at most ``holdout_samples`` of it), else on a held-out fraction ``holdout`` of the training
+samples (equal agreement: the lower KL there); the weights of the best epoch are kept, the untrained
+ones included (a fine-tune that does not help leaves the model as it was). Bounded: ``max_samples``
+training samples, ``views`` copies, ``max_memory_mb`` for the bank and its targets, ``max_epochs``
+and ``max_seconds``. A held-out fraction of training crops is a leaky judge when other crops of the
+same pictures train (the epochs that memorise them win): give ``data.evaluation`` images of their
+own.
 
 After ``quantize`` (a QDQ graph) this is quantization-aware fine-tuning: the integer weights and
 biases train through their fake-quantized forms with the model's scales held fixed (see
 ``deployopt.passes.recover.interpreter``), the teacher is still the float input model, and the
-written-back integers keep the graph, its scales and so its fused int8 kernels. The quantize
-step's choices (calibrated ranges, GPTQ rounding, the float fallback) are the starting point.
+written-back integers keep the graph, its scales and so its fused int8 kernels. The quantize step's
+choices (calibrated ranges, GPTQ rounding, the float fallback) are the starting point.
 
 Write-back: trained values replace the values of the same initializers (names, shapes and dtypes
 unchanged). The result is then run in onnxruntime against the torch forward on held-out inputs;
