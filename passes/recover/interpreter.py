@@ -345,8 +345,11 @@ def _cast(node, x):
 
 
 #: Integer ranges of the quantized types (QuantizeLinear's output, DequantizeLinear's input).
+#: int32's top is 2^31 - 128, the largest float32 below 2^31: float32 rounds 2^31 - 1 up to 2^31,
+#: which no longer casts to int32 (an int32 bias of a near-dead channel, whose scale s_x s_w is
+#: tiny, can reach the bound).
 INTEGER_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.uint16: (0, 65535),
-                  torch.int16: (-32768, 32767), torch.int32: (-2**31, 2**31 - 1)}
+                  torch.int16: (-32768, 32767), torch.int32: (-2**31, 2**31 - 128)}
 
 
 def _along(node, t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -367,8 +370,11 @@ def _round_ste(u: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """clamp(round(u / scale) + zero, low, high): the integers, as floats, with the STE gradient."""
-    return torch.clamp(_round_ste(u / scale) + zero, low, high)
+    """clamp(round(u / scale) + zero, low, high): the integers, as floats, with the STE gradient.
+    A zero scale (a channel whose weights are all 0) divides by 1 instead: its dequantized value
+    is 0 whatever the integer."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.clamp(_round_ste(u / safe) + zero, low, high)
 
 
 def _quantize(node, x, scale, zero=None):
