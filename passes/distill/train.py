@@ -23,16 +23,17 @@ pixels (not zeros: inputs are normalized, so 0 is grey, not background). Optiona
 flip with probability 1/2. All randomness comes from one seeded ``torch.Generator``, so the
 same seed and data give the same batches, views and weights.
 
-Optimizer: AdamW with a one-cycle learning-rate schedule (torch's ``OneCycleLR``), which
-reaches a good minimum in the few epochs a deployment pipeline can afford. With a time budget
-``max_seconds`` the schedule advances by ``max(steps done / total steps, seconds / max_seconds)``,
-so a run cut short by the clock still ends at the low end of the cycle. Early stopping watches
-the top-1 agreement ``mean[argmax s == argmax t]`` on a held-out set and restores the best
-weights (``keep_initial``: the weights before training compete too, for a model that starts
-from trained weights). Equal agreement goes to the lower held-out KL(softmax t || softmax s):
-a small held-out set on which every epoch agrees fully (a quantized model fine-tuned against
-its float self) still tells the epochs apart. ``extra_loss(idx)`` adds a term to each batch's loss (the recover pass's
-feature matching), computed after the student's forward on the batch ``idx``.
+Optimizer: AdamW with a one-cycle learning-rate schedule (torch's ``OneCycleLR``), which reaches
+a good minimum in the few epochs a deployment pipeline can afford. With a time budget
+``max_seconds`` the schedule advances by ``max(steps done / total steps, seconds /
+max_seconds)``, so a run cut short by the clock still ends at the low end of the cycle. Early
+stopping watches the top-1 agreement ``mean[argmax s == argmax t]`` on a held-out set and
+restores the best weights (``keep_initial``: the weights before training compete too, for a
+model that starts from trained weights). Equal agreement goes to the lower held-out KL(softmax t
+|| softmax s): a small held-out set on which every epoch agrees fully (a quantized model
+fine-tuned against its float self) still tells the epochs apart. ``extra_loss(idx)`` adds a term
+to each batch's loss (the recover pass's feature matching), computed after the student's forward
+on the batch ``idx``.
 """
 
 from __future__ import annotations
@@ -222,8 +223,7 @@ def holdout_scores(student: nn.Module, x: torch.Tensor, teacher_logits: np.ndarr
     (``deployopt.measure.metrics``)."""
     was_training = student.training
     student.eval()
-    with torch.no_grad():
-        logits = torch.cat([student(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+    logits = torch.cat([student(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
     student.train(was_training)
     fidelity = metrics.fidelity(logits, teacher_logits)
     return (fidelity["agreement"], fidelity["kl"],
