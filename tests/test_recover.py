@@ -294,6 +294,21 @@ def test_unsupported_op_is_refused_before_training(digits, tmp_path):
     assert str(caught.value) == "op LRN (node 'norm1') is not supported by the ONNX-to-torch interpreter"
 
 
+def test_fixed_batch_graph_is_refused_before_training(digits, tmp_path):
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["pixels", "shape"], ["flat"], name="flatten_to_batch_1"),
+         helper.make_node("Gemm", ["flat", "w"], ["logits"], name="fc")], "fixed", [x], [y],
+        [_init("shape", np.array([1, 64], np.int64)), _init("w", rng.standard_normal((64, 10)).astype(np.float32))])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(UserError, match=r"^model: does not run on a batch of 2 samples \(shape '\[1, 64\]' is "
+                                        r"invalid .*\); recover trains in mini-batches: export the model with a "
+                                        r"dynamic batch dimension$"):
+        recover(model, model.clone(), digits, tmp_path)
+
+
 def test_recipe_channel_prune_recover_quantize(teacher_path, digits, tmp_path):
     x, y = digits["test"]
     np.savez(tmp_path / "train.npz", x=digits["train"][0])

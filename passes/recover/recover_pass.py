@@ -61,7 +61,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from deployopt.core.errors import UserError
+from deployopt.core.errors import UserError, one_line
 from deployopt.core.settings import setting
 from deployopt.passes.base import DeployInPlacePass
 from deployopt.passes.distill.interface import Interface, check_samples, dims_text, interface
@@ -189,6 +189,14 @@ class RecoverPass(DeployInPlacePass):
             hx, hy, fit = x[order[:n_hold]], None, x[order[n_hold:]]
             held_from = f"{n_hold} held-out training samples"
         ht = dt.teacher_logits(sess, teacher_io.input_name, teacher_io.output_name, hx, teacher_io.fixed_batch)
+
+        # Training runs mini-batches: a graph that fixes its batch (a Reshape to [1, ...]) cannot.
+        try:
+            with torch.no_grad():
+                module(torch.from_numpy(hx[:2] if len(hx) >= 2 else x[:2]))
+        except RuntimeError as e:
+            raise UserError(f"model: does not run on a batch of 2 samples ({one_line(e)}); recover trains in "
+                            f"mini-batches: export the model with a dynamic batch dimension") from e
 
         # The interpreter must reproduce the model before its weights are worth training.
         current = open_session(ir.to_proto(model).SerializeToString(), threads=ctx.threads,
