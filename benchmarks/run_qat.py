@@ -165,6 +165,9 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
                     if row.get("epochs_run") is not None else
                     f"{row['seconds']:.0f} s: {row.get('failure')}")
             lines.append(f"| {label} | {seen[0]} | {seen[1]} | {unseen[0]} | {unseen[1]} | {_speed(row)} | {what} |")
+        if res["rows"]["int8 + recover"].get("best_epoch") == 0:
+            lines += ["", "recover kept the int8 model: no epoch beat it on the early-stopping crops, so both rows "
+                      "are the same weights and their speedups differ by timing noise alone."]
         if res["warnings"]:
             lines += ["", "Timing warnings: " + "; ".join(res["warnings"])]
         lines.append("")
