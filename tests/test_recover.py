@@ -5,7 +5,7 @@ and on an exported net; trained values go back into the same initializers (names
 Numbers: agreement with the unpruned model rises after channel_prune; weights zeroed by prune stay
 exactly zero; after quantize, quantization-aware recovery raises the int8 model's agreement with
 float while the graph, scales and integer ranges stay as they were. Refusal: an op the interpreter
-lacks, a missing teacher, a feature tensor that is not there.
+lacks, a missing teacher, a feature tensor that is not there, a graph that fixes its batch.
 """
 
 from __future__ import annotations
