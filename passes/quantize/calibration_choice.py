@@ -31,20 +31,22 @@ from deployopt.passes.quantize.data import Feed
 AUTO_METHODS = ("minmax", "mse", "entropy")
 
 
-def output_sqnr_db(float_path: pathlib.Path, qdq_path: pathlib.Path, batches: Iterable[Feed],
-                   threads: int) -> float:
-    """``10 log10(Σ‖y_f‖² / Σ‖y_q − y_f‖²)`` over every output and every feed (inf when equal)."""
+def output_sqnr_db(float_path: pathlib.Path, candidates: dict[str, pathlib.Path], batches: Iterable[Feed],
+                   threads: int) -> dict[str, float]:
+    """Per candidate, ``10 log10(Σ‖y_f‖² / Σ‖y_q − y_f‖²)`` over every output and every feed (inf
+    when equal). One pass over the feeds: the float model runs once per feed for all candidates."""
     ref = open_session(float_path, threads=threads, what="the float model")
-    candidate = open_session(qdq_path, threads=threads, what="the int8 model")  # its int8 kernels
-    signal = noise = 0.0
+    sessions = {name: open_session(path, threads=threads, what="the int8 model")  # its int8 kernels
+                for name, path in candidates.items()}
+    signal, noise = 0.0, dict.fromkeys(candidates, 0.0)
     for feed in batches:
-        for y_f, y_q in zip(ref.run(None, feed), candidate.run(None, feed)):
-            y_f, y_q = np.asarray(y_f, np.float64), np.asarray(y_q, np.float64)
-            signal += float(np.sum(y_f ** 2))
-            noise += float(np.sum((y_q - y_f) ** 2))
-    if noise == 0.0:
-        return math.inf
-    return 10 * math.log10(max(signal, 1e-30) / noise)
+        y_fs = [np.asarray(y, np.float64) for y in ref.run(None, feed)]
+        signal += sum(float(np.sum(y_f ** 2)) for y_f in y_fs)
+        for name, sess in sessions.items():
+            noise[name] += sum(float(np.sum((np.asarray(y_q, np.float64) - y_f) ** 2))
+                               for y_f, y_q in zip(y_fs, sess.run(None, feed)))
+    return {name: math.inf if err == 0.0 else 10 * math.log10(max(signal, 1e-30) / err)
+            for name, err in noise.items()}
 
 
 def best_method(scores: dict[str, float]) -> str:

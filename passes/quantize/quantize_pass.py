@@ -337,10 +337,9 @@ class QuantizePass(DeployFunctionalPass):
         """``calibration: auto``: the method whose int8 model has the highest output SQNR against
         the float model on the first ``refine_samples`` calibration samples (calibration_choice.py)."""
         n = min(self.refine_samples, self.samples)
-        scores = {}
-        for method, path in models.items():
-            batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
-            scores[method] = round(output_sqnr_db(prepared.path, path, batches, self.context.threads), 2)
+        batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
+        scores = {method: round(db, 2) for method, db in
+                  output_sqnr_db(prepared.path, models, batches, self.context.threads).items()}
         chosen = best_method(scores)
         calibrations[chosen]["choice"] = {"output_sqnr_db": scores, "samples": n,
                                           "tried": {m: c["seconds"] for m, c in calibrations.items()}}
