@@ -161,6 +161,9 @@ class EvalResult:
     fidelity keys are None without a reference. Intervals are Wilson 95% [low, high].
     ``metrics`` holds every task metric's result (``outputs``, ``kind``, ``score``,
     ``score_name`` and its own keys); ``score``/``score_name`` are the first metric's.
+    ``noise_floor`` (with ``noise_floor=L``): the
+    same metrics for the reference on its own inputs moved by up to L grey levels, against its
+    clean outputs (``deployopt.measure.accuracy``), or {levels, skipped: reason}.
     """
 
     model: str
@@ -181,6 +184,7 @@ class EvalResult:
     score: float | None = None
     score_name: str | None = None
     metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    noise_floor: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvalResult:
@@ -207,7 +211,21 @@ class EvalResult:
         for res in self.metrics:
             if res["kind"] != "classification":
                 lines.append(_metric_line(res))
+        if self.noise_floor is not None:
+            lines.append(_noise_floor_line(self.noise_floor))
         return "\n".join(lines) + "\n"
+
+
+def _noise_floor_line(floor: Mapping[str, Any]) -> str:
+    """The noise floor as a line: what the reference scores against itself on inputs moved by L grey levels."""
+    head = f"noise floor (inputs moved by up to {floor['levels']} grey level{'s' if floor['levels'] != 1 else ''})"
+    if "skipped" in floor:
+        return f"{head}: not measured: {floor['skipped']}"
+    if floor.get("agreement") is not None:
+        ci = floor["agreement_ci"]
+        return (f"{head}: the {floor['of']} agrees with itself on {floor['agreement']:.2%} [{ci[0]:.2%}, "
+                f"{ci[1]:.2%}], KL {floor['kl']:.3g}")
+    return f"{head}: the {floor['of']} against itself: {floor['score_name']} {floor['score']:.4g}"
 
 
 def _metric_line(res: Mapping[str, Any]) -> str:
@@ -226,7 +244,7 @@ def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, b
              threads: int = 1, progress: bool = False,
              shapes: Mapping[str, Sequence[int]] | None = None, metrics: Any = None,
              labels: PathLike | None = None, charset: PathLike | None = None,
-             runtime: str = "onnxruntime", ep: str | None = None) -> EvalResult:
+             runtime: str = "onnxruntime", ep: str | None = None, noise_floor: int = 0) -> EvalResult:
     """Task metrics of ``model`` on ``data`` (a dataset spec string like ``"digits?split=test"``, a
     recipe-style mapping, or a Dataset), against the labels and, with ``reference``, against the
     reference model's outputs.
@@ -241,7 +259,9 @@ def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, b
     sequence metric's charset file, one character per line. ``shapes`` gives the
     full shape of inputs whose dynamic dims the data does not fix (sizes images follow).
     ``runtime``/``ep``: the target both models run on (onnxruntime with an execution provider, or
-    openvino)."""
+    openvino). ``noise_floor=L`` (grey levels, image data only) also scores the reference (or the
+    model without one) on its own inputs moved by up to L grey levels against its clean outputs:
+    the agreement no quantized model can be held to (``deployopt.measure.accuracy``)."""
     from deployopt.core import io
     from deployopt.measure.accuracy import evaluate as evaluate_model
     from deployopt.measure.model_io import input_specs, open_data
@@ -258,7 +278,7 @@ def evaluate(model: PathLike, data: Any, *, reference: PathLike | None = None, b
                         "so there is nothing to measure")
     result = evaluate_model(model, dataset, reference_path=reference, batch_size=batch_size,
                             threads=threads, progress=progress, metrics=metrics, labels=labels, charset=charset,
-                            runtime=runtime, ep=ep)
+                            runtime=runtime, ep=ep, noise_floor=noise_floor)
     return EvalResult.from_dict(result)
 
 

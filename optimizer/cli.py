@@ -388,6 +388,9 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--charset", metavar="FILE", help="the sequence metric's charset, one character per line")
     p.add_argument("--batch-size", default="32", help="samples per run (default 32)")
     p.add_argument("--threads", default="1", help="intra-op threads (default 1)")
+    p.add_argument("--noise-floor", default="0", metavar="L",
+                   help="also score the reference against itself on inputs moved by up to L grey levels "
+                        "(image data): the agreement no int8 model can be held to (default 0: off)")
     _add_target(p, "to run both models on")
     p.add_argument("--json", metavar="F", help="write the result as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -405,17 +408,19 @@ def _eval(args) -> int:
     from deployopt.measure.output import write_text
 
     values = {}
-    for flag, text in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+    for flag, text, low in (("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1),
+                            ("--noise-floor", args.noise_floor, 0)):
         values[flag] = _int(flag, text)
-        if values[flag] < 1:
-            raise UserError(f"{flag}: {values[flag]} is not an integer >= 1")
+        if values[flag] < low:
+            raise UserError(f"{flag}: {values[flag]} is not an integer >= {low}")
     out = _writable("--json", args.json)
     runtime, ep = _target(args)
     try:
         result = api.evaluate(args.model, args.data, reference=args.reference, batch_size=values["--batch-size"],
                               threads=values["--threads"], progress=not args.no_progress,
                               shapes=_shape_args(args.shape), metrics=_metric_args(args.metric),
-                              labels=args.labels, charset=args.charset, runtime=runtime, ep=ep)
+                              labels=args.labels, charset=args.charset, runtime=runtime, ep=ep,
+                              noise_floor=values["--noise-floor"])
     except UserError as e:
         if str(e).startswith("data ") and "nothing to measure" in str(e):
             raise UserError(f"--data {args.data}: the dataset has no labels and no --reference or --labels "

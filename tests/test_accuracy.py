@@ -226,3 +226,56 @@ def test_cli_eval_bad_input_exit_2(trained, capsys):
     assert cli_main(["eval", "--in-process", trained["model"], "--data", "digits", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "deployopt: error: --batch-size: 0 is not an integer >= 1"]
+
+
+# -- the noise floor ------------------------------------------------------------------------------
+
+def test_noise_floor_matches_numpy_on_trained_model(trained):
+    """The reference scored on its own inputs moved by up to one source unit (1/16 after the digits
+    preprocessing), against its clean outputs: the numbers numpy gets from the same seeded draws."""
+    data = open_dataset("digits?split=test")
+    res = accuracy.evaluate(trained["model"], data, reference_path=trained["reference"], batch_size=64,
+                            progress=False, noise_floor=1)
+    rng = np.random.default_rng(accuracy.NOISE_SEED)
+    clean, noisy = [], []
+    for x, _ in data.batches(64):
+        moved = x + rng.integers(-1, 2, size=x.shape).astype(np.float32) / 16
+        for batch, out in ((x, clean), (moved, noisy)):
+            out.append(batch.reshape(len(batch), -1).astype(np.float64) @ trained["w_ref"].T + trained["b"])
+    expected = metrics.fidelity(np.concatenate(noisy), np.concatenate(clean))
+    floor = res["noise_floor"]
+    assert floor["levels"] == 1 and floor["of"] == "reference" and floor["n"] == 360
+    assert floor["agreement"] == pytest.approx(expected["agreement"], abs=1 / 360)
+    assert floor["kl"] == pytest.approx(expected["kl"], rel=1e-3)
+    assert 0.5 < floor["agreement"] < 1  # one unit of 16 moves some digits, not most
+    assert res["agreement"] == pytest.approx(metrics.fidelity(  # the model's own numbers are unchanged
+        trained["x"].reshape(360, -1) @ trained["w"].T + trained["b"],
+        trained["x"].reshape(360, -1) @ trained["w_ref"].T + trained["b"])["agreement"], abs=1 / 360)
+    wider = accuracy.evaluate(trained["model"], data, progress=False, noise_floor=4)["noise_floor"]
+    assert wider["of"] == "model" and wider["agreement"] < floor["agreement"]
+
+
+def test_noise_floor_says_why_it_was_not_measured(trained):
+    data = ArrayDataset(trained["x"][:8], trained["y"][:8], name="digits-arrays")
+    res = accuracy.evaluate(trained["model"], data, reference_path=trained["reference"], progress=False,
+                            noise_floor=1)
+    assert res["noise_floor"] == {"levels": 1, "skipped": "dataset digits-arrays has no image preprocessing, "
+                                                          "so one grey level has no size in its samples"}
+    assert res["agreement"] is not None  # the evaluation itself still ran
+    assert "noise_floor" not in accuracy.evaluate(trained["model"], data, progress=False)
+    with pytest.raises(UserError, match=r"^noise_floor: -1 is not a whole number of grey levels >= 0$"):
+        accuracy.evaluate(trained["model"], data, progress=False, noise_floor=-1)
+
+
+def test_cli_eval_noise_floor(trained, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    rc = cli_main(["eval", "--in-process", trained["model"], "--data", "digits?split=test", "--reference",
+                   trained["reference"], "--noise-floor", "2", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    floor = json.loads(out.read_text())["noise_floor"]
+    assert floor["levels"] == 2 and floor["n"] == 360 and 0 < floor["agreement"] < 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("noise floor"))
+    assert line.startswith("noise floor (inputs moved by up to 2 grey levels): the reference agrees with itself on ")
+    assert cli_main(["eval", "--in-process", trained["model"], "--data", "digits", "--noise-floor", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "deployopt: error: --noise-floor: -1 is not an integer >= 0"]

@@ -164,6 +164,26 @@ def test_custom_bgr_nhwc_and_constant_red(tmp_path):
     np.testing.assert_allclose(x, (76 - 76) / 2.0, atol=1e-6)  # PIL's L of pure red is 76
 
 
+def test_unit_step_is_one_grey_level_after_preprocessing(tmp_path):
+    """Two images one grey level apart differ by ``unit_step`` after any preprocessing (the noise
+    floor's step): per channel, in the sample's channel order and layout."""
+    base = np.full((16, 16, 3), 100, np.uint8)
+    base[..., 2] = 30
+    for k, image in enumerate((base, base + 1)):
+        _png(tmp_path / f"img{k}" / "x.png", image)
+    for preprocess, shape in (("imagenet", (3, 1, 1)), ("efficientnet-lite", (3, 1, 1)),
+                              ({"preset": "imagenet", "channel_order": "bgr", "layout": "nhwc"}, (1, 1, 3)),
+                              ({"preset": "imagenet", "grayscale": True, "mean": 0.5, "std": 0.25}, (1, 1, 1))):
+        spec = {"preprocess": preprocess}
+        lo, hi = (_all(open_dataset({"dataset": f"folder:{tmp_path / f'img{k}'}", **spec}))[0][0] for k in (0, 1))
+        step = Preprocess.from_spec(preprocess).unit_step()
+        assert step.shape == shape
+        # (grayscale: the L of (R+1, G+1, B+1) is L + 1)
+        np.testing.assert_allclose(hi - lo, np.broadcast_to(step, lo.shape), rtol=1e-3)
+    assert Preprocess.from_spec("imagenet").unit_step().ravel().tolist() == pytest.approx(
+        [1 / 255 / 0.229, 1 / 255 / 0.224, 1 / 255 / 0.225])
+
+
 def test_astronaut_ranges_for_each_preset():
     pp = {name: Preprocess.from_spec(name) for name in PRESETS}
     folder = pathlib.Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"

@@ -239,3 +239,18 @@ def test_trained_builders_write_only_into_their_folder(recognizer, segmenter):
         "charset.txt", "images", "labels.txt", "text_recognizer.onnx", "x.npy"]
     assert sorted(p.name for p in segmenter.model.parent.iterdir()) == [
         "images", "masks", "masks.npy", "text_segmenter.onnx", "x.npy"]
+
+
+def test_segmenter_noise_floor(segmenter):
+    """The noise floor runs the task metric too: the segmenter's pixel agreement with itself when
+    its input pages move by one grey level (text pixels are far from the 0.5 threshold)."""
+    import deployopt
+
+    data = {"dataset": f"folder:{segmenter.images}", "preprocess": segmenter.preprocess, "limit": 8}
+    res = deployopt.evaluate(segmenter.model, data, reference=segmenter.model, metrics="segmentation:threshold=0.5",
+                             noise_floor=1)
+    floor = res.noise_floor
+    assert floor["of"] == "reference" and floor["n"] == 8 and floor["metrics"][0]["kind"] == "segmentation"
+    assert floor["agreement"] is None and floor["score_name"] == res.score_name
+    print(f"segmenter noise floor: {floor['score_name']} {floor['score']:.5f}")
+    assert 0.99 <= floor["score"] < 1.0 and res.score == 1.0  # moved, but barely

@@ -8,6 +8,15 @@ outputs and the batch's labels, accumulating batch by batch so memory stays flat
 metric spec, 2-D logits are judged by classification (top-1/top-5 against the dataset's labels,
 agreement/cosine/max |diff|/KL against the reference; formulas in ``deployopt.measure.metrics``)
 and any other output by the generic fidelity metric. Rates carry Wilson 95% intervals.
+
+Noise floor (``noise_floor=L``): the same metrics for the reference (the model itself without
+one) on its own inputs moved by uniform integer noise in [-L, L] source units per pixel, one grey
+level of an 8-bit image being ``scale / std`` after preprocessing, against its outputs on the clean
+inputs. Top-1 decisions with a near-tie margin flip under a change smaller than a JPEG re-encode,
+so this is the agreement no quantized model can be held to: an int8 model at the floor differs
+from the reference no more than the reference differs from itself. The draws are seeded
+(``NOISE_SEED``), so a run is reproducible. It needs image data with a known preprocessing; on
+other data the result says why it was not measured.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ from deployopt.measure.tasks import (LABEL_KINDS, CocoLabels, MaskLabels, Metric
                                      default_specs, is_logits, metric_specs)
 
 LABEL_READERS = {"detection": CocoLabels, "segmentation": MaskLabels, "sequence": TextLabels}
+#: Seed of the noise-floor draws (module doc): the same inputs move the same way on every run.
+NOISE_SEED = 0
 # The keys ``eval`` has always printed for a classifier; None when no classification metric ran.
 CLASSIFICATION_KEYS = ("classes", "top1", "top1_ci", "top5", "top5_ci", "agreement", "agreement_ci", "cosine",
                        "max_abs_diff", "kl")
@@ -155,9 +166,49 @@ def _metrics(model: _Runner, dataset, specs: list[MetricSpec], *, reference: boo
     return built, reader
 
 
+def _unit_step(dataset) -> tuple[np.ndarray | None, str | None]:
+    """(one source unit in the dataset's sample units, None), or (None, why the noise floor cannot be measured)."""
+    preprocess = getattr(dataset, "preprocess", None)
+    if getattr(dataset, "sample_shapes", None) is not None:
+        return None, f"dataset {dataset.name} feeds several inputs; the noise floor moves one image input"
+    if preprocess is None:
+        return None, (f"dataset {dataset.name} has no image preprocessing, so one grey level has no size "
+                      "in its samples")
+    return preprocess.unit_step(), None
+
+
+class _NoiseFloor:
+    """The task metrics of ``runner`` on noisy inputs against its clean outputs (module doc)."""
+
+    def __init__(self, runner: _Runner, dataset, specs: list[MetricSpec], levels: int, charset, of: str):
+        self.runner, self.levels, self.of = runner, levels, of
+        self.step, self.skipped = _unit_step(dataset)
+        if self.step is not None:
+            self.built, _ = _metrics(runner, dataset, specs, reference=True, labels=None, charset=charset)
+            self.rng = np.random.default_rng(NOISE_SEED)
+
+    def add(self, x: np.ndarray, chunk: int, clean: list[dict[str, np.ndarray]]) -> None:
+        if self.step is None:
+            return
+        noise = self.rng.integers(-self.levels, self.levels + 1, size=np.shape(x)).astype(np.float32)
+        noisy = (np.asarray(x, np.float32) + noise * self.step).astype(np.float32)
+        for (_, _, outs), clean_outs in zip(self.runner.run(noisy, chunk), clean):
+            for _, metric, _ in self.built:
+                metric.accumulate(outs, clean_outs, None)
+
+    def result(self, n: int) -> dict:
+        if self.step is None:
+            return {"levels": self.levels, "skipped": self.skipped}
+        results = [{"outputs": list(m.outputs), "kind": spec.kind, **m.result()} for spec, m, _ in self.built]
+        first_class = next((r for r in results if r["kind"] == "classification"), {})
+        return {"levels": self.levels, "of": self.of, "n": n,
+                **{k: first_class.get(k) for k in ("agreement", "agreement_ci", "kl")},
+                "score": results[0].get("score"), "score_name": results[0].get("score_name"), "metrics": results}
+
+
 def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, threads: int = 1,
              progress: bool = True, metrics: Any = None, labels=None, charset=None,
-             runtime: str = "onnxruntime", ep: str | None = None) -> dict:
+             runtime: str = "onnxruntime", ep: str | None = None, noise_floor: int = 0) -> dict:
     """The task metrics of ``model_path`` on ``dataset``, against its labels and ``reference_path``.
 
     ``metrics``: metric specs (``deployopt.measure.tasks.choose``), None for the defaults;
@@ -168,7 +219,9 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
     metrics, seconds}: the classification keys come from the first classification metric (None
     without one; top1/top5 None on unlabelled data, top5 also with 5 classes or fewer; the
     fidelity keys None without a reference); ``metrics`` lists every metric's result with its
-    ``outputs`` and ``kind``; ``score``/``score_name`` are the first metric's.
+    ``outputs`` and ``kind``; ``score``/``score_name`` are the first metric's. ``noise_floor``: grey
+    levels L > 0 add the key ``noise_floor`` (module doc): {levels, of, n, agreement, agreement_ci,
+    kl, score, score_name, metrics}, or {levels, skipped: reason}.
     """
     from tqdm import tqdm
 
@@ -176,6 +229,8 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
         raise UserError(f"batch_size: {batch_size!r} is not an integer >= 1")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UserError(f"threads: {threads!r} is not an integer >= 1")
+    if isinstance(noise_floor, bool) or not isinstance(noise_floor, int) or noise_floor < 0:
+        raise UserError(f"noise_floor: {noise_floor!r} is not a whole number of grey levels >= 0")
     n_total = len(dataset)
     if n_total == 0:
         raise UserError(f"dataset {dataset.name}: no samples")
@@ -185,6 +240,8 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
     model = _Runner(model_path, dataset, threads, "eval", runtime, ep)
     ref = None if reference_path is None else _Runner(reference_path, dataset, threads, "the reference", runtime, ep)
     built, reader = _metrics(model, dataset, specs, reference=ref is not None, labels=labels, charset=charset)
+    floor = None if not noise_floor else _NoiseFloor(ref or model, dataset, specs, noise_floor, charset,
+                                                      "model" if ref is None else "reference")
     fixed = [r.fixed_batch for r in (model, ref) if r is not None and r.fixed_batch]
     step = math.gcd(*fixed) if fixed else None  # chunks both models take, so their outputs pair up
     t0 = time.perf_counter()
@@ -201,12 +258,17 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
                          "dataset": None if y is None or not dataset.labeled else np.asarray(y)[start:stop]}
                 for _, metric, reads in built:
                     metric.accumulate(outs, ref_outs, given.get(reads))
+            if floor is not None:
+                floor.add(x, chunk, [outs for _, _, outs in mine] if ref is None else theirs)
             size = len(next(iter(x.values())) if isinstance(x, dict) else x)
             n += size
             bar.update(size)
     finally:
         bar.close()
-    return _result(model_path, dataset, reference_path, n, built, time.perf_counter() - t0)
+    result = _result(model_path, dataset, reference_path, n, built, time.perf_counter() - t0)
+    if floor is not None:
+        result["noise_floor"] = floor.result(n)
+    return result
 
 
 def _result(model_path, dataset, reference_path, n: int, built, seconds: float) -> dict:

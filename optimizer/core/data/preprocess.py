@@ -155,6 +155,15 @@ class Preprocess:
     def sample_shape(self, hw: tuple[int, int]) -> tuple[int, ...]:
         return (self.channels, *hw) if self.layout == "nchw" else (*hw, self.channels)
 
+    def unit_step(self) -> np.ndarray:
+        """One unit of the source pixels (one grey level of an 8-bit image) in the preprocessed
+        sample's units, per channel: ``scale / std_c``, in the sample's channel order and shaped to
+        broadcast over one sample (C,1,1 for nchw, 1,1,C for nhwc)."""
+        step = np.float32(self.scale) / np.broadcast_to(np.asarray(self.std, np.float32), (self.channels,))
+        if self.channel_order == "bgr":
+            step = step[::-1]
+        return np.ascontiguousarray(step.reshape((-1, 1, 1) if self.layout == "nchw" else (1, 1, -1)))
+
     def color_mode(self) -> str:
         return "L" if self.grayscale else "RGB"
 
