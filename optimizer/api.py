@@ -212,20 +212,11 @@ class EvalResult:
             if res["kind"] != "classification":
                 lines.append(_metric_line(res))
         if self.noise_floor is not None:
-            lines.append(_noise_floor_line(self.noise_floor))
+            from deployopt.measure.accuracy import noise_floor_text
+
+            lines.append(noise_floor_text(self.noise_floor))
         return "\n".join(lines) + "\n"
 
-
-def _noise_floor_line(floor: Mapping[str, Any]) -> str:
-    """The noise floor as a line: what the reference scores against itself on inputs moved by L grey levels."""
-    head = f"noise floor (inputs moved by up to {floor['levels']} grey level{'s' if floor['levels'] != 1 else ''})"
-    if "skipped" in floor:
-        return f"{head}: not measured: {floor['skipped']}"
-    if floor.get("agreement") is not None:
-        ci = floor["agreement_ci"]
-        return (f"{head}: the {floor['of']} agrees with itself on {floor['agreement']:.2%} [{ci[0]:.2%}, "
-                f"{ci[1]:.2%}], KL {floor['kl']:.3g}")
-    return f"{head}: the {floor['of']} against itself: {floor['score_name']} {floor['score']:.4g}"
 
 
 def _metric_line(res: Mapping[str, Any]) -> str:

@@ -434,8 +434,11 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
         from deployopt.measure.accuracy import evaluate
 
         data = datasets["fidelity"]
+        # noise_floor: what the input scores against itself one grey level away, so the report
+        # can say whether the output's agreement is limited by near-tie samples
         fidelity = _judged("fidelity", output_path, lambda: evaluate(
-            output_path, data, reference_path=input_path, threads=settings.threads[0], metrics=recipe.metrics or None))
+            output_path, data, reference_path=input_path, threads=settings.threads[0], metrics=recipe.metrics or None,
+            noise_floor=1))
         accuracy["fidelity"] = {"dataset": data.name, **fidelity}
     return bench_rows, accuracy, warnings, profiles
 

@@ -216,6 +216,10 @@ def terminal_table(doc: dict[str, Any]) -> str:
         b = doc["benchmark"][0]
         out.append(f"(latency: {b['threads']} thread(s), batch {b['batch']}; "
                    f"machine: {doc['machine'].get('cpu', '?')})")
+    floor = ((doc.get("accuracy") or {}).get("fidelity") or {}).get("noise_floor") or {}
+    if floor.get("agreement") is not None:  # what the agreement column can be held to
+        out.append(f"(agreement noise floor: the input agrees with itself on {floor['agreement']:.3f} of the same "
+                   f"samples moved by {floor['levels']} grey level)")
     return "\n".join(out)
 
 
@@ -273,7 +277,7 @@ def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None
                 parts.append(profile_markdown[label] + "\n")
 
     acc = doc.get("accuracy") or {}
-    if acc:
+    if "input" in acc:  # data.evaluation
         parts.append(f"\n## Accuracy on `{acc.get('dataset')}`\n")
         rows = []
         for label in ("input", "output"):
@@ -282,6 +286,9 @@ def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None
                          _fmt(a.get("agreement"), ".4f"), _fmt(a.get("cosine"), ".5f"), str(a.get("n"))])
         parts.append(_table(["model", "top-1", "top-5", "agreement", "cosine", "n"], rows))
         parts.extend(_judged_lines(acc))
+    elif acc:  # data.fidelity alone
+        parts.append("\n## Fidelity\n")
+    if acc:
         fid = acc.get("fidelity")
         if fid:
             parts.append(f"\nFidelity of the output to the input on `{fid['dataset']}` (n={fid.get('n')}): "
@@ -289,6 +296,10 @@ def markdown(doc: dict[str, Any], profile_markdown: dict[str, str] | None = None
                          f"(95% CI {_ci(fid.get('agreement_ci')).strip() or '–'}), "
                          f"mean cosine {_fmt(fid.get('cosine'), '.5f')}, KL {_fmt(fid.get('kl'), '.2e')}, "
                          f"max |diff| {_fmt(fid.get('max_abs_diff'), '.3g')}")
+            if fid.get("noise_floor"):
+                from deployopt.measure.accuracy import noise_floor_text
+
+                parts.append("\n" + noise_floor_text(fid["noise_floor"]))
 
     if doc.get("gates"):
         parts.append("\n## Gates\n")

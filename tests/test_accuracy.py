@@ -274,8 +274,8 @@ def test_cli_eval_noise_floor(trained, tmp_path, capsys):
     assert rc == 0
     floor = json.loads(out.read_text())["noise_floor"]
     assert floor["levels"] == 2 and floor["n"] == 360 and 0 < floor["agreement"] < 1
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("noise floor"))
-    assert line.startswith("noise floor (inputs moved by up to 2 grey levels): the reference agrees with itself on ")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Noise floor"))
+    assert line.startswith("Noise floor (inputs moved by up to 2 grey levels): the reference agrees with itself on ")
     assert cli_main(["eval", "--in-process", trained["model"], "--data", "digits", "--noise-floor", "-1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "deployopt: error: --noise-floor: -1 is not an integer >= 0"]

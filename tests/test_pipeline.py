@@ -201,3 +201,29 @@ def test_step_guard_reverts_a_slower_step(workspace, monkeypatch, capsys):
     ops = doc["output"]["ops"]
     assert "MatMul" not in ops and "Tile" not in ops  # the output is the step's input
     assert "slowdown reverted" in (out / "report.md").read_text()
+
+
+def test_fidelity_report_states_the_noise_floor(workspace, capsys):
+    """data.fidelity on image data: the report says what the input scores against itself one grey
+    level away (the agreement the output can be held to); on arrays it says why it cannot."""
+    recipe = _write_recipe(workspace, name="floor.yaml", benchmark={"enabled": False}, gates={},
+                           data={"calibration": {"dataset": f"npz:{workspace / 'calib.npz'}"},
+                                 "fidelity": {"dataset": "digits", "split": "test"}})
+    out = workspace / "out-floor"
+    assert main(["optimize", str(recipe), "-o", str(out), "--in-process"]) == 0
+    fidelity = json.loads((out / "report.json").read_text())["accuracy"]["fidelity"]
+    floor = fidelity["noise_floor"]
+    assert floor["levels"] == 1 and floor["of"] == "reference" and floor["n"] == fidelity["n"] == 360
+    assert 0.5 < floor["agreement"] < 1 and fidelity["agreement"] == 1.0  # cleanup is exact; noise is not
+    assert (f"Noise floor (inputs moved by up to 1 grey level): the reference agrees with itself on "
+            f"{floor['agreement']:.2%}") in (out / "report.md").read_text()
+    assert f"agreement noise floor: the input agrees with itself on {floor['agreement']:.3f}" in capsys.readouterr().out
+
+    arrays = _write_recipe(workspace, name="floor-npz.yaml", benchmark={"enabled": False}, gates={},
+                           data={"calibration": {"dataset": f"npz:{workspace / 'calib.npz'}"},
+                                 "fidelity": {"dataset": f"npz:{workspace / 'eval.npz'}"}})
+    assert main(["optimize", str(arrays), "-o", str(workspace / "out-floor-npz"), "--in-process"]) == 0
+    floor = json.loads((workspace / "out-floor-npz" / "report.json").read_text())["accuracy"]["fidelity"]["noise_floor"]
+    assert floor["levels"] == 1 and "has no image preprocessing" in floor["skipped"]
+    assert "Noise floor (inputs moved by up to 1 grey level): not measured: dataset" in (
+        workspace / "out-floor-npz" / "report.md").read_text()

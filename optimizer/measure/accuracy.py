@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -204,6 +205,18 @@ class _NoiseFloor:
         return {"levels": self.levels, "of": self.of, "n": n,
                 **{k: first_class.get(k) for k in ("agreement", "agreement_ci", "kl")},
                 "score": results[0].get("score"), "score_name": results[0].get("score_name"), "metrics": results}
+
+
+def noise_floor_text(floor: Mapping[str, Any]) -> str:
+    """The noise floor as a line: what the reference scores against itself on inputs moved by L grey levels."""
+    head = f"Noise floor (inputs moved by up to {floor['levels']} grey level{'s' if floor['levels'] != 1 else ''})"
+    if "skipped" in floor:
+        return f"{head}: not measured: {floor['skipped']}"
+    if floor.get("agreement") is not None:
+        ci = floor["agreement_ci"]
+        return (f"{head}: the {floor['of']} agrees with itself on {floor['agreement']:.2%} [{ci[0]:.2%}, "
+                f"{ci[1]:.2%}], KL {floor['kl']:.3g}")
+    return f"{head}: the {floor['of']} against itself: {floor['score_name']} {floor['score']:.4g}"
 
 
 def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, threads: int = 1,
