@@ -5,8 +5,10 @@ the U8S8 per-channel setting), NNCF and deployopt, on onnxruntime and OpenVINO, 
         [--work runs/peers] [--fresh] [--out benchmarks/results/peers.md]
 
 Per model (EfficientNet-Lite0 with the demo's export spec and MobileNetV2, both with real ImageNet
-weights), every entry below, in ONE ``deployopt.measure.latency.compare`` run (one worker process
-per entry, interleaved rounds, a (runtime, ep) target per entry), 1 intra-op thread, batch 1:
+weights; ResNet-18 for speed only: no real ResNet-18 weights install offline, and agreement of a
+random-init network says nothing, so its fidelity is not measured), every entry below, in ONE
+``deployopt.measure.latency.compare`` run (one worker process per entry, interleaved rounds, a
+(runtime, ep) target per entry), 1 intra-op thread, batch 1:
 
 1. fp32 on onnxruntime: the reference every ratio divides (ratio = p50(reference) / p50(entry),
    bootstrap 95% interval over the paired rounds); fp32 on OpenVINO beside it.
@@ -17,6 +19,8 @@ per entry, interleaved rounds, a (runtime, ep) target per entry), 1 intra-op thr
 4. ``nncf.quantize`` on the ONNX model (default preset, ``subset_size`` = the calibration set), and
    its slower variant ``fast_bias_correction=False``; run on onnxruntime and on OpenVINO.
 5. ``deployopt.optimize`` with the demo's passes (cleanup, quantize with ``calibration: auto``); run on both runtimes.
+   Its latency-aware search times on the recipe's target, onnxruntime; a second build with
+   ``benchmark.runtime: openvino`` decides on OpenVINO and is run there.
 
 Every quantizer calibrates on the same samples: the demo's calibration set (the 'photos' test
 split, 110 crops). Fidelity (``deployopt.evaluate`` with the fp32 model as reference, both run on
@@ -27,6 +31,12 @@ the entry's runtime): top-1 agreement with fp32 (Wilson 95% interval) and KL(fp3
 * unseen photos: the same 22 crop variants of 6 colour/grey photos that are in no built-in
   dataset (scikit-learn's china/flower, matplotlib's grace_hopper, scikit-image's camera,
   coins and hubble_deep_field), 132 crops written under the work folder.
+
+The noise floor: the same fidelity for the fp32 model whose input is moved by at most one grey level
+per pixel (uniform integer noise in {-1, 0, 1} before normalization; less than a JPEG re-encode). A
+crop is noise-unstable when any of 8 such draws changes the fp32 top-1. Per entry, the table "where
+the disagreements are" counts how many of its disagreements fall on those crops and its agreement
+on the stable ones: a quantizer cannot be judged on a top-1 that one grey level already flips.
 
 Resumable: quantized models and every measurement are kept under ``--work``; a rerun reuses them
 (``--fresh`` measures again). ``--quick`` takes fewer runs and samples, keeps its results apart and
@@ -52,11 +62,14 @@ from deployopt.core.data import open_dataset  # noqa: E402
 from deployopt.core.errors import one_line  # noqa: E402
 from deployopt.measure import machine  # noqa: E402
 from deployopt.measure.latency import compare  # noqa: E402
+from deployopt.measure.metrics import wilson_interval  # noqa: E402
 from deployopt.passes.quantize.cpu import auto_reduce_range  # noqa: E402
 
 SHAPE = (1, 3, 224, 224)
-ARCHS = ("efficientnet_lite0", "mobilenet_v2")
-PREPROCESS = {"efficientnet_lite0": "efficientnet-lite", "mobilenet_v2": "imagenet"}
+ARCHS = ("efficientnet_lite0", "mobilenet_v2", "resnet18")
+#: Models with real ImageNet weights: the only ones whose fidelity means anything.
+REAL_WEIGHTS = ("efficientnet_lite0", "mobilenet_v2")
+PREPROCESS = {"efficientnet_lite0": "efficientnet-lite", "mobilenet_v2": "imagenet", "resnet18": "imagenet"}
 CALIBRATION = {"dataset": "photos", "split": "test"}
 HELD_OUT = {"dataset": "photos", "split": "train"}
 ORT, OV = ("onnxruntime", None), ("openvino", None)
@@ -69,7 +82,9 @@ ENTRIES = (("fp32", "fp32", ORT), ("fp32", "fp32", OV),
            ("nncf", "nncf", ORT), ("nncf fast_bias_correction=False", "nncf-fbc", ORT),
            ("deployopt", "deployopt", ORT),
            ("nncf", "nncf", OV), ("nncf fast_bias_correction=False", "nncf-fbc", OV),
-           ("deployopt", "deployopt", OV))
+           ("deployopt", "deployopt", OV), ("deployopt, target openvino", "deployopt-ov", OV))
+NOISE_GREY = 1  # grey levels the noise floor moves each input pixel by, at most
+NOISE_DRAWS = 8  # noisy copies per crop that decide whether its fp32 top-1 is stable
 # Colour or grey photos shipped with installed packages and in no built-in dataset: (package, path).
 UNSEEN_PHOTOS = (("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
                  ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"), ("skimage", "data/camera.png"),
@@ -88,13 +103,16 @@ def log(message: str) -> None:
 # -- models -------------------------------------------------------------------------------------
 
 def fp32_model(arch: str, folder: pathlib.Path) -> pathlib.Path:
-    """``folder/ARCH.onnx``, the real-weight fp32 export (made once; run_runtimes uses it too)."""
+    """``folder/ARCH.onnx``, the fp32 export (made once; run_runtimes uses it too): real weights for
+    ``REAL_WEIGHTS``, a seeded random init otherwise."""
     path = folder / f"{arch}.onnx"
     if not path.exists():
         if arch == "mobilenet_v2":
             from benchmarks.task_models import build_mobilenet_v2
 
             build_mobilenet_v2(folder)
+        elif arch not in REAL_WEIGHTS:
+            deployopt.export(arch, path, input_shape=list(SHAPE), seed=0)
         else:
             deployopt.export(arch, path, input_shape=list(SHAPE), pretrained=True)
     return path
@@ -131,13 +149,14 @@ def _nncf_quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarr
     onnx.save(nncf.quantize(model, dataset, subset_size=len(samples), **options), str(out))
 
 
-def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path) -> None:
-    """The demo's passes on the demo's calibration data, no benchmark, saved as ``out``."""
+def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path, runtime: str = "onnxruntime") -> None:
+    """The demo's passes on the demo's calibration data, no benchmark, saved as ``out``; the
+    latency-aware search decides on ``runtime``."""
     import shutil
 
     recipe = {"model": str(fp32), "data": {"calibration": {**CALIBRATION, "preprocess": PREPROCESS[arch]}},
               "passes": [{"cleanup": {}}, {"quantize": {"calibration": "auto"}}],
-              "benchmark": {"enabled": False}}
+              "benchmark": {"enabled": False, "runtime": runtime}}
     folder = out.with_suffix("")
     deployopt.optimize(recipe, folder)
     shutil.copyfile(folder / "model.onnx", out)
@@ -159,6 +178,7 @@ def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Pat
         "nncf": lambda out: _nncf_quantize(fp32, out, samples),
         "nncf-fbc": lambda out: _nncf_quantize(fp32, out, samples, fast_bias_correction=False),
         "deployopt": lambda out: deployopt_int8(arch, fp32, out),
+        "deployopt-ov": lambda out: deployopt_int8(arch, fp32, out, runtime="openvino"),
     }
     paths, errors = {"fp32": fp32}, {}
     for name, make in makers.items():
@@ -255,23 +275,67 @@ def int8_convs(path: pathlib.Path, folder: pathlib.Path) -> list[int]:
     return [ops.count("QLinearConv"), sum(op in CONV_OPS for op in ops)]
 
 
+def crops(arch: str, spec: dict) -> np.ndarray:
+    """The preprocessed crops of a fidelity set, [N, 3, 224, 224]."""
+    data = open_dataset({**spec, "preprocess": PREPROCESS[arch]}, input_shape=SHAPE)
+    return np.concatenate([x for x, _ in data.batches(16)])
+
+
+def logits(path: pathlib.Path, runtime: str, xs: np.ndarray) -> np.ndarray:
+    """The model's output for each crop, batch 1, on ``runtime``."""
+    from deployopt.measure.runtime import open_runtime
+
+    model = open_runtime(path, runtime, threads=1)
+    return np.concatenate([model.run(None, {model.inputs[0]: xs[i:i + 1]})[0] for i in range(len(xs))])
+
+
+def noise_floor(arch: str, fp32: pathlib.Path, xs: np.ndarray) -> dict:
+    """Fidelity of fp32 on inputs moved by at most ``NOISE_GREY`` grey levels (the first draw) and,
+    per crop, whether any of ``NOISE_DRAWS`` draws changes its fp32 top-1 (module doc)."""
+    from deployopt.measure.metrics import fidelity
+
+    from deployopt.core.data.preprocess import Preprocess
+
+    step = Preprocess.from_spec(PREPROCESS[arch]).unit_step()  # one grey level in input units
+    rng = np.random.default_rng(0)
+    clean = logits(fp32, "onnxruntime", xs)
+    flipped = np.zeros(len(xs), bool)
+    first = None
+    for _ in range(NOISE_DRAWS):
+        noise = rng.integers(-NOISE_GREY, NOISE_GREY + 1, size=xs.shape).astype(np.float32) * step
+        noisy = logits(fp32, "onnxruntime", (xs + noise).astype(np.float32))
+        first = noisy if first is None else first
+        flipped |= noisy.argmax(axis=1) != clean.argmax(axis=1)
+    return {**fidelity(first, clean), "n": len(xs), "unstable": flipped.tolist(),
+            "top1": clean.argmax(axis=1).tolist()}
+
+
 def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, datasets: dict,
             folder: pathlib.Path) -> dict:
     latency = store.get(f"{arch}/latency", lambda: _latency(arch, paths, runs, rounds))
     convs = {q: store.get(f"{arch}/{q}/int8-convs", lambda: int8_convs(p, folder))
              for q, p in paths.items() if q != "fp32"}
-    fidelity = {}
-    for label, quantizer, (runtime, _) in ENTRIES:
-        if quantizer not in paths or quantizer == "fp32":
-            continue
+    fidelity, floor, top1 = {}, {}, {}
+    if arch in REAL_WEIGHTS:  # agreement of a random-init network says nothing
         for name, spec in datasets.items():
-            key = f"{arch}/{quantizer}/{runtime}/{name}"
-            if key not in store.data:
-                log(f"{arch}: fidelity of {label} on {runtime}, {name}")
-            data = {**spec, "preprocess": PREPROCESS[arch]}
-            fidelity[key] = store.get(key, lambda: _fidelity(paths[quantizer], paths["fp32"], data, runtime))
-    return {"latency": latency, "fidelity": fidelity, "int8_convs": convs,
-            "deployopt_float": deployopt_float(paths["deployopt"]) if "deployopt" in paths else {}}
+            xs = None
+            if f"{arch}/noise/{name}" not in store.data:
+                log(f"{arch}: noise floor on {name}")
+                xs = crops(arch, spec)
+            floor[name] = store.get(f"{arch}/noise/{name}", lambda: noise_floor(arch, paths["fp32"], xs))
+        for label, quantizer, (runtime, _) in ENTRIES:
+            if quantizer not in paths or quantizer == "fp32":
+                continue
+            for name, spec in datasets.items():
+                key = f"{arch}/{quantizer}/{runtime}/{name}"
+                if key not in store.data:
+                    log(f"{arch}: fidelity of {label} on {runtime}, {name}")
+                data = {**spec, "preprocess": PREPROCESS[arch]}
+                fidelity[key] = store.get(key, lambda: _fidelity(paths[quantizer], paths["fp32"], data, runtime))
+                top1[key] = store.get(key + "/top1", lambda: logits(paths[quantizer], runtime,
+                                                                    crops(arch, spec)).argmax(axis=1).tolist())
+    return {"latency": latency, "fidelity": fidelity, "noise_floor": floor, "top1": top1, "int8_convs": convs,
+            "deployopt_float": {q: deployopt_float(paths[q]) for q in ("deployopt", "deployopt-ov") if q in paths}}
 
 
 def deployopt_float(model: pathlib.Path) -> dict[str, int]:
@@ -317,14 +381,17 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
             if not on:
                 continue
             best = max(on, key=lambda e: e["row"]["speedup"])
-            ours = next((e for e in on if e["quantizer"] == "deployopt"), None)
+            ours = [e for e in on if e["quantizer"].startswith("deployopt") and e is not best]
             text = f"on {runtime} the fastest int8 is {best['label']} at {_speed(best)}"
-            if ours is not None and ours is not best:
-                text += f", deployopt {_speed(ours)}"
+            if ours and not best["quantizer"].startswith("deployopt"):
+                text += "; " + ", ".join(
+                    f"{e['label']} {_speed(e)}" + (" (the intervals overlap: a tie at this noise)"
+                                                   if e["row"]["speedup_ci"][1] >= best["row"]["speedup_ci"][0] else "")
+                    for e in ours)
             parts.append(text)
         faithful = [e for e in entries if all(f and "kl" in f for f in e["fidelity"].values())]
-        peers = [e for e in faithful if e["quantizer"] != "deployopt"]
-        ours = [e for e in faithful if e["quantizer"] == "deployopt"]
+        peers = [e for e in faithful if not e["quantizer"].startswith("deployopt")]
+        ours = [e for e in faithful if e["quantizer"].startswith("deployopt")]
         if faithful:
             best = min(faithful, key=lambda e: e["fidelity"]["unseen"]["kl"])
             text = (f"lowest KL on unseen photos: {best['label']} on {best['runtime']} "
@@ -338,6 +405,14 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                          f"{mine['fidelity']['unseen']['kl']:.4f}: the peer's KL is {ratio:.1f}x deployopt's")
             parts.append(text)
         lines.append(f"- **{arch}**: " + "; ".join(parts) + ".")
+        floor = measured.get("noise_floor", {}).get("held-out")
+        ours_ort = next((e for e in faithful if e["quantizer"] == "deployopt" and e["runtime"] == "onnxruntime"), None)
+        if floor and ours_ort:
+            mine = ours_ort["fidelity"]["held-out"]
+            lines.append(f"- **{arch}, against the noise floor**: fp32 agrees with itself on {floor['agreement']:.1%} "
+                         f"of the held-out crops (KL {floor['kl']:.4f}) when their pixels move by ±{NOISE_GREY} grey "
+                         f"level; deployopt's int8 agrees with fp32 on {mine['agreement']:.1%} (KL {mine['kl']:.4f}). "
+                         "Most of its disagreements fall on crops that one grey level already flips (table above).")
         if peers and ours and min(e["fidelity"]["unseen"]["kl"] for e in peers) < min(
                 e["fidelity"]["unseen"]["kl"] for e in ours):
             lines.append(f"- **{arch}, where a peer is more faithful**: NNCF's defaults differ from the demo's "
@@ -353,15 +428,48 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                 and e["quantizer"] != "fp32" and e["row"] and not e["row"].get("error") and e["row"]["speedup_ci"][1] < 1]
         text = (f"- **{arch}, why on onnxruntime**: convolutions onnxruntime runs as int8 QLinearConv (of all) "
                 "in its optimized graph: " + ", ".join(f"{names[q]} {a}/{b}" for q, (a, b) in convs.items()) + ".")
-        kept = measured.get("deployopt_float") or {}
-        if kept.get("latency"):
-            text += (f" deployopt's latency-aware search, timed on onnxruntime on this loaded host, returned "
-                     f"{kept['latency']} nodes ({kept['latency_convs']} of them Conv) to float where int8 measured "
-                     "slower; OpenVINO runs that same file.")
+        for quantizer, target in (("deployopt", "onnxruntime"), ("deployopt-ov", "openvino")):
+            kept = (measured.get("deployopt_float") or {}).get(quantizer) or {}
+            if kept.get("latency"):
+                text += (f" {names[quantizer]}'s latency-aware search, timed on {target} on this loaded host, "
+                         f"returned {kept['latency']} nodes ({kept['latency_convs']} of them Conv) to float where "
+                         "int8 measured slower.")
         if slow:
             text += (" A convolution left unfused runs in float between DequantizeLinear/QuantizeLinear and "
                      f"pays for both, which is why {', '.join(slow)} run slower than fp32 there.")
         lines.append(text)
+    return lines
+
+
+def disagreement_table(arch: str, measured: dict) -> list[str]:
+    """Per int8 entry and fidelity set: its top-1 disagreements with fp32 on onnxruntime, how many
+    fall on noise-unstable crops, and its agreement on the noise-stable ones (module doc)."""
+    floor = measured.get("noise_floor")
+    if not floor:
+        return []
+    sets = ("held-out", "unseen")
+    unstable = {n: np.array(floor[n]["unstable"]) for n in sets}
+    lines = [f"Where the disagreements are: a crop is noise-unstable when one of {NOISE_DRAWS} draws of "
+             f"±{NOISE_GREY} grey level changes its fp32 top-1 (held-out: {int(unstable['held-out'].sum())} of "
+             f"{len(unstable['held-out'])} crops; unseen: {int(unstable['unseen'].sum())} of "
+             f"{len(unstable['unseen'])}). Top-1 against fp32 on onnxruntime.", "",
+             "| entry | runtime | held-out: disagreements (on unstable crops) | held-out: agreement on stable crops "
+             "| unseen: disagreements (on unstable crops) | unseen: agreement on stable crops |",
+             "|---|---|---:|---:|---:|---:|"]
+    for label, quantizer, (runtime, _) in ENTRIES:
+        cells = []
+        for name in sets:
+            top1 = measured["top1"].get(f"{arch}/{quantizer}/{runtime}/{name}")
+            if top1 is None:
+                break
+            wrong = np.array(top1) != np.array(floor[name]["top1"])
+            stable = ~unstable[name]
+            agree = int((~wrong & stable).sum())
+            low, high = wilson_interval(agree, int(stable.sum()))
+            cells += [f"{int(wrong.sum())} ({int((wrong & unstable[name]).sum())})",
+                      f"{agree / stable.sum():.1%} [{low:.1%}, {high:.1%}]"]
+        if len(cells) == 2 * len(sets):
+            lines.append(f"| {label} | {runtime} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -390,9 +498,17 @@ def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dic
              "- `nncf`: `nncf.quantize(onnx_model, nncf.Dataset(calibration), subset_size=110)`, default preset "
              "(symmetric weights and activations), target device ANY; the second NNCF entry adds "
              "`fast_bias_correction=False`.",
-             "- `deployopt`: `deployopt.optimize` with the demo's passes (cleanup, quantize with `calibration: auto`).",
+             "- `deployopt`: `deployopt.optimize` with the demo's passes (cleanup, quantize with `calibration: auto`); "
+             "its latency-aware search times on onnxruntime. `deployopt, target openvino`: the same recipe with "
+             "`benchmark.runtime: openvino`, so the search decides on OpenVINO.",
+             "- ResNet-18: speed only. No real ResNet-18 weights install offline, and the agreement of a "
+             "random-init network says nothing; its weights are a seeded random init (int8 kernels run as "
+             "fast on them).",
+             f"- Noise floor: fp32 on inputs moved by at most ±{NOISE_GREY} grey level per pixel (uniform "
+             "integer noise before normalization, one draw per crop), against fp32 on the clean inputs.",
              "- OpenVINO compiles float models with INFERENCE_PRECISION_HINT f32, int8 (Q/DQ) models with "
-             "its default precision; the OpenVINO entries run the very same .onnx files.",
+             "its default precision; the OpenVINO entries run the very same .onnx files as the onnxruntime ones "
+             "(`deployopt, target openvino` is its own build).",
              "- Agreement: top-1 with the fp32 model run on the same runtime (Wilson 95% CI); KL = "
              "KL(softmax fp32 || softmax entry), mean over samples (`deployopt.evaluate`). `held-out crops`: the "
              "demo's data.fidelity, 'photos' train split (other crops of the photos calibration saw); "
@@ -415,12 +531,16 @@ def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dic
                 lines.append(f"| {e['label']} | {runtime} | FAILED to quantize: {errors[arch][quantizer]} "
                              "| | | | | | | |")
                 continue
+            if row is None:  # kept measurements from before the entry existed: run with --fresh
+                row = {"error": "not timed in the kept latency run", "runtime_version": ""}
             lat = (f"FAILED: {row['error']}", "") if row.get("error") else (f"{row['p50_ms']:.2f}", _speed(e))
             cells = []
             for name in ("held-out", "unseen"):
                 result = e["fidelity"][name]
                 if quantizer == "fp32":
                     cells += ["reference", "0"]
+                elif arch not in REAL_WEIGHTS:
+                    cells += ["not measured: random-init weights", ""]
                 elif result is None or "error" in result:
                     cells += [f"FAILED: {result['error'] if result else 'not measured'}", ""]
                 else:
@@ -430,9 +550,15 @@ def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dic
             conv_cell = f"{convs[0]}/{convs[1]}" if convs and runtime == "onnxruntime" else ""
             lines.append(f"| {e['label']} | {runtime} {row['runtime_version']} | {lat[0]} | {lat[1]} | "
                          + " | ".join(cells) + f" | {conv_cell} | {sizes[arch][quantizer]:.2f} |")
+            if quantizer == "fp32" and runtime == "onnxruntime" and measured.get("noise_floor"):
+                floor = measured["noise_floor"]
+                lines.append(f"| fp32, input moved by ±{NOISE_GREY} grey level (noise floor) | onnxruntime | | | "
+                             + " | ".join(f"{floor[n]['agreement']:.1%} [{floor[n]['agreement_ci'][0]:.1%}, "
+                                          f"{floor[n]['agreement_ci'][1]:.1%}] | {floor[n]['kl']:.4f}"
+                                          for n in ("held-out", "unseen")) + " | | |")
         if measured["latency"].get("warnings"):
             lines += ["", "Latency run warnings: " + _condensed(measured["latency"]["warnings"]) + "."]
-        lines.append("")
+        lines += ["", *disagreement_table(arch, measured), ""]
     lines += ["## Findings", "", *findings(per_arch, errors), ""]
     return "\n".join(lines)
 
