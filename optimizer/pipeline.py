@@ -43,7 +43,7 @@ from deployopt.core.normalize import Action, data_inputs, default_opset, normali
 from deployopt.passes.context import PassContext
 from deployopt.core.errors import DeployoptError, UserError, WorkFailed, one_line
 from deployopt.measure.accuracy import LABEL_READERS
-from deployopt.measure.judge import Judge, check_metrics
+from deployopt.measure.judge import Judge, check_metrics, noise_floor_note
 from deployopt.measure.model_io import TensorSpec, format_shape, with_shapes
 from deployopt.measure.tasks import LABEL_KINDS
 from deployopt.recipe import Recipe
@@ -430,6 +430,11 @@ def _measure(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Path
         accuracy = {"dataset": judge.dataset.name, "input": acc_in, "output": acc_out,
                     "agreement": acc_out.get("agreement"), "metric": verdict.metric, "score_in": verdict.base,
                     "score_out": verdict.score, "drop": verdict.drop, "metrics": verdict.per_metric}
+        limit = recipe.gates.max_accuracy_drop
+        if limit is not None and verdict.drop is not None and verdict.drop > limit + 1e-12:
+            # a missed gate says whether it asked for more than the input's own noise floor
+            floor = best_effort(judge.noise_floor)
+            accuracy["noise_floor"] = floor.to_json() if isinstance(floor, Skipped) else floor
     if "fidelity" in datasets:
         from deployopt.measure.accuracy import evaluate
 
@@ -483,6 +488,8 @@ def _evaluate_gates(recipe: Recipe, output_stats: dict, bench_rows: list[dict],
         gates.append({"name": name, "limit": limit, "value": value, "passed": bool(passed)})
         if name == "max_accuracy_drop" and accuracy.get("metric"):
             gates[-1]["metric"] = accuracy["metric"]
+        if name == "max_accuracy_drop" and not passed and accuracy.get("noise_floor"):
+            gates[-1]["noise_floor"] = accuracy["noise_floor"]
     return gates
 
 
@@ -490,7 +497,8 @@ def _gate_reason(gate: dict[str, Any]) -> str:
     value = "not measured" if gate["value"] is None else f"{gate['value']:.4g}"
     relation = "<" if gate["name"] == "min_speedup" else ">"
     metric = f" (drop of {gate['metric']})" if gate.get("metric") else ""
-    return f"gate {gate['name']} not met: {value} {relation} {gate['limit']:g}{metric}"
+    floor = noise_floor_note(gate["noise_floor"], gate["limit"]) if gate.get("noise_floor") else ""
+    return f"gate {gate['name']} not met: {value} {relation} {gate['limit']:g}{metric}{floor}"
 
 
 def run(recipe: Recipe, out_dir: str | pathlib.Path, *, cache: StepCache | None = None,

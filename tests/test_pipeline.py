@@ -227,3 +227,29 @@ def test_fidelity_report_states_the_noise_floor(workspace, capsys):
     assert floor["levels"] == 1 and "has no image preprocessing" in floor["skipped"]
     assert "Noise floor (inputs moved by up to 1 grey level): not measured: dataset" in (
         workspace / "out-floor-npz" / "report.md").read_text()
+
+
+def test_unmet_agreement_gate_names_the_noise_floor(workspace, digits, capsys):
+    """A max_accuracy_drop on unlabelled images that the pruned model misses: the reason also says
+    the tolerance is below what the input scores against itself one grey level away."""
+    from PIL import Image
+
+    x, _ = digits
+    pages = workspace / "digit-images"
+    pages.mkdir(exist_ok=True)
+    for i, image in enumerate(x[1400:1600]):  # sklearn's 0..16 grey levels, as an 8-bit PNG
+        Image.fromarray(np.round(image[0] * 16).astype(np.uint8)).save(pages / f"d{i:03d}.png")
+    recipe = _write_recipe(workspace, name="floor-gate.yaml", benchmark={"enabled": False},
+                           passes=[{"prune": {"sparsity": 0.9, "skip_first_last": False}}],
+                           gates={"max_accuracy_drop": 0.01},
+                           data={"evaluation": {"dataset": f"folder:{pages}", "preprocess": "digits"}})
+    out = workspace / "out-floor-gate"
+    assert main(["optimize", str(recipe), "-o", str(out), "--in-process"]) == 1
+    doc = json.loads((out / "report.json").read_text())
+    floor = doc["accuracy"]["noise_floor"]
+    assert floor["levels"] == 1 and floor["metric"] == "agreement" and 0.01 < floor["drop"] < 0.5
+    assert doc["accuracy"]["drop"] > 0.01 and doc["accuracy"]["metric"] == "agreement"
+    reason = (f"gate max_accuracy_drop not met: {doc['accuracy']['drop']:.4g} > 0.01 (drop of agreement); the "
+              f"tolerance is below the noise floor: the reference against itself with its inputs moved by 1 grey "
+              f"level scores agreement {floor['score']:.4f} (drop {floor['drop']:.4f})")
+    assert doc["reason"] == reason and reason in capsys.readouterr().err

@@ -17,6 +17,11 @@ classification for logits, the fidelity metric for anything else):
 The verdict's ``drop`` is max_i drop_i and names that metric (the first one on ties). A single
 logits classifier therefore keeps its classic numbers: top-1 drop on labelled data, 1 - top-1
 agreement on unlabelled data.
+
+The noise floor of a metric that compares with the reference is ``1 - score`` of the reference
+against itself when its inputs move by one grey level (``deployopt.measure.accuracy``): a drop
+tolerance below it asks a quantized model to be more faithful than the reference is to itself.
+A missed tolerance says so.
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ from deployopt.core.errors import UserError
 from deployopt.measure.accuracy import evaluate
 from deployopt.measure.model_io import load_proto, output_specs
 from deployopt.measure.tasks import LABEL_KINDS, MetricSpec, build_metric, default_specs, metric_specs
+
+
+#: Grey levels the noise floor moves the inputs by.
+NOISE_LEVELS = 1
+
+
+def noise_floor_note(floor: dict[str, Any], tolerance: float) -> str:
+    """``; the reference itself drops ...`` when ``tolerance`` is below the noise floor, else ''."""
+    if "skipped" in floor or floor["drop"] <= tolerance:
+        return ""
+    return (f"; the tolerance is below the noise floor: the reference against itself with its inputs moved by "
+            f"{floor['levels']} grey level scores {floor['metric']} {floor['score']:.4f} (drop {floor['drop']:.4f})")
 
 
 def output_shapes(path) -> dict[str, tuple]:
@@ -126,6 +143,7 @@ class Judge:
         label_file = labels if labels is not None else getattr(dataset, "label_file", None)
         self.labels = label_file if use_labels and any(s.kind in LABEL_KINDS for s in self.specs) else None
         self._reference: dict[str, Any] | None = None
+        self._noise_floor: dict[str, Any] | None = None
 
     @property
     def reads(self) -> list[bool]:
@@ -145,6 +163,28 @@ class Judge:
         if self._reference is None:
             self._reference = self._evaluate(self.reference_path, progress=progress)
         return self._reference
+
+    def noise_floor(self) -> dict[str, Any]:
+        """The worst noise floor over the metrics that compare with the reference (module doc):
+        {levels, metric, score, drop}, or {levels, skipped: reason} (also when every metric reads
+        labels: their drop under noise is not a floor). Measured once, on first use."""
+        if self._noise_floor is None:
+            reads = self.reads
+            if all(reads):
+                floor = {"levels": NOISE_LEVELS, "skipped": "every metric scores against labels"}
+            else:
+                floor = evaluate(self.reference_path, self.dataset, batch_size=self.batch_size, threads=self.threads,
+                                 progress=False, metrics=self.specs, noise_floor=NOISE_LEVELS)["noise_floor"]
+            if "skipped" not in floor:
+                scored = [(1.0 - r["score"], r.get("score_name")) for r, read in zip(floor["metrics"], reads)
+                          if not read and r.get("score") is not None]
+                if scored:
+                    drop, metric = max(scored, key=lambda d: d[0])
+                    floor = {"levels": NOISE_LEVELS, "metric": metric, "score": 1.0 - drop, "drop": drop}
+                else:
+                    floor = {"levels": NOISE_LEVELS, "skipped": "no metric gave a score"}
+            self._noise_floor = floor
+        return self._noise_floor
 
     def bases(self) -> list[float]:
         """Per metric, the reference's own score against labels when it reads labels, else 1.0."""

@@ -64,6 +64,7 @@ from deployopt.core.settings import setting
 from deployopt.measure.memory import RssSampler, peak_rss_mb
 from deployopt.passes.base import DeployFunctionalPass
 from deployopt.passes.quantize import fallback, latency_search, memory
+from deployopt.measure.judge import noise_floor_note
 from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck, Scorer
 from deployopt.passes.quantize.calibration import (METHODS, Activations, calibrate, chunked,
                                                    clamp_to_activations, histogram_method)
@@ -430,8 +431,11 @@ class QuantizePass(DeployFunctionalPass):
             "nodes_to_float": nodes}
         if not best["met"]:
             what = "drop" if metric in ("top1", "agreement") else f"{metric} drop"  # a classifier's, as always
+            floor = best_effort(scorer.judge.noise_floor)  # a diagnostic: never fails the work
+            self.details["fallback"]["noise_floor"] = floor.to_json() if isinstance(floor, Skipped) else floor
             self.fail(f"quantize: max_accuracy_drop not met after {len(chosen.trials)} trials: best {what} "
-                      f"{best['drop']:.4f} > {tol} ({len(nodes)} nodes in float)")
+                      f"{best['drop']:.4f} > {tol} ({len(nodes)} nodes in float)"
+                      + ("" if isinstance(floor, Skipped) else noise_floor_note(floor, tol)))
             self.note(self.failure)
         elif chosen.chosen:
             how = "most output-sensitive" if self.fallback_rank == "sensitivity" else "worst-SQNR"
