@@ -38,6 +38,9 @@ crop is noise-unstable when any of 8 such draws changes the fp32 top-1. Per entr
 the disagreements are" counts how many of its disagreements fall on those crops and its agreement
 on the stable ones: a quantizer cannot be judged on a top-1 that one grey level already flips.
 
+Each entry also has its top-1 on foolbox's 20 labelled ImageNet photos (``imagenet-samples``) and
+the wall time its quantizer took to make the file (kept beside the model as ``.seconds``).
+
 Resumable: quantized models and every measurement are kept under ``--work``; a rerun reuses them
 (``--fresh`` measures again). ``--quick`` takes fewer runs and samples, keeps its results apart and
 writes ``<work>/peers-quick.md`` unless ``--out`` is given.
@@ -72,6 +75,7 @@ REAL_WEIGHTS = ("efficientnet_lite0", "mobilenet_v2")
 PREPROCESS = {"efficientnet_lite0": "efficientnet-lite", "mobilenet_v2": "imagenet", "resnet18": "imagenet"}
 CALIBRATION = {"dataset": "photos", "split": "test"}
 HELD_OUT = {"dataset": "photos", "split": "train"}
+LABELLED = {"dataset": "imagenet-samples"}  # foolbox's 20 labelled ImageNet photos
 ORT, OV = ("onnxruntime", None), ("openvino", None)
 #: Convolutions in an onnxruntime-optimized graph, int8 or float.
 CONV_OPS = ("QLinearConv", "Conv", "FusedConv", "NhwcFusedConv", "NhwcConv")
@@ -162,6 +166,12 @@ def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path, runtime: st
     shutil.copyfile(folder / "model.onnx", out)
 
 
+def build_seconds(path: pathlib.Path) -> float | None:
+    """Wall time the quantizer took to make ``path`` (kept beside it when it was built)."""
+    kept = path.with_suffix(".seconds")
+    return float(kept.read_text(encoding="utf-8")) if kept.exists() else None
+
+
 def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Path], dict[str, str]]:
     """{quantizer: model path} (cached in ``folder``) and {quantizer: one-line error} for those that failed."""
     from onnxruntime.quantization import QuantFormat, QuantType
@@ -189,7 +199,9 @@ def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Pat
             start = time.perf_counter()
             try:
                 make(out)
-                log(f"{arch}: {name} done in {time.perf_counter() - start:.0f} s")
+                seconds = time.perf_counter() - start
+                out.with_suffix(".seconds").write_text(f"{seconds:.1f}\n", encoding="utf-8")
+                log(f"{arch}: {name} done in {seconds:.0f} s")
             except Exception as e:  # a peer tool failing is a result of the comparison
                 error_file.write_text(one_line(e, with_type=True), encoding="utf-8")
                 out.unlink(missing_ok=True)
@@ -251,6 +263,15 @@ def _latency(arch: str, paths: dict, runs: int, rounds: int) -> dict:
     result = compare([p for _, p, _ in entries], labels=[e[0] for e in entries], targets=[t for _, _, t in entries],
                      threads=(1,), batch=(1,), runs=runs, rounds=rounds, warmup=10, progress=False)
     return result.to_dict()
+
+
+def _labelled_top1(path: pathlib.Path, arch: str, runtime: str) -> dict:
+    """Top-1 on the labelled ImageNet photos (``LABELLED``) on ``runtime``."""
+    try:
+        result = deployopt.evaluate(path, {**LABELLED, "preprocess": PREPROCESS[arch]}, runtime=runtime, threads=1)
+    except Exception as e:  # a model a runtime cannot run is a result of the comparison
+        return {"error": one_line(e, with_type=True)}
+    return {"n": result.n, "top1": result.top1}
 
 
 def _fidelity(path: pathlib.Path, fp32: pathlib.Path, data, runtime: str) -> dict:
@@ -324,7 +345,11 @@ def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, dat
                 xs = crops(arch, spec)
             floor[name] = store.get(f"{arch}/noise/{name}", lambda: noise_floor(arch, paths["fp32"], xs))
         for label, quantizer, (runtime, _) in ENTRIES:
-            if quantizer not in paths or quantizer == "fp32":
+            if quantizer not in paths:
+                continue
+            key = f"{arch}/{quantizer}/{runtime}/labelled"
+            fidelity[key] = store.get(key, lambda: _labelled_top1(paths[quantizer], arch, runtime))
+            if quantizer == "fp32":
                 continue
             for name, spec in datasets.items():
                 key = f"{arch}/{quantizer}/{runtime}/{name}"
@@ -359,7 +384,8 @@ def _entry_rows(arch: str, measured: dict, errors: dict) -> list[dict]:
     out = []
     for label, quantizer, (runtime, _) in ENTRIES:
         row = None if quantizer in errors else rows.get(f"{label} [{runtime}]")
-        fid = {name: measured["fidelity"].get(f"{arch}/{quantizer}/{runtime}/{name}") for name in ("held-out", "unseen")}
+        fid = {name: measured["fidelity"].get(f"{arch}/{quantizer}/{runtime}/{name}")
+               for name in ("held-out", "unseen", "labelled")}
         out.append({"label": label, "quantizer": quantizer, "runtime": runtime, "row": row, "fidelity": fid})
     return out
 
@@ -389,7 +415,7 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                                                    if e["row"]["speedup_ci"][1] >= best["row"]["speedup_ci"][0] else "")
                     for e in ours)
             parts.append(text)
-        faithful = [e for e in entries if all(f and "kl" in f for f in e["fidelity"].values())]
+        faithful = [e for e in entries if all(e["fidelity"][n] and "kl" in e["fidelity"][n] for n in ("held-out", "unseen"))]
         peers = [e for e in faithful if not e["quantizer"].startswith("deployopt")]
         ours = [e for e in faithful if e["quantizer"].startswith("deployopt")]
         if faithful:
@@ -481,7 +507,8 @@ def _condensed(warnings: list[str]) -> str:
     return "; ".join(others)
 
 
-def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dict, settings: dict) -> str:
+def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dict, seconds: dict,
+             settings: dict) -> str:
     rr, rr_reason = auto_reduce_range()
     lines = ["# Peers: int8 from onnxruntime quantize_static, NNCF and deployopt on onnxruntime and OpenVINO", "",
              f"Machine: {machine.stamp_line(stamp)}", "", f"Command: `{command}`", "",
@@ -516,20 +543,23 @@ def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dic
              "flower, matplotlib grace_hopper, skimage camera, coins, hubble_deep_field), so no calibration "
              "sample came from them.",
              "- int8 convs: convolutions onnxruntime runs as QLinearConv, of all convolutions, in its optimized "
-             "graph (ORT_ENABLE_ALL).", ""]
+             "graph (ORT_ENABLE_ALL).",
+             "- top-1, labelled photos: foolbox's 20 labelled ImageNet photos (`imagenet-samples`), on the "
+             "entry's runtime; time to produce: wall time of the quantizer call that made the file (calibration "
+             "included; deployopt's includes its latency-aware timing), on this 2-core machine.", ""]
     for arch, measured in per_arch.items():
         sets = {name: next((v["n"] for k, v in measured["fidelity"].items() if k.endswith("/" + name) and "n" in v), "?")
-                for name in ("held-out", "unseen")}
+                for name in ("held-out", "unseen", "labelled")}
         lines += [f"## {arch}", "",
                   f"| entry | runtime | p50 ms | speedup vs ORT fp32 [95% CI] | agreement, held-out crops "
                   f"(n={sets['held-out']}) | KL held-out | agreement, unseen photos (n={sets['unseen']}) | KL unseen "
-                  "| int8 convs (ORT) | size MB |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| top-1, labelled photos (n={sets['labelled']}) | int8 convs (ORT) | size MB | time to produce s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for e in _entry_rows(arch, measured, errors[arch]):
             quantizer, runtime, row = e["quantizer"], e["runtime"], e["row"]
             if quantizer in errors[arch]:
                 lines.append(f"| {e['label']} | {runtime} | FAILED to quantize: {errors[arch][quantizer]} "
-                             "| | | | | | | |")
+                             "| | | | | | | | | |")
                 continue
             if row is None:  # kept measurements from before the entry existed: run with --fresh
                 row = {"error": "not timed in the kept latency run", "runtime_version": ""}
@@ -546,16 +576,25 @@ def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dic
                 else:
                     cells += [f"{result['agreement']:.1%} [{result['agreement_ci'][0]:.1%}, "
                               f"{result['agreement_ci'][1]:.1%}]", f"{result['kl']:.4f}"]
+            labelled = e["fidelity"]["labelled"]
+            if arch not in REAL_WEIGHTS:
+                cells.append("")
+            elif labelled is None or "error" in labelled:
+                cells.append(f"FAILED: {labelled['error'] if labelled else 'not measured'}")
+            else:
+                cells.append(f"{labelled['top1']:.0%}")
             convs = measured.get("int8_convs", {}).get(quantizer)
             conv_cell = f"{convs[0]}/{convs[1]}" if convs and runtime == "onnxruntime" else ""
+            took = seconds[arch].get(quantizer)
             lines.append(f"| {e['label']} | {runtime} {row['runtime_version']} | {lat[0]} | {lat[1]} | "
-                         + " | ".join(cells) + f" | {conv_cell} | {sizes[arch][quantizer]:.2f} |")
+                         + " | ".join(cells) + f" | {conv_cell} | {sizes[arch][quantizer]:.2f} | "
+                         + ("" if took is None else f"{took:.0f}") + " |")
             if quantizer == "fp32" and runtime == "onnxruntime" and measured.get("noise_floor"):
                 floor = measured["noise_floor"]
                 lines.append(f"| fp32, input moved by ±{NOISE_GREY} grey level (noise floor) | onnxruntime | | | "
                              + " | ".join(f"{floor[n]['agreement']:.1%} [{floor[n]['agreement_ci'][0]:.1%}, "
                                           f"{floor[n]['agreement_ci'][1]:.1%}] | {floor[n]['kl']:.4f}"
-                                          for n in ("held-out", "unseen")) + " | | |")
+                                          for n in ("held-out", "unseen")) + " | | | | |")
         if measured["latency"].get("warnings"):
             lines += ["", "Latency run warnings: " + _condensed(measured["latency"]["warnings"]) + "."]
         lines += ["", *disagreement_table(arch, measured), ""]
@@ -583,18 +622,20 @@ def main(argv=None) -> int:
                 "unseen": {"dataset": f"folder:{unseen_photo_folder(work / 'unseen-photos')}", **limit}}
     work.mkdir(parents=True, exist_ok=True)
     store = Store(work / ("measured-quick.json" if args.quick else "measured.json"), args.fresh)
-    per_arch, errors, sizes = {}, {}, {}
+    per_arch, errors, sizes, seconds = {}, {}, {}, {}
     for arch in ARCHS:
         paths, errors[arch] = build_models(arch, work / "models")
         sizes[arch] = {q: p.stat().st_size / 1e6 for q, p in paths.items()}
+        seconds[arch] = {q: build_seconds(p) for q, p in paths.items() if q != "fp32"}
         per_arch[arch] = measure(arch, paths, store, runs=runs, rounds=rounds, datasets=datasets,
                                  folder=work / "models")
     stamp = machine.stamp(runtimes=True)
-    text = markdown(command.strip(), stamp, per_arch, errors, sizes, {"runs": runs, "rounds": rounds})
+    text = markdown(command.strip(), stamp, per_arch, errors, sizes, seconds, {"runs": runs, "rounds": rounds})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "machine": stamp,
-                                                    "errors": errors, "sizes_mb": sizes, **per_arch}, indent=1),
+                                                    "errors": errors, "sizes_mb": sizes, "seconds_to_produce": seconds,
+                                                    **per_arch}, indent=1),
                                         encoding="utf-8")
     print(text)
     return 0
