@@ -45,7 +45,8 @@ NOISE_LEVELS = 1
 
 
 def noise_floor_note(floor: dict[str, Any], tolerance: float) -> str:
-    """``; the reference itself drops ...`` when ``tolerance`` is below the noise floor, else ''."""
+    """``; the tolerance is below the noise floor: ...`` when ``tolerance`` is below the measured
+    floor ``noise_floor()``, else ''."""
     if "skipped" in floor or floor["drop"] <= tolerance:
         return ""
     return (f"; the tolerance is below the noise floor: the reference against itself with its inputs moved by "
@@ -103,6 +104,7 @@ class _View(Dataset):
         self._data, self._limit = dataset, limit
         self.name, self.labeled = dataset.name, False
         self.sample_shape, self.sample_shapes = dataset.sample_shape, dataset.sample_shapes
+        self.preprocess = getattr(dataset, "preprocess", None)  # the noise floor's grey level
 
     def __len__(self) -> int:
         n = len(self._data)
