@@ -218,8 +218,11 @@ def terminal_table(doc: dict[str, Any]) -> str:
                    f"machine: {doc['machine'].get('cpu', '?')})")
     floor = ((doc.get("accuracy") or {}).get("fidelity") or {}).get("noise_floor") or {}
     if floor.get("agreement") is not None:  # what the agreement column can be held to
+        stable = (f"; the output agrees with the input on {floor['agreement_on_stable']:.3f} of the "
+                  f"{floor['stable']} samples that noise leaves unchanged" if floor.get("agreement_on_stable") is not None
+                  else "")
         out.append(f"(agreement noise floor: the input agrees with itself on {floor['agreement']:.3f} of the same "
-                   f"samples moved by {floor['levels']} grey level)")
+                   f"samples moved by {floor['levels']} grey level{stable})")
     return "\n".join(out)
 
 

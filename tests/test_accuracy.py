@@ -243,7 +243,13 @@ def test_noise_floor_matches_numpy_on_trained_model(trained):
         for batch, out in ((x, clean), (moved, noisy)):
             out.append(batch.reshape(len(batch), -1).astype(np.float64) @ trained["w_ref"].T + trained["b"])
     expected = metrics.fidelity(np.concatenate(noisy), np.concatenate(clean))
+    reference_top1 = np.concatenate(clean).argmax(1)
+    stable = np.concatenate(noisy).argmax(1) == reference_top1
+    model_top1 = (trained["x"].reshape(360, -1) @ trained["w"].T + trained["b"]).argmax(1)
     floor = res["noise_floor"]
+    assert floor["stable"] == int(stable.sum()) < 360
+    assert floor["agreement_on_stable"] == pytest.approx(
+        float((model_top1 == reference_top1)[stable].mean()), abs=1 / 360)
     assert floor["levels"] == 1 and floor["of"] == "reference" and floor["n"] == 360
     assert floor["agreement"] == pytest.approx(expected["agreement"], abs=1 / 360)
     assert floor["kl"] == pytest.approx(expected["kl"], rel=1e-3)
@@ -253,6 +259,7 @@ def test_noise_floor_matches_numpy_on_trained_model(trained):
         trained["x"].reshape(360, -1) @ trained["w_ref"].T + trained["b"])["agreement"], abs=1 / 360)
     wider = accuracy.evaluate(trained["model"], data, progress=False, noise_floor=4)["noise_floor"]
     assert wider["of"] == "model" and wider["agreement"] < floor["agreement"]
+    assert "agreement_on_stable" not in wider  # no other model to judge
 
 
 def test_noise_floor_says_why_it_was_not_measured(trained):
@@ -276,6 +283,7 @@ def test_cli_eval_noise_floor(trained, tmp_path, capsys):
     assert floor["levels"] == 2 and floor["n"] == 360 and 0 < floor["agreement"] < 1
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Noise floor"))
     assert line.startswith("Noise floor (inputs moved by up to 2 grey levels): the reference agrees with itself on ")
+    assert f"; on the {floor['stable']} samples whose top-1 that noise leaves unchanged the model agrees with it on " in line
     assert cli_main(["eval", "--in-process", trained["model"], "--data", "digits", "--noise-floor", "-1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "deployopt: error: --noise-floor: -1 is not an integer >= 0"]

@@ -215,6 +215,7 @@ def test_fidelity_report_states_the_noise_floor(workspace, capsys):
     floor = fidelity["noise_floor"]
     assert floor["levels"] == 1 and floor["of"] == "reference" and floor["n"] == fidelity["n"] == 360
     assert 0.5 < floor["agreement"] < 1 and fidelity["agreement"] == 1.0  # cleanup is exact; noise is not
+    assert floor["agreement_on_stable"] == 1.0 and 0 < floor["stable"] < 360
     assert (f"Noise floor (inputs moved by up to 1 grey level): the reference agrees with itself on "
             f"{floor['agreement']:.2%}") in (out / "report.md").read_text()
     assert f"agreement noise floor: the input agrees with itself on {floor['agreement']:.3f}" in capsys.readouterr().out

@@ -14,7 +14,9 @@ one) on its own inputs moved by uniform integer noise in [-L, L] source units pe
 level of an 8-bit image being ``scale / std`` after preprocessing, against its outputs on the clean
 inputs. Top-1 decisions with a near-tie margin flip under a change smaller than a JPEG re-encode,
 so this is the agreement no quantized model can be held to: an int8 model at the floor differs
-from the reference no more than the reference differs from itself. The draws are seeded
+from the reference no more than the reference differs from itself. With a model and a classifier
+output, the floor also gives the model's agreement on the samples whose reference top-1 the draw
+leaves unchanged: its agreement on decisions that are not near ties. The draws are seeded
 (``NOISE_SEED``), so a run is reproducible. It needs image data with a known preprocessing; on
 other data the result says why it was not measured.
 """
@@ -32,6 +34,7 @@ import numpy as np
 from deployopt.core.errors import UserError, WorkFailed, one_line
 from deployopt.measure.model_io import (fits_sample, format_shape, input_specs, load_proto,
                                         output_specs)
+from deployopt.measure.metrics import wilson_interval
 from deployopt.measure.runtime import open_runtime
 from deployopt.measure.tasks import (LABEL_KINDS, CocoLabels, MaskLabels, MetricSpec, TextLabels, build_metric,
                                      default_specs, is_logits, metric_specs)
@@ -187,24 +190,41 @@ class _NoiseFloor:
         if self.step is not None:
             self.built, _ = _metrics(runner, dataset, specs, reference=True, labels=None, charset=charset)
             self.rng = np.random.default_rng(NOISE_SEED)
+            self.classifier = next((m for spec, m, _ in self.built if spec.kind == "classification"), None)
+            self.stable: list[np.ndarray] = []  # per sample: the draw left the reference's top-1 unchanged
+            self.agrees: list[np.ndarray] = []  # per sample: the judged model's top-1 is the reference's
 
-    def add(self, x: np.ndarray, chunk: int, clean: list[dict[str, np.ndarray]]) -> None:
+    def add(self, x: np.ndarray, chunk: int, clean: list[dict[str, np.ndarray]],
+            judged: list[dict[str, np.ndarray]] | None = None) -> None:
+        """One batch: ``clean`` the runner's outputs on ``x`` per chunk, ``judged`` the evaluated
+        model's (None when the runner is that model)."""
         if self.step is None:
             return
         noise = self.rng.integers(-self.levels, self.levels + 1, size=np.shape(x)).astype(np.float32)
         noisy = (np.asarray(x, np.float32) + noise * self.step).astype(np.float32)
-        for (_, _, outs), clean_outs in zip(self.runner.run(noisy, chunk), clean):
+        for k, ((_, _, outs), clean_outs) in enumerate(zip(self.runner.run(noisy, chunk), clean)):
             for _, metric, _ in self.built:
                 metric.accumulate(outs, clean_outs, None)
+            if self.classifier is not None and judged is not None:
+                reference_top1 = self.classifier.predicted(clean_outs)
+                self.stable.append(self.classifier.predicted(outs) == reference_top1)
+                self.agrees.append(self.classifier.predicted(judged[k]) == reference_top1)
 
     def result(self, n: int) -> dict:
         if self.step is None:
             return {"levels": self.levels, "skipped": self.skipped}
         results = [{"outputs": list(m.outputs), "kind": spec.kind, **m.result()} for spec, m, _ in self.built]
         first_class = next((r for r in results if r["kind"] == "classification"), {})
-        return {"levels": self.levels, "of": self.of, "n": n,
-                **{k: first_class.get(k) for k in ("agreement", "agreement_ci", "kl")},
-                "score": results[0].get("score"), "score_name": results[0].get("score_name"), "metrics": results}
+        floor = {"levels": self.levels, "of": self.of, "n": n,
+                 **{k: first_class.get(k) for k in ("agreement", "agreement_ci", "kl")},
+                 "score": results[0].get("score"), "score_name": results[0].get("score_name"), "metrics": results}
+        if self.stable:
+            stable, agrees = np.concatenate(self.stable), np.concatenate(self.agrees)
+            hits, total = int((agrees & stable).sum()), int(stable.sum())
+            floor["stable"] = total
+            floor["agreement_on_stable"] = hits / total if total else None
+            floor["agreement_on_stable_ci"] = list(wilson_interval(hits, total)) if total else None
+        return floor
 
 
 def noise_floor_text(floor: Mapping[str, Any]) -> str:
@@ -214,8 +234,13 @@ def noise_floor_text(floor: Mapping[str, Any]) -> str:
         return f"{head}: not measured: {floor['skipped']}"
     if floor.get("agreement") is not None:
         ci = floor["agreement_ci"]
-        return (f"{head}: the {floor['of']} agrees with itself on {floor['agreement']:.2%} [{ci[0]:.2%}, "
+        text = (f"{head}: the {floor['of']} agrees with itself on {floor['agreement']:.2%} [{ci[0]:.2%}, "
                 f"{ci[1]:.2%}], KL {floor['kl']:.3g}")
+        if floor.get("agreement_on_stable") is not None:
+            ci = floor["agreement_on_stable_ci"]
+            text += (f"; on the {floor['stable']} samples whose top-1 that noise leaves unchanged the model agrees "
+                     f"with it on {floor['agreement_on_stable']:.2%} [{ci[0]:.2%}, {ci[1]:.2%}]")
+        return text
     return f"{head}: the {floor['of']} against itself: {floor['score_name']} {floor['score']:.4g}"
 
 
@@ -272,7 +297,11 @@ def evaluate(model_path, dataset, *, reference_path=None, batch_size: int = 32, 
                 for _, metric, reads in built:
                     metric.accumulate(outs, ref_outs, given.get(reads))
             if floor is not None:
-                floor.add(x, chunk, [outs for _, _, outs in mine] if ref is None else theirs)
+                mine_outs = [outs for _, _, outs in mine]
+                if ref is None:  # the model against itself
+                    floor.add(x, chunk, mine_outs)
+                else:
+                    floor.add(x, chunk, theirs, judged=mine_outs)
             size = len(next(iter(x.values())) if isinstance(x, dict) else x)
             n += size
             bar.update(size)

@@ -60,6 +60,10 @@ class ClassificationMetric(Metric):
         class_axis(self.settings.axis, x.ndim, self.kind, name, x.shape)
         return as_logits(x, self.settings.axis)
 
+    def predicted(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The top-1 class of every row of the logits this metric reads."""
+        return self._logits(outputs).argmax(axis=1)
+
     def accumulate(self, outputs, reference_outputs=None, labels=None) -> None:
         z = self._logits(outputs)
         self.classes = z.shape[1]
