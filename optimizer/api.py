@@ -161,9 +161,9 @@ class EvalResult:
     fidelity keys are None without a reference. Intervals are Wilson 95% [low, high].
     ``metrics`` holds every task metric's result (``outputs``, ``kind``, ``score``,
     ``score_name`` and its own keys); ``score``/``score_name`` are the first metric's.
-    ``noise_floor`` (with ``noise_floor=L``): the
-    same metrics for the reference on its own inputs moved by up to L grey levels, against its
-    clean outputs (``deployopt.measure.accuracy``), or {levels, skipped: reason}.
+    ``noise_floor`` (with ``noise_floor=L``): the same metrics for the reference on its own inputs
+    moved by up to L grey levels, against its clean outputs, and the model's agreement on the
+    samples that noise leaves unchanged (``deployopt.measure.accuracy``), or {levels, skipped: reason}.
     """
 
     model: str
@@ -216,7 +216,6 @@ class EvalResult:
 
             lines.append(noise_floor_text(self.noise_floor))
         return "\n".join(lines) + "\n"
-
 
 
 def _metric_line(res: Mapping[str, Any]) -> str:

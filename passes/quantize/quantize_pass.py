@@ -61,10 +61,10 @@ from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 from deployopt.core.contain import Skipped, best_effort
 from deployopt.core.errors import UserError, WorkFailed
 from deployopt.core.settings import setting
+from deployopt.measure.judge import noise_floor_note
 from deployopt.measure.memory import RssSampler, peak_rss_mb
 from deployopt.passes.base import DeployFunctionalPass
 from deployopt.passes.quantize import fallback, latency_search, memory
-from deployopt.measure.judge import noise_floor_note
 from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck, Scorer
 from deployopt.passes.quantize.calibration import (METHODS, Activations, calibrate, chunked,
                                                    clamp_to_activations, histogram_method)
