@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 from deployopt.measure import machine  # noqa: E402
 
-from benchmarks.run_peers import ARCHS, PREPROCESS, SHAPE  # noqa: E402  (the same two real-weight models)
+from benchmarks.run_peers import PREPROCESS, REAL_WEIGHTS, SHAPE  # noqa: E402  (the same two real-weight models)
 from benchmarks.run_recover import write_training_folder  # noqa: E402
 from benchmarks.run_rounding import CALIBRATION_PHOTOS, PHOTOS, datasets, logits  # noqa: E402
 
@@ -176,7 +176,7 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--archs", default=",".join(REAL_WEIGHTS))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--views", type=int, default=4)

@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 from deployopt.core.data import open_dataset  # noqa: E402
 from deployopt.measure import machine  # noqa: E402
 
-from benchmarks.run_peers import ARCHS, PREPROCESS, SHAPE  # noqa: E402  (the same two real-weight models)
+from benchmarks.run_peers import PREPROCESS, REAL_WEIGHTS, SHAPE  # noqa: E402  (the same two real-weight models)
 
 PHOTOS, CALIBRATION_PHOTOS = 25, 15  # 'photos' lists its 22 crop variants photo-major: source i is photo i % 25
 ROUNDINGS = ("nearest", "gptq", "adaround")
@@ -185,7 +185,7 @@ def _markdown(command: str, stamp: dict, results: dict, budget: float) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--archs", default=",".join(ARCHS))
+    ap.add_argument("--archs", default=",".join(REAL_WEIGHTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
