@@ -21,7 +21,8 @@ their unpruned selves, with and without int8.
    training-folder images (textures, faces) rejected epochs that raised agreement on photos. The same images calibrate ``channel_prune`` (reconstruction) and
    ``quantize``: the pruned model is fitted on data like the deployment data, as a user's own
    image folder would be.
-3. Per keep: ``ChannelPrunePass(keep)`` (defaults: l1, reconstruction), then ``RecoverPass``
+3. Per keep: ``ChannelPrunePass(keep, scope)`` (``--scope``, default ``sensitivity``: the MACs of
+   uniform keeps, spent where measured damage is least; l1 ranking, reconstruction), then ``RecoverPass``
    (its defaults, ``max_epochs`` and ``max_seconds`` from the flags; early stopping on the
    early-stopping crops of step 2), and ``QuantizePass(latency_aware=False)`` on each (int8 throughout).
 4. Held-out: agreement and KL vs fp32 on the 440 'photos' crops of the train split (the demo's
@@ -181,9 +182,11 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
 
     quantize(fp32, "int8", 1.0, False, None)
     for keep in keeps:
-        prune = ChannelPrunePass(keep=keep)
+        prune = ChannelPrunePass(keep=keep, scope=args.scope)
         prune.context = PassContext(calibration=training, seed=0, work_dir=tmp, threads=args.threads)
-        pruned = prune(io.load(fp32)).model
+        pruned_result = prune(io.load(fp32))
+        print(f"{arch} keep {keep} channel_prune: " + "; ".join(pruned_result.notes), file=sys.stderr)
+        pruned = pruned_result.model
         pruned_path = tmp / f"keep{keep}.onnx"
         io.save(pruned, pruned_path)
         variants[f"keep {keep}"] = {"path": pruned_path, "keep": keep, "recover": False, "int8": False, "train_s": None}
@@ -231,7 +234,7 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
              "Ratio = p50(model) / p50(fp32) at 1 thread, batch 1 (worker processes, interleaved rounds); "
              "speedup = its inverse with a bootstrap 95% interval. Agreement (Wilson 95% interval) and "
              "KL(fp32 || model) on the 440 held-out 'photos' crops; top-1 on the 20 labelled ImageNet samples. "
-             f"recover: {args.epochs} epoch(s) at most, max_seconds {args.max_seconds:g}"
+             f"channel_prune: scope {args.scope}, its other settings its defaults. recover: {args.epochs} epoch(s) at most, max_seconds {args.max_seconds:g}"
              + (f", lr {args.lr:g}" if args.lr is not None else "")
              + (f", views {args.views}" if args.views is not None else "")
              + ", other settings its defaults; train s is the whole recover step (view bank, teacher labels, "
@@ -306,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="MobileNetV2 keep 0.75 only")
     parser.add_argument("--models", default="mobilenet_v2,efficientnet_lite0")
     parser.add_argument("--keeps", default="0.9,0.75,0.5")
+    parser.add_argument("--scope", default="sensitivity", choices=("layer", "global", "sensitivity"),
+                        help="channel_prune's scope (sensitivity: the MACs of layer, spent where damage is least)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--max-seconds", type=float, default=900.0)
     parser.add_argument("--lr", type=float, default=None, help="recover's peak learning rate (default: the pass's)")

@@ -21,6 +21,11 @@ Steps (``passes.channel_groups`` finds what is tied to what):
    more than ``C``; multiples of ``round_to`` keep the SIMD kernels' channel blocks full.
    ``scope: layer`` applies it to each group; ``scope: global`` ranks the mean-normalised scores
    of all groups together, keeps the top ``k·ΣC``, then rounds each group's count the same way.
+   ``scope: sensitivity`` keeps the MACs of ``scope: layer`` but chooses each group's count
+   from measured damage: every group alone is pruned to a few counts on ``sensitivity_samples``
+   calibration samples (same ranking, compensation and reconstruction as below), its output
+   error measured, and the counts allocated greedily by error per MAC saved
+   (``passes.channel_budget``).
    The top-``n`` channels by score are kept (ties: lower index).
 4. Slicing: source output rows (and biases), BN parameters, depthwise filters (and ``group``),
    per-channel constants, sink input columns (blocks of ``H·W`` columns after a Flatten), Concat
@@ -44,6 +49,7 @@ import collections
 import dataclasses
 import fnmatch
 import math
+import time
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -51,8 +57,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_common
 
 from deployopt.core.errors import UserError
+from deployopt.core.session import open_session
 from deployopt.core.settings import setting
 from deployopt.core.stats import model_stats
+from deployopt.passes import channel_budget as budget
 from deployopt.passes import channel_reconstruct as recon
 from deployopt.passes.base import DeployInPlacePass
 from deployopt.passes.channel_groups import ChannelGroup, attr_int, const_array, find_channel_groups
@@ -89,8 +97,9 @@ class ChannelPrunePass(DeployInPlacePass):
     name: ClassVar[str] = "channel_prune"
 
     keep: float = setting(0.5, low=0, high=1, low_open=True)  # fraction of channels kept
-    # "layer": each group keeps `keep`; "global": ranked across groups
-    scope: Literal["layer", "global"] = "layer"
+    # "layer": each group keeps `keep`; "global": ranked across groups; "sensitivity": the MACs
+    # of "layer", spent where measured damage is least (needs calibration data)
+    scope: Literal["layer", "global", "sensitivity"] = "layer"
     # "l1" | "l2" (weight norms) | "activation" (calibration energy)
     criterion: Literal["l1", "l2", "activation"] = "l1"
     round_to: int = setting(8, low=1)  # kept counts are multiples of this (or the whole group)
@@ -100,6 +109,7 @@ class ChannelPrunePass(DeployInPlacePass):
     ridge: float = setting(1e-3, low=0)  # least-squares damping, relative to the mean input energy
     samples: int = setting(256, low=1)  # calibration samples for activation energy and reconstruction
     exclude: list[str] = setting(default_factory=list)  # name patterns of layers to keep whole
+    sensitivity_samples: int = setting(64, low=1)  # calibration samples per sensitivity trial
 
     # -- the pass --------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -107,6 +117,9 @@ class ChannelPrunePass(DeployInPlacePass):
         if self.criterion == "activation" and data is None:
             raise UserError("criterion: 'activation' ranks channels on calibration data, and "
                             "there is none (set data.calibration in the recipe)")
+        if self.scope == "sensitivity" and data is None:
+            raise UserError("scope: 'sensitivity' measures each group's damage on calibration data, "
+                            "and there is none (set data.calibration in the recipe)")
         if self.reconstruct is True and data is None:
             raise UserError("reconstruct: true needs calibration data, and there is none "
                             "(set data.calibration in the recipe)")
@@ -142,12 +155,12 @@ class ChannelPrunePass(DeployInPlacePass):
         moments = self._sink_moments(model, candidates, data) if (
             compensate or self.criterion == "activation") else {}
         scores = self._scores(candidates, moments)
-        kept = self._select(candidates, scores)
-        for g in groups:  # Concat outputs follow their inputs
-            if g.derived and not g.whole and any(p.group in kept for p in g.parts):
-                kept[g] = np.concatenate([
-                    p.offset + (kept[p.group] if p.group in kept else np.arange(p.channels))
-                    for p in g.parts])
+        if self.scope == "sensitivity":
+            counts = self._sensitivity_counts(model, groups, candidates, scores, moments, data,
+                                              compensate=compensate, reconstruct=reconstruct)
+        else:
+            counts = self._counts(candidates, scores, self.scope)
+        kept = self._with_concats(groups, self._select(candidates, scores, counts))
         details["groups"] = [self._group_record(g, kept.get(g), excluded) for g in groups]
         if not kept:
             self.note(f"no channel removed: keep={self.keep} rounded to multiples of "
@@ -159,7 +172,12 @@ class ChannelPrunePass(DeployInPlacePass):
         shifts = self._mean_shifts(kept, moments) if compensate else {}
         self._slice(model, kept)
         if compensate:
-            self._compensate(model, kept, shifts)
+            done, skipped = self._apply_shifts(model, kept, shifts)
+            details["mean_compensated"] = done
+            note = f"mean compensation: {done} layer(s) took the removed channels' means into their bias"
+            if skipped:
+                note += f"; not {', '.join(skipped)} (no per-output bias to take it)"
+            self.note(note)
         removed = sum(g.channels - len(i) for g, i in kept.items() if not g.derived)
         total = sum(g.channels for g in candidates)
         self.note(f"removed {removed} of {total} channels in {sum(not g.derived for g in kept)} "
@@ -269,21 +287,114 @@ class ChannelPrunePass(DeployInPlacePass):
         n = -(-n // self.round_to) * self.round_to
         return int(min(channels, max(n, min(channels, self.min_channels), 1)))
 
-    def _select(self, groups: list[ChannelGroup], scores: dict) -> dict[ChannelGroup, np.ndarray]:
-        if self.scope == "layer":
-            counts = {g: self._round(self.keep * g.channels, g.channels) for g in groups}
-        else:
-            normed = {g: s / s.mean() if s.mean() > 0 else np.ones_like(s) for g, s in scores.items()}
-            pooled = np.sort(np.concatenate(list(normed.values())))[::-1]
-            target = max(1, math.ceil(self.keep * len(pooled) - 1e-9))
-            threshold = pooled[target - 1]
-            counts = {g: self._round(int((normed[g] >= threshold).sum()), g.channels) for g in groups}
+    def _counts(self, groups: list[ChannelGroup], scores: dict, scope: str) -> dict[ChannelGroup, int]:
+        """Channels kept per group, for ``scope`` layer or global."""
+        if scope == "layer":
+            return {g: self._round(self.keep * g.channels, g.channels) for g in groups}
+        normed = {g: s / s.mean() if s.mean() > 0 else np.ones_like(s) for g, s in scores.items()}
+        pooled = np.sort(np.concatenate(list(normed.values())))[::-1]
+        target = max(1, math.ceil(self.keep * len(pooled) - 1e-9))
+        threshold = pooled[target - 1]
+        return {g: self._round(int((normed[g] >= threshold).sum()), g.channels) for g in groups}
+
+    @staticmethod
+    def _select(groups: list[ChannelGroup], scores: dict, counts: dict) -> dict[ChannelGroup, np.ndarray]:
+        """The top-``counts[g]`` channels of each group that loses any (ties: lower index)."""
         kept = {}
         for g in groups:
-            if counts[g] < g.channels:
+            n = counts.get(g, g.channels)
+            if n < g.channels:
                 order = np.argsort(-scores[g], kind="stable")
-                kept[g] = np.sort(order[: counts[g]])
+                kept[g] = np.sort(order[:n])
         return kept
+
+    @staticmethod
+    def _with_concats(groups: list[ChannelGroup], kept: dict) -> dict[ChannelGroup, np.ndarray]:
+        """``kept`` plus the Concat outputs, which follow their inputs."""
+        for g in groups:
+            if g.derived and not g.whole and any(p.group in kept for p in g.parts):
+                kept[g] = np.concatenate([
+                    p.offset + (kept[p.group] if p.group in kept else np.arange(p.channels))
+                    for p in g.parts])
+        return kept
+
+    # -- sensitivity scope -------------------------------------------------------------------------
+    def _sensitivity_counts(self, model: ir.Model, groups: list[ChannelGroup], candidates: list[ChannelGroup],
+                            scores: dict, moments: dict, data, *, compensate: bool,
+                            reconstruct: bool) -> dict[ChannelGroup, int]:
+        """Counts from measured damage under the MACs of ``scope: layer`` (``passes.channel_budget``)."""
+        start = time.perf_counter()
+        layer_macs = {layer["name"]: layer["macs"] for layer in model_stats(model)["layers"]}
+        macs = budget.ChannelMacs(groups, layer_macs)
+        target = macs(self._counts(candidates, scores, "layer"))
+        # Reconstruction fits on the first sensitivity_samples; the damage is measured on the
+        # next ones: fitted samples would hide an overfitted layer (a Gemm after pooling
+        # reproduces its own few samples exactly).
+        fitted = self.sensitivity_samples
+        batches, served = [], 0
+        for x in recon.batches(model, data, 2 * fitted):
+            batches.append((served, x))
+            served += len(x)
+        inputs = [x for first, x in batches if first >= fitted] or [x for _, x in batches]
+        in_sample = not any(first >= fitted for first, _ in batches)
+        measured = sum(len(x) for x in inputs)
+        reference = self._outputs(model, inputs)
+        errors: dict[ChannelGroup, dict[int, float]] = {}
+        for g in candidates:
+            errors[g] = {}
+            for n in budget.ladder(g.channels, self.keep, self._round):
+                index = np.sort(np.argsort(-scores[g], kind="stable")[:n])
+                trial = self._pruned_copy(model, g.index, index, moments, data,
+                                          compensate=compensate, reconstruct=reconstruct)
+                errors[g][n] = self._relative_error(self._outputs(trial, inputs), reference)
+        counts = budget.allocate(errors, macs, target)
+        self.details["sensitivity"] = {
+            "samples_fitted": min(fitted, served), "samples_measured": measured,
+            "in_sample": in_sample, "seconds": round(time.perf_counter() - start, 1),
+            "macs_budget": int(target), "macs_planned": int(macs(counts)),
+            "groups": [{"layers": [n.name for n in g.sources], "channels": g.channels,
+                        "kept": counts.get(g, g.channels),
+                        "error": {str(n): round(e, 6) for n, e in errors[g].items()}} for g in candidates]}
+        self.note(f"sensitivity: {sum(len(e) for e in errors.values())} trial(s) of {len(candidates)} "
+                  f"group(s), fitted on {min(fitted, served)} and measured on {measured} "
+                  f"{'(the same: no more data) ' if in_sample else 'other '}calibration samples in "
+                  f"{self.details['sensitivity']['seconds']} s; MACs {macs(counts) / 1e6:.1f} M planned "
+                  f"for a budget of {target / 1e6:.1f} M (scope layer at keep={self.keep}); "
+                  f"{sum(1 for g in candidates if counts.get(g, g.channels) < g.channels)} group(s) pruned")
+        return counts
+
+    def _pruned_copy(self, model: ir.Model, group_index: int, index: np.ndarray, moments: dict, data, *,
+                     compensate: bool, reconstruct: bool) -> ir.Model:
+        """A copy of ``model`` with one group pruned to ``index``, compensated and reconstructed
+        as the real pruning would be."""
+        trial = model.clone()
+        groups = find_channel_groups(trial.graph)
+        g = next(g for g in groups if g.index == group_index)
+        kept = self._with_concats(groups, {g: index})
+        shifts = self._mean_shifts(kept, moments) if compensate else {}
+        self._slice(trial, kept)
+        if compensate:
+            self._apply_shifts(trial, kept, shifts)
+        if reconstruct:
+            layers, _ = self._refit_layers(kept)
+            recon.reconstruct(model, trial, layers, data, samples=self.sensitivity_samples,
+                              ridge=self.ridge, seed=self.context.seed, threads=self.context.threads)
+        return trial
+
+    def _outputs(self, model: ir.Model, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        session = open_session(model, threads=self.context.threads, what="channel_prune's sensitivity trial")
+        name = session.get_inputs()[0].name
+        runs = [session.run(None, {name: x}) for x in inputs]
+        return [np.concatenate([r[i] for r in runs]).astype(np.float64) for i in range(len(runs[0]))]
+
+    @staticmethod
+    def _relative_error(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
+        """Σ over outputs of E(y − y_ref)² / Var(y_ref): the damage in units of the output's spread."""
+        total = 0.0
+        for y, r in zip(outputs, reference):
+            spread = float(np.var(r)) or 1.0
+            total += float(np.mean((y - r) ** 2)) / spread
+        return total if np.isfinite(total) else float("inf")
 
     # -- slicing -----------------------------------------------------------------------------------
     @staticmethod
@@ -330,7 +441,9 @@ class ChannelPrunePass(DeployInPlacePass):
                 shifts[sink.node] = None if shift is None or previous is None else previous + shift
         return shifts
 
-    def _compensate(self, model: ir.Model, kept: dict[ChannelGroup, np.ndarray], shifts: dict) -> None:
+    @staticmethod
+    def _apply_shifts(model: ir.Model, kept: dict[ChannelGroup, np.ndarray], shifts: dict) -> tuple[int, list[str]]:
+        """Add each sink's mean shift to its bias; (layers done, names of those without a bias)."""
         out_index = {node: index for g, index in kept.items() for node in g.sources}
         done, skipped = 0, []
         for node, shift in shifts.items():
@@ -339,16 +452,14 @@ class ChannelPrunePass(DeployInPlacePass):
                 continue
             recon.add_to_bias(model.graph, node, shift if node not in out_index else shift[out_index[node]])
             done += 1
-        self.details["mean_compensated"] = done
-        note = f"mean compensation: {done} layer(s) took the removed channels' means into their bias"
-        if skipped:
-            note += f"; not {', '.join(skipped)} (no per-output bias to take it)"
-        self.note(note)
+        return done, skipped
 
     # -- reconstruction ----------------------------------------------------------------------------
-    def _reconstruct(self, original, model: ir.Model, kept: dict[ChannelGroup, np.ndarray], data) -> None:
+    @staticmethod
+    def _refit_layers(kept: dict[ChannelGroup, np.ndarray]) -> tuple[list, list[str]]:
+        """The sink layers to re-solve, and a note for each that cannot be."""
         out_index = {node: index for g, index in kept.items() for node in g.sources}
-        layers, seen = [], set()
+        layers, notes, seen = [], [], set()
         for g in kept:
             for sink in g.sinks:
                 node = sink.node
@@ -357,17 +468,22 @@ class ChannelPrunePass(DeployInPlacePass):
                 seen.add(node)
                 reason = recon.unsupported(node)
                 if reason:
-                    self.note(f"layer '{node.name}' not reconstructed: {reason}")
+                    notes.append(f"layer '{node.name}' not reconstructed: {reason}")
                     continue
                 layers.append(recon.Layer(node, out_index.get(node)))
+        return layers, notes
+
+    def _reconstruct(self, original, model: ir.Model, kept: dict[ChannelGroup, np.ndarray], data) -> None:
+        layers, notes = self._refit_layers(kept)
+        for note in notes:
+            self.note(note)
         records = recon.reconstruct(original, model, layers, data, samples=self.samples,
                                     ridge=self.ridge, seed=self.context.seed,
                                     threads=self.context.threads)
         self.details["reconstruction"] = records
         for r in records:
             if r.get("kept_sliced"):
-                self.note(f"layer '{r['layer']}' kept its sliced weights: least squares did not "
-                          f"lower its calibration error ({r['rel_error_sliced']:.3g})")
+                self.note(f"layer '{r['layer']}' kept its sliced weights: {r['kept_sliced']}")
         if records:
             before = np.mean([r["rel_error_sliced"] for r in records])
             after = np.mean([min(r["rel_error_sliced"], r["rel_error_reconstructed"]) for r in records])

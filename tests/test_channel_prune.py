@@ -459,7 +459,7 @@ def test_excluded_layer_keeps_its_output_channels():
 @pytest.mark.parametrize("settings, message", [
     ({"keep": 0.0}, "keep: 0.0 is outside (0, 1]"),
     ({"keep": 1.5}, "keep: 1.5 is outside (0, 1]"),
-    ({"scope": "net"}, "scope: 'net' is not one of layer, global"),
+    ({"scope": "net"}, "scope: 'net' is not one of layer, global, sensitivity"),
     ({"criterion": "l3"}, "criterion: 'l3' is not one of l1, l2, activation"),
     ({"round_to": 0}, "round_to: 0 is outside [1, inf)"),
     ({"min_channels": 2.5}, "min_channels: expected int, got 2.5"),
@@ -535,3 +535,122 @@ def test_reconstruction_recovers_what_pruning_lost(digits_model):
     records = result.details["reconstruction"]
     assert {r["layer"] for r in records} >= {"/c1/Conv", "/c2/Conv", "/fc/Gemm"}
     assert all(r["rel_error_reconstructed"] <= r["rel_error_sliced"] for r in records)
+
+
+# -- scope: sensitivity (passes.channel_budget) ------------------------------------------------------
+
+def _groups_and_macs(proto: onnx.ModelProto):
+    """The channel groups of ``proto`` as the pass finds them, and its ChannelMacs."""
+    import onnx_ir.passes.common as common
+
+    from deployopt.core.stats import model_stats
+    from deployopt.passes.channel_budget import ChannelMacs
+    from deployopt.passes.channel_groups import find_channel_groups
+
+    model = ir.from_proto(proto)
+    common.NameFixPass()(model)
+    common.TopologicalSortPass()(model)
+    common.ShapeInferencePass()(model)
+    groups = find_channel_groups(model.graph)
+    layer_macs = {layer["name"]: layer["macs"] for layer in model_stats(model)["layers"]}
+    return groups, ChannelMacs(groups, layer_macs)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.25])
+def test_channel_macs_predict_the_pruned_graphs_macs_exactly(tmp_path, keep):
+    from deployopt import models
+    from deployopt.models.export import export_model
+
+    path = tmp_path / "mnv2.onnx"
+    export_model(models.build("mobilenet_v2", width_mult=0.35, num_classes=10), path, (1, 3, 32, 32))
+    concat = _concat({"WA": _w(8, 3, 1, 1), "Wd": _w(8, 1, 3, 3), "bd": _w(8), "lo": np.array(0, np.float32),
+                      "hi": np.array(6, np.float32), "WB": _w(6, 3, 3, 3), "WC": _w(8, 14, 1, 1),
+                      "Wf": _w(10, 8)})
+    for proto in (onnx.load(path), concat):
+        groups, macs = _groups_and_macs(proto)
+        _, result = _prune(proto, keep=keep, round_to=2, min_channels=2)
+        by_layers = {tuple(n.name for n in g.sources): g for g in groups if not g.derived}
+        counts = {by_layers[tuple(r["layers"])]: r["kept"] for r in result.details["groups"]
+                  if r["status"] == "pruned"}
+        assert counts and macs({}) == result.details["macs_before"]
+        assert macs(counts) == pytest.approx(result.details["macs_after"], rel=1e-9)
+
+
+def test_allocate_prunes_where_damage_per_mac_is_least():
+    from deployopt.passes.channel_budget import allocate
+
+    groups, macs = _groups_and_macs(_residual(_residual_weights()))
+    residual = next(g for g in groups if len(g.sources) == 2)
+    inner = next(g for g in groups if len(g.sources) == 1 and not g.whole)
+    errors = {residual: {2: 4.0, 4: 1.0, 6: 0.5}, inner: {2: 0.3, 4: 0.02, 6: 0.01}}
+    # A budget the inner group alone can meet: the residual stream is left whole.
+    budget = macs({inner: 4})
+    assert allocate(errors, macs, budget) == {inner: 4}
+    # The cheapest step that meets the budget is taken, not the best price that overshoots it.
+    assert allocate(errors, macs, macs({inner: 6})) == {inner: 6}
+    # A budget only both can meet prunes both; one no rung reaches stops at the lowest rungs.
+    both = allocate(errors, macs, macs({inner: 2, residual: 6}))
+    assert macs(both) <= macs({inner: 2, residual: 6}) and residual in both
+    assert allocate(errors, macs, 0) == {inner: 2, residual: 2}
+
+
+class _DigitsInverted(nn.Module):
+    """An inverted residual block (MobileNetV2's): a narrow residual stream, a wide expansion."""
+
+    def __init__(self, w: int = 16, expand: int = 96):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(w, expand, 1, bias=False), nn.BatchNorm2d(expand), nn.ReLU6(),
+            nn.Conv2d(expand, expand, 3, padding=1, groups=expand, bias=False), nn.BatchNorm2d(expand), nn.ReLU6(),
+            nn.Conv2d(expand, w, 1, bias=False), nn.BatchNorm2d(w))
+        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * w),
+                                  nn.ReLU())
+        self.fc = nn.Linear(2 * w, 10)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = s + self.block(s)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.down(y), 1), 1))
+
+
+def test_sensitivity_scope_spends_the_same_macs_with_less_damage(digits_shuffled):
+    x, y = digits_shuffled
+    torch.manual_seed(0)
+    net = _DigitsInverted()
+    train_classifier(net, x[:1300], y[:1300], epochs=12, shuffle=False, threads=1)
+    buf = io.BytesIO()
+    torch.onnx.export(net.eval(), (torch.zeros(1, 1, 8, 8),), buf, dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    proto, x_test, y_test = onnx.load_from_string(buf.getvalue()), x[1300:], y[1300:]
+    dense = _run(proto, x_test)
+    assert float((dense.argmax(1) == y_test).mean()) > 0.95  # a real model
+    outcomes = {}
+    for scope in ("layer", "sensitivity"):
+        pruned, result = _prune(proto, x[:512], keep=0.5, round_to=4, min_channels=4, scope=scope, samples=512)
+        out = _run(pruned, x_test)
+        outcomes[scope] = (float(np.linalg.norm(out - dense) / np.linalg.norm(dense)),
+                           float((out.argmax(1) == y_test).mean()), result)
+    (err_layer, acc_layer, layer), (err_sens, acc_sens, sens) = outcomes["layer"], outcomes["sensitivity"]
+    plan = sens.details["sensitivity"]
+    assert plan["macs_budget"] == layer.details["macs_after"]
+    assert plan["macs_planned"] == sens.details["macs_after"] <= plan["macs_budget"]
+    assert (plan["samples_fitted"], plan["samples_measured"], plan["in_sample"]) == (64, 64, False)
+    assert all(g["error"] for g in plan["groups"])  # every group was measured
+    kept = {tuple(g["layers"]): g["kept"] for g in sens.details["groups"]}
+    kept_layer = {tuple(g["layers"]): g["kept"] for g in layer.details["groups"]}
+    residual = next(k for k in kept if len(k) == 2)
+    expansion = next(k for k in kept if k[0].startswith("/block/block.0"))
+    # The damage is in the narrow residual stream: the plan keeps more of it and takes the MACs
+    # from the wide expansion instead.
+    assert kept[residual] > kept_layer[residual] and kept[expansion] < kept_layer[expansion], (kept, kept_layer)
+    # measured on held-out digits, not on the calibration samples the plan was made on
+    assert err_sens < 0.95 * err_layer and acc_sens >= acc_layer, (err_layer, err_sens, acc_layer, acc_sens)
+    assert any(n.startswith("sensitivity: ") for n in sens.notes)
+
+
+def test_sensitivity_scope_needs_calibration_data():
+    with pytest.raises(UserError) as e:
+        _prune(_residual(_residual_weights()), keep=0.5, scope="sensitivity")
+    assert str(e.value) == ("scope: 'sensitivity' measures each group's damage on calibration data, "
+                            "and there is none (set data.calibration in the recipe)")
