@@ -504,16 +504,20 @@ class _DigitsResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.down(y), 1), 1))
 
 
-@pytest.fixture(scope="module")
-def digits_model(digits_shuffled):
-    x, y = digits_shuffled
-    torch.manual_seed(0)
-    net = _DigitsResNet()
+def _trained_on_digits(net: nn.Module, x: np.ndarray, y: np.ndarray) -> onnx.ModelProto:
+    """``net`` trained on the first 1300 digits (one thread), exported with a free batch."""
     train_classifier(net, x[:1300], y[:1300], epochs=12, shuffle=False, threads=1)
     buf = io.BytesIO()
     torch.onnx.export(net.eval(), (torch.zeros(1, 1, 8, 8),), buf, dynamo=False, input_names=["x"],
                       output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    return onnx.load_from_string(buf.getvalue()), x[:1300], x[1300:], y[1300:]
+    return onnx.load_from_string(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def digits_model(digits_shuffled):
+    x, y = digits_shuffled
+    torch.manual_seed(0)  # the weights' initialisation
+    return _trained_on_digits(_DigitsResNet(), x, y), x[:1300], x[1300:], y[1300:]
 
 
 def test_reconstruction_recovers_what_pruning_lost(digits_model):
@@ -616,13 +620,8 @@ class _DigitsInverted(nn.Module):
 
 def test_sensitivity_scope_spends_the_same_macs_with_less_damage(digits_shuffled):
     x, y = digits_shuffled
-    torch.manual_seed(0)
-    net = _DigitsInverted()
-    train_classifier(net, x[:1300], y[:1300], epochs=12, shuffle=False, threads=1)
-    buf = io.BytesIO()
-    torch.onnx.export(net.eval(), (torch.zeros(1, 1, 8, 8),), buf, dynamo=False, input_names=["x"],
-                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    proto, x_test, y_test = onnx.load_from_string(buf.getvalue()), x[1300:], y[1300:]
+    torch.manual_seed(0)  # the weights' initialisation
+    proto, x_test, y_test = _trained_on_digits(_DigitsInverted(), x, y), x[1300:], y[1300:]
     dense = _run(proto, x_test)
     assert float((dense.argmax(1) == y_test).mean()) > 0.95  # a real model
     outcomes = {}
