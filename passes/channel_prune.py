@@ -328,6 +328,12 @@ class ChannelPrunePass(DeployInPlacePass):
         """Counts from measured damage under the MACs of ``scope: layer`` (``passes.channel_budget``)."""
         start = time.perf_counter()
         layer_macs = {layer["name"]: layer["macs"] for layer in model_stats(model)["layers"]}
+        unknown = [name for name, m in layer_macs.items() if m is None]
+        if unknown:
+            self.note(f"sensitivity: no MACs budget: layer '{unknown[0]}' has no static shape to count "
+                      "its MACs from (fix the input shape, e.g. input_shape in the recipe); the "
+                      "counts of scope layer are used")
+            return self._counts(candidates, scores, "layer")
         macs = budget.ChannelMacs(groups, layer_macs)
         target = macs(self._counts(candidates, scores, "layer"))
         # Reconstruction fits on the first sensitivity_samples; the damage is measured on the

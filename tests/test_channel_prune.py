@@ -653,3 +653,15 @@ def test_sensitivity_scope_needs_calibration_data():
         _prune(_residual(_residual_weights()), keep=0.5, scope="sensitivity")
     assert str(e.value) == ("scope: 'sensitivity' measures each group's damage on calibration data, "
                             "and there is none (set data.calibration in the recipe)")
+
+
+def test_sensitivity_scope_without_static_shapes_falls_back_to_layer_counts():
+    proto = _residual(_residual_weights())
+    for axis, name in ((2, "H"), (3, "W")):
+        proto.graph.input[0].type.tensor_type.shape.dim[axis].dim_param = name
+    x = RNG.normal(size=(8, 4, 8, 8)).astype(np.float32)
+    layer, _ = _prune(proto, x, keep=0.5)
+    pruned, result = _prune(proto, x, keep=0.5, scope="sensitivity")
+    assert "sensitivity" not in result.details
+    assert any(n.startswith("sensitivity: no MACs budget: layer 'stem' has no static shape") for n in result.notes)
+    np.testing.assert_allclose(_run(pruned, X4), _run(layer, X4), rtol=1e-6, atol=1e-6)
