@@ -27,7 +27,7 @@ Steps (``passes.channel_groups`` finds what is tied to what):
    error measured on the next ``sensitivity_samples`` (held out from the fit), and the counts
    allocated greedily by error per MAC saved (``passes.channel_budget``). Cost: one pruned copy,
    refit and run per group and rung (about 4 per group): EfficientNet-Lite0 at batch 1 has 89
-   trials of 2.8 s each on 2 cores (about 4 minutes).
+   trials, 340 s on 2 cores.
    The top-``n`` channels by score are kept (ties: lower index).
 4. Slicing: source output rows (and biases), BN parameters, depthwise filters (and ``group``),
    per-channel constants, sink input columns (blocks of ``H·W`` columns after a Flatten), Concat
