@@ -44,7 +44,6 @@ class ChannelMacs:
 
     def __init__(self, groups: Sequence[ChannelGroup], layer_macs: Mapping[str, int]):
         self.groups = list(groups)
-        self.total = int(sum(layer_macs.values()))
         out_of: dict[str, ChannelGroup] = {}
         in_of: dict[str, ChannelGroup] = {}
         depthwise_of: dict[str, ChannelGroup] = {}

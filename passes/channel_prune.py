@@ -60,13 +60,14 @@ import onnx_ir.passes.common as ir_common
 
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError
-from deployopt.core.session import open_session
+from deployopt.core.session import run_outputs
 from deployopt.core.settings import setting
 from deployopt.core.stats import model_stats
 from deployopt.passes import channel_budget as budget
 from deployopt.passes import channel_reconstruct as recon
 from deployopt.passes.base import DeployInPlacePass
 from deployopt.passes.channel_groups import ChannelGroup, attr_int, const_array, find_channel_groups
+from deployopt.passes.reconstruct import model_input
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -394,10 +395,9 @@ class ChannelPrunePass(DeployInPlacePass):
         return trial
 
     def _outputs(self, model: ir.Model, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        session = open_session(model, threads=self.context.threads, what="channel_prune's sensitivity trial")
-        name = session.get_inputs()[0].name
-        runs = [session.run(None, {name: x}) for x in inputs]
-        return [np.concatenate([r[i] for r in runs]).astype(np.float64) for i in range(len(runs[0]))]
+        name = str(model_input(model).name)
+        return run_outputs(model, [{name: x} for x in inputs], threads=self.context.threads,
+                           what="channel_prune's sensitivity trial")
 
     @staticmethod
     def _relative_error(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from deployopt.core.errors import WorkFailed, one_line
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
     import onnx_ir as ir
     import onnxruntime as ort
@@ -91,3 +92,14 @@ def open_session(model: str | os.PathLike | bytes | onnx.ModelProto | ir.Model, 
         return ort.InferenceSession(source, options, providers=list(providers or CPU))
     except Exception as e:  # onnxruntime's own exception types
         raise WorkFailed(f"onnxruntime cannot load {what}: {one_line(e)}") from e
+
+
+def run_outputs(model: str | os.PathLike | bytes | onnx.ModelProto | ir.Model,
+                feeds: Sequence[Mapping[str, np.ndarray]], *, threads: int = 1,
+                what: str = "the model") -> list[np.ndarray]:
+    """Every output of ``model`` over ``feeds``, each concatenated along the batch axis, in float64."""
+    import numpy as np
+
+    session = open_session(model, threads=threads, what=what)
+    runs = [session.run(None, dict(feed)) for feed in feeds]
+    return [np.concatenate([r[i] for r in runs]).astype(np.float64) for i in range(len(runs[0]))]

@@ -29,15 +29,13 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from deployopt.core.session import open_session
+from deployopt.core.session import run_outputs
 from deployopt.passes.quantize.data import Feed
 from deployopt.passes.quantize.report import folded_activations
 
 
 def _outputs(path: pathlib.Path, feeds: Sequence[Feed], threads: int) -> list[np.ndarray]:
-    sess = open_session(path, threads=threads, what=f"model {pathlib.Path(path).name}")
-    runs = [sess.run(None, feed) for feed in feeds]
-    return [np.concatenate([r[i] for r in runs]).astype(np.float64) for i in range(len(runs[0]))]
+    return run_outputs(path, feeds, threads=threads, what=f"model {pathlib.Path(path).name}")
 
 
 def _error(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
