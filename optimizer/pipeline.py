@@ -370,7 +370,9 @@ def _step_guard(name: str, before: Any, model: ir.Model, limit: float, recipe: R
     io.save(before, step_in)
     io.save(model, step_out)
     threads = recipe.benchmark.threads[0]
-    runs = max(20, recipe.benchmark.runs // 2)  # per round; the first run has 3 rounds, the second 6
+    # per round (the first measurement has 3 rounds, the second 6): half the benchmark's runs, at
+    # least 20, unless the recipe asks for fewer (a short benchmark of a large model)
+    runs = max(min(20, recipe.benchmark.runs), recipe.benchmark.runs // 2)
     verdict: dict[str, Any] = {"limit": limit, "threads": threads, "reverted": False}
     for attempt, (runs, rounds) in enumerate(((runs, 3), (runs, 6))):
         result = bench_slot(functools.partial(
@@ -457,7 +459,8 @@ def _profiles(recipe: Recipe, input_path: pathlib.Path, output_path: pathlib.Pat
     for label, path in (("input", input_path), ("output", output_path)):
         try:
             profile = bench_slot(functools.partial(
-                profile_model, path, threads=recipe.benchmark.threads[0], runs=20, warmup=5, seed=recipe.seed,
+                profile_model, path, threads=recipe.benchmark.threads[0], runs=min(20, recipe.benchmark.runs),
+                warmup=5, seed=recipe.seed,
                 label=label, timeout=recipe.benchmark.timeout or 600.0, shapes=shapes,
                 runtime=recipe.benchmark.runtime, ep=recipe.benchmark.ep))
         except Exception as e:  # report-only: the latency numbers stand without it; say why it is missing
