@@ -28,6 +28,7 @@ from deployopt.core.errors import UserError
 from deployopt.passes import REGISTRY
 from deployopt.passes.channel_prune import ChannelPrunePass
 from deployopt.passes.context import PassContext
+from deployopt.passes.distill import train
 from deployopt.passes.prune import MagnitudePrunePass
 from deployopt.passes.quantize import QuantizePass
 from deployopt.passes.recover import RecoverPass
@@ -174,6 +175,26 @@ def test_recover_after_channel_prune_raises_agreement(teacher_path, digits, tmp_
     assert d["samples"] == 1200 and d["views"] == 2 and d["train_seconds"] > 0
     assert d["peak_rss_mb"] > 0 and d["frozen_zeros"] == 0
     assert any(n.startswith("trained ") and "agreement with the teacher" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("select_by", ["kl", "agreement"])
+def test_the_epoch_kept_is_the_best_under_select_by(teacher_path, digits, tmp_path, select_by):
+    """Every epoch is scored on the held-out set; the one kept is the best by ``select_by`` (KL:
+    lowest, ties to higher agreement; agreement: highest, ties to lower KL), the untrained
+    weights included."""
+    pruner = ChannelPrunePass(keep=0.5, round_to=1, min_channels=2, reconstruct=False)
+    pruner.context = PassContext(seed=0, work_dir=tmp_path)
+    pruned = pruner(io.load(teacher_path)).model
+    result = recover(pruned, io.load(teacher_path), digits, tmp_path, max_epochs=3, patience=None,
+                     select_by=select_by)
+    d = result.details
+    scores = [(h["holdout_kl"], -h["holdout_agreement"]) if select_by == "kl"
+              else (-h["holdout_agreement"], h["holdout_kl"]) for h in d["history"]]
+    assert len(scores) == 4 and d["best_epoch"] == min(range(4), key=scores.__getitem__)  # lexicographic
+    best = d["history"][d["best_epoch"]]
+    assert (d["kl_after"], d["agreement_after"]) == (best["holdout_kl"], best["holdout_agreement"])
+    # On digits both rules keep the last epoch; where they disagree (higher agreement, higher KL):
+    assert train._better(select_by, 0.90, 0.2, 0.88, 0.1) == (select_by == "agreement")
 
 
 def test_zeros_stay_zero_after_prune_and_recover(teacher_path, digits, tmp_path):

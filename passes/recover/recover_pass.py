@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -99,7 +99,9 @@ class RecoverPass(DeployInPlacePass):
     cutmix: float = setting(0.0, low=0)  # Beta(a, a) of cutmix copies (0: off)
     holdout: float = setting(0.1, low=0, high=0.5, low_open=True)  # without data.evaluation
     holdout_samples: int = setting(512, low=1)  # at most this many data.evaluation samples
-    patience: int | None = setting(2, low=1)  # epochs without better held-out agreement
+    patience: int | None = setting(2, low=1)  # epochs without a better held-out score
+    # the held-out score that picks the epoch kept: "kl" (ties: agreement) or "agreement" (ties: KL)
+    select_by: Literal["kl", "agreement"] = "agreement"
     tolerance: float = setting(1e-3, low=0, low_open=True)  # max |onnxruntime - torch| on the outputs
     quantized_tolerance: float = setting(0.2, low=0, low_open=True)  # relative RMS, quantized graphs
     max_memory_mb: float = setting(4096.0, low=0, low_open=True)  # view bank + cached teacher outputs
@@ -235,7 +237,8 @@ class RecoverPass(DeployInPlacePass):
         train_cfg = dt.TrainConfig(epochs=self.max_epochs, batch_size=self.batch_size, lr=lr,
                                    weight_decay=self.weight_decay, temperature=self.temperature, alpha=1.0,
                                    seed=seed, padding=0, flip=False, patience=self.patience, progress=False,
-                                   max_seconds=self.max_seconds, keep_initial=True, label="recover")
+                                   max_seconds=self.max_seconds, keep_initial=True, label="recover",
+                                   select_by=self.select_by)
         result = dt.train(module, bank, logits, None, (hx, ht, hy), train_cfg, extra_loss=extra_loss)
         history = result.history
         agree_before, agree_after = history[0]["holdout_agreement"], result.best_agreement
