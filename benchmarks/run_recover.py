@@ -262,7 +262,8 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
                              f"epoch(s), best epoch {d.get('best_epoch')}, held-out agreement "
                              f"{d.get('agreement_before', float('nan')):.3f} -> {d.get('agreement_after', float('nan')):.3f}, "
                              f"training {d.get('train_seconds', 0):.0f} s, peak RSS {d.get('peak_rss_mb')} MB, "
-                             f"onnxruntime vs torch max |diff| {d.get('max_abs_diff', float('nan')):.1e}")
+                             + (f"onnxruntime vs torch max |diff| {d['max_abs_diff']:.1e}" if "max_abs_diff" in d
+                                else "no epoch beat the pruned model: its weights kept, nothing written back"))
         if res["warnings"]:
             lines += ["", "Harness warnings: " + "; ".join(res["warnings"])]
         lines.append("")
