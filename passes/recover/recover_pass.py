@@ -27,8 +27,9 @@ chose (the float weights of layers left in float are).
 
 Early stopping watches the top-1 agreement with the teacher on ``data.evaluation`` when the recipe
 has one (at most ``holdout_samples`` of it), else on a held-out fraction ``holdout`` of the training
-samples (equal agreement: the lower KL there); the weights of the best epoch are kept, the untrained
-ones included (a fine-tune that does not help leaves the model as it was). Bounded: ``max_samples``
+samples (equal agreement: the lower KL there), or with ``select_by: kl`` the KL there (equal KL:
+the higher agreement); the weights of the best epoch are kept, the untrained ones included (a
+fine-tune that does not help leaves the model as it was). Bounded: ``max_samples``
 training samples, ``views`` copies, ``max_memory_mb`` for the bank and its targets, ``max_epochs``
 and ``max_seconds``. A held-out fraction of training crops is a leaky judge when other crops of the
 same pictures train (the epochs that memorise them win): give ``data.evaluation`` images of their
