@@ -197,6 +197,28 @@ def test_the_epoch_kept_is_the_best_under_select_by(teacher_path, digits, tmp_pa
     assert train._better(select_by, 0.90, 0.2, 0.88, 0.1) == (select_by == "agreement")
 
 
+def test_trainable_changed_trains_only_what_pruning_changed(teacher_path, digits, tmp_path):
+    """``trainable: changed`` after channel_prune: the initializers pruning left equal to the
+    teacher's stay bit-identical, the others train, and agreement still rises."""
+    teacher = io.load(teacher_path)
+    pruner = ChannelPrunePass(keep=0.5, round_to=1, min_channels=2, reconstruct=False)
+    pruner.context = PassContext(seed=0, work_dir=tmp_path)
+    pruned = pruner(io.load(teacher_path)).model
+    teacher_arrays = {k: v.const_value.numpy() for k, v in teacher.graph.initializers.items()}
+    before = {k: v.const_value.numpy().copy() for k, v in pruned.graph.initializers.items()}
+    same = {k for k, a in before.items() if k in teacher_arrays and a.shape == teacher_arrays[k].shape
+            and np.array_equal(a, teacher_arrays[k]) and a.dtype == np.float32}
+    agree_pruned = agreement(pruned, teacher, digits["test"][0])
+
+    result = recover(pruned, teacher, digits, tmp_path, trainable="changed")
+    after = {k: v.const_value.numpy() for k, v in result.model.graph.initializers.items()}
+    assert result.modified and same and result.details["unchanged_frozen"] == len(same)
+    changed = {k for k in before if not np.array_equal(after[k], before[k])}
+    assert changed and changed.isdisjoint(same)  # the equal ones bit-identical, the others trained
+    assert agreement(result.model, teacher, digits["test"][0]) >= agree_pruned + 0.05
+    assert result.details["trainable_initializers"] < len(before)
+
+
 def test_zeros_stay_zero_after_prune_and_recover(teacher_path, digits, tmp_path):
     teacher = io.load(teacher_path)
     pruner = MagnitudePrunePass(sparsity=0.6, min_elements=16)

@@ -82,6 +82,10 @@ class RecoverPass(DeployInPlacePass):
     teacher: str | None = None  # None: the pipeline's input model; else the path of an ONNX teacher
     temperature: float = setting(2.0, low=0, low_open=True)
     features: list[str] = setting(default_factory=list)  # tensor names matched between the models
+    # "all": every layer weight and bias trains; "changed": only the initializers that differ from
+    # the teacher's of the same name (what pruning cut, compensated or refitted), the rest stay
+    # the teacher's values
+    trainable: Literal["all", "changed"] = "all"
     feature_weight: float = setting(1.0, low=0)
     max_epochs: int = setting(5, low=1)
     max_seconds: float | None = setting(600.0, low=0, low_open=True)  # time budget of the training loop
@@ -232,6 +236,11 @@ class RecoverPass(DeployInPlacePass):
                   f"{len(bank)} training views ({len(fit)} samples x {len(bank) // len(fit)}) in {teacher_s:.1f} s")
 
         extra_loss = self._feature_loss(module, feats, bank[:2]) if self.features else None
+        if self.trainable == "changed":
+            same = self._freeze_unchanged(module, model, teacher_model)
+            self.details["unchanged_frozen"] = same
+            self.note(f"trainable: changed: {same} of {len(module.trainable)} initializers equal the teacher's "
+                      f"and stay fixed")
         frozen = self._mask_zeros(module, torch)
 
         lr = self.lr if self.lr is not None else (QUANTIZED_LR if quantized else FLOAT_LR)
@@ -242,12 +251,13 @@ class RecoverPass(DeployInPlacePass):
                                    select_by=self.select_by)
         result = dt.train(module, bank, logits, None, (hx, ht, hy), train_cfg, extra_loss=extra_loss)
         history = result.history
+        trained = sum(1 for param in module.params if param.requires_grad)
         agree_before, agree_after = history[0]["holdout_agreement"], result.best_agreement
         best = next(h for h in history if h["epoch"] == result.best_epoch)
         self.details.update({
             "teacher": "reference" if self.teacher is None else self.teacher,
             "samples": len(fit), "views": len(bank) // len(fit), "bank_mb": round(bank_mb, 1),
-            "holdout": held_from, "trainable_initializers": len(module.trainable),
+            "holdout": held_from, "trainable_initializers": trained,
             "frozen_zeros": frozen, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early, "out_of_time": result.out_of_time,
             "agreement_before": agree_before, "agreement_after": agree_after,
@@ -257,7 +267,7 @@ class RecoverPass(DeployInPlacePass):
             "lr": lr, "threads": ctx.threads, "seed": seed})
         stop = ("stopped by max_seconds" if result.out_of_time else
                 "stopped early" if result.stopped_early else "all epochs")
-        self.note(f"trained {len(module.trainable)} initializers for {result.epochs_run} epoch(s) ({stop}) in "
+        self.note(f"trained {trained} initializers for {result.epochs_run} epoch(s) ({stop}) in "
                   f"{result.seconds:.1f} s; agreement with the teacher on {held_from}: "
                   f"{agree_before:.4f} -> {agree_after:.4f} (KL {history[0]['holdout_kl']:.3g} -> "
                   f"{best['holdout_kl']:.3g})" + (f"; {frozen:,} zero weights kept at 0" if frozen else ""))
@@ -319,13 +329,30 @@ class RecoverPass(DeployInPlacePass):
         return loss
 
     @staticmethod
+    def _freeze_unchanged(module, model: ir.Model, teacher: ir.Model) -> int:
+        """Stop the gradient of every trainable initializer equal to the teacher's of the same name
+        (``trainable: changed``); returns how many."""
+        same = 0
+        for name in module.trainable:
+            theirs = teacher.graph.initializers.get(name)
+            if theirs is None or theirs.const_value is None:
+                continue
+            mine, other = model.graph.initializers[name].const_value.numpy(), theirs.const_value.numpy()
+            if mine.shape == other.shape and np.array_equal(mine, other):
+                module.parameter(name).requires_grad_(False)
+                same += 1
+        if same == len(module.trainable):
+            raise UserError("trainable: 'changed' finds every weight equal to the teacher's: nothing to train")
+        return same
+
+    @staticmethod
     def _mask_zeros(module, torch) -> int:
         """Zero gradients for the weights that are exactly 0 (module docstring); returns their count."""
         frozen = 0
         quantized = {id(module.parameter(name)) for name in module.quantized}
         for param in module.params:
-            if id(param) in quantized:  # int8 rounding makes many small weights 0: not pruned ones
-                continue
+            if id(param) in quantized or not param.requires_grad:  # int8 rounding makes many small
+                continue                                            # weights 0: not pruned ones
             mask = param.detach() != 0
             zeros = int((~mask).sum())
             if zeros:
