@@ -217,6 +217,8 @@ def test_trainable_changed_trains_only_what_pruning_changed(teacher_path, digits
     assert changed and changed.isdisjoint(same)  # the equal ones bit-identical, the others trained
     assert agreement(result.model, teacher, digits["test"][0]) >= agree_pruned + 0.05
     assert result.details["trainable_initializers"] < len(before)
+    with pytest.raises(UserError, match=r"^trainable: 'changed' finds every weight equal to the teacher's"):
+        recover(io.load(teacher_path), teacher, digits, tmp_path, trainable="changed")
 
 
 def test_zeros_stay_zero_after_prune_and_recover(teacher_path, digits, tmp_path):

@@ -34,9 +34,8 @@ model that starts from trained weights). Equal agreement goes to the lower held-
 fine-tuned against its float self) still tells the epochs apart. ``select_by: "kl"`` ranks the
 epochs by the held-out KL instead (equal KL: the higher agreement), for a model that imitates
 its teacher, where KL is the quantity trained and agreement on a few dozen samples moves in
-steps of a few percent. ``extra_loss(idx)`` adds a term
-to each batch's loss (the recover pass's feature matching), computed after the student's forward
-on the batch ``idx``.
+steps of a few percent. ``extra_loss(idx)`` adds a term to each batch's loss (the recover pass's
+feature matching), computed after the student's forward on the batch ``idx``.
 """
 
 from __future__ import annotations

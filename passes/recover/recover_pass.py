@@ -2,7 +2,9 @@
 
 After ``prune`` or ``channel_prune`` the model computes something close to, but not the same as,
 the model it came from. This pass trains the pruned graph's weights (the interpreter's trainable
-initializers: layer weights and biases, see ``deployopt.passes.recover.interpreter``) so that its
+initializers: layer weights and biases, see ``deployopt.passes.recover.interpreter``; with
+``trainable: changed`` only those that differ from the teacher's initializer of the same name,
+so the layers pruning did not touch keep the teacher's exact values) so that its
 outputs match the teacher's, by default the pipeline's input model (``context.reference``, run in
 onnxruntime), on ``data.training`` (falling back to ``data.calibration``; labels are not needed).
 
@@ -82,11 +84,11 @@ class RecoverPass(DeployInPlacePass):
     teacher: str | None = None  # None: the pipeline's input model; else the path of an ONNX teacher
     temperature: float = setting(2.0, low=0, low_open=True)
     features: list[str] = setting(default_factory=list)  # tensor names matched between the models
+    feature_weight: float = setting(1.0, low=0)
     # "all": every layer weight and bias trains; "changed": only the initializers that differ from
     # the teacher's of the same name (what pruning cut, compensated or refitted), the rest stay
     # the teacher's values
     trainable: Literal["all", "changed"] = "all"
-    feature_weight: float = setting(1.0, low=0)
     max_epochs: int = setting(5, low=1)
     max_seconds: float | None = setting(600.0, low=0, low_open=True)  # time budget of the training loop
     batch_size: int = setting(32, low=2)
@@ -351,8 +353,9 @@ class RecoverPass(DeployInPlacePass):
         frozen = 0
         quantized = {id(module.parameter(name)) for name in module.quantized}
         for param in module.params:
-            if id(param) in quantized or not param.requires_grad:  # int8 rounding makes many small
-                continue                                            # weights 0: not pruned ones
+            # int8 rounding makes many small weights 0 that no pruning chose; a frozen one has no gradient
+            if id(param) in quantized or not param.requires_grad:
+                continue
             mask = param.detach() != 0
             zeros = int((~mask).sum())
             if zeros:
