@@ -497,3 +497,90 @@ def test_sensitivity_probe_keeps_the_folded_relu(float_proto, digits, tmp_path):
 
     probe_sensitivity = error(tmp_path / "q.onnx") - error(tmp_path / "probe.onnx")
     assert sensitivity["/1/Relu_output_0"] == pytest.approx(probe_sensitivity, rel=1e-6, abs=1e-12)
+
+
+# -- tune_ranges ----------------------------------------------------------------------------------
+def _scales(proto: onnx.ModelProto) -> dict[str, float]:
+    """Activation tensor -> the scale of its QuantizeLinear."""
+    inits = _initializers(proto)
+    return {n.input[0]: float(inits[n.input[1]]) for n in proto.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_tune_ranges_lowers_output_error_and_requantizes_to_the_searched_model(float_proto, digits):
+    """The search keeps a range only when it lowers the output error on the calibration samples;
+    the model returned, re-quantized by onnxruntime from the scaled ranges, is the model searched
+    (same output SQNR to 0.25 dB), and its scales are the calibrated ones times the reported factors."""
+    x, _ = digits
+    cal = ArrayDataset(x[:256])
+    base, _ = _quantize(float_proto, cal)
+    q, step = _quantize(float_proto, cal, tune_ranges=True)
+    rt = step.details["range_tuning"]
+    scale_initializers = {n.input[1] for n in base.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in _scales(base)}
+    assert len(scale_initializers) < len(_scales(base))  # the Flatten output shares its input's scale
+    assert rt["units"] == rt["units_searched"] == len(scale_initializers) and not rt["out_of_time"]
+    assert rt["ranges_moved"] >= 1
+    assert rt["output_sqnr_db_after"] > rt["output_sqnr_db_before"]
+    # 0.25 dB: the re-quantized int32 biases are rounded once from the float bias, the edit's twice
+    assert abs(rt["output_sqnr_db_requantized"] - rt["output_sqnr_db_after"]) < 0.25
+    tuned, calibrated = _scales(q), _scales(base)
+    for tensor, scale in calibrated.items():
+        assert tuned[tensor] == pytest.approx(scale * rt["factors"].get(tensor, 1.0), rel=1e-5)
+    ref, before, after = (_run(p, x[N_TRAIN:]) for p in (float_proto, base, q))
+    # unseen digits: the tuned model's output error is not worse than the calibrated one's
+    assert np.linalg.norm(after - ref) <= 1.05 * np.linalg.norm(before - ref)
+    assert any(n.startswith("tune_ranges: ") and " moved; output SQNR on 64 calibration samples" in n
+               for n in step.notes)
+
+
+def test_tune_ranges_out_of_budget_keeps_what_it_searched(float_proto, digits):
+    x, _ = digits
+    q, step = _quantize(float_proto, ArrayDataset(x[:64]), tune_ranges=True, tune_ranges_budget_s=1e-9)
+    rt = step.details["range_tuning"]
+    assert rt["out_of_time"] and rt["units_searched"] == 0 and rt["ranges_moved"] == 0
+    assert any(n.startswith("tune_ranges: 0 of ") and "tune_ranges_budget_s 1e-09 s ran out" in n for n in step.notes)
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+
+
+def test_range_units_bound_folded_clips_and_carry_conv_biases(digits):
+    """A Clip the quantizer folds into its output range cannot be widened past its bound (the
+    range is the clamp), and a factor moves the int32 bias of the Conv reading the tensor with it:
+    same float bias to half an int32 step, scale times the factor."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+    from deployopt.passes.quantize import range_tuning
+    from deployopt.passes.quantize.report import activation_bounds
+
+    x, _ = digits
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+         helper.make_node("Clip", ["c1", "lo", "hi"], ["clipped"], name="clip"),
+         helper.make_node("Conv", ["clipped", "w2", "b2"], ["c2"], name="conv2"),
+         helper.make_node("Flatten", ["c2"], ["y"], name="flatten")],
+        "clip_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 256])],
+        [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b1"),
+         numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(0.5), "hi"),
+         numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    q, _ = _quantize(proto, ArrayDataset(x[:64]), rounding="nearest", bias_correction=False)
+    ranges = TensorsData(CalibrationMethod.MinMax, {
+        "x": TensorData(lowest=np.float32(0.0), highest=np.float32(16.0)),
+        "clipped": TensorData(lowest=np.float32(0.0), highest=np.float32(0.4))})
+    units = {u.tensors[0]: u for u in range_tuning.units_of(q, ranges, activation_bounds(proto))}
+    assert units["clipped"].max_factor == pytest.approx(0.5 / 0.4) and units["x"].max_factor == np.inf
+    (bias, bias_scale), = units["clipped"].biases
+    conv2 = next(n for n in q.graph.node if n.name == "conv2")
+    assert bias == next(n for n in q.graph.node if n.output[0] == conv2.input[2]).input[0]
+    editor = range_tuning._Editor(q, list(units.values()))
+    before = {k: v.copy() for k, v in _initializers(q).items()}
+    edited = onnx.load_from_string(editor.serialized({units["clipped"].scale: 0.75}))
+    after = _initializers(edited)
+    assert after[units["clipped"].scale] == pytest.approx(0.75 * before[units["clipped"].scale])
+    np.testing.assert_allclose(after[bias_scale], 0.75 * before[bias_scale], rtol=1e-6)
+    float_bias = before[bias] * before[bias_scale]
+    assert np.all(np.abs(after[bias] * after[bias_scale] - float_bias) <= 0.5 * after[bias_scale] * (1 + 1e-6))
+    unedited = onnx.load_from_string(editor.serialized({}))
+    np.testing.assert_array_equal(_run(unedited, x[N_TRAIN:]), _run(q, x[N_TRAIN:]))

@@ -18,14 +18,11 @@ choice is between three sets of ranges, few degrees of freedom to fit.
 
 from __future__ import annotations
 
-import math
 import pathlib
 from collections.abc import Iterable
 
-import numpy as np
-
-from deployopt.core.session import open_session
 from deployopt.passes.quantize.data import Feed
+from deployopt.passes.quantize.output_error import OutputError, sqnr_db
 
 #: The methods ``auto`` tries, in order (a tie keeps the earlier, cheaper one).
 AUTO_METHODS = ("minmax", "mse", "entropy")
@@ -34,19 +31,9 @@ AUTO_METHODS = ("minmax", "mse", "entropy")
 def output_sqnr_db(float_path: pathlib.Path, candidates: dict[str, pathlib.Path], batches: Iterable[Feed],
                    threads: int) -> dict[str, float]:
     """Per candidate, ``10 log10(Σ‖y_f‖² / Σ‖y_q − y_f‖²)`` over every output and every feed (inf
-    when equal). One pass over the feeds: the float model runs once per feed for all candidates."""
-    ref = open_session(float_path, threads=threads, what="the float model")
-    sessions = {name: open_session(path, threads=threads, what="the int8 model")  # its int8 kernels
-                for name, path in candidates.items()}
-    signal, noise = 0.0, dict.fromkeys(candidates, 0.0)
-    for feed in batches:
-        y_fs = [np.asarray(y, np.float64) for y in ref.run(None, feed)]
-        signal += sum(float(np.sum(y_f ** 2)) for y_f in y_fs)
-        for name, sess in sessions.items():
-            noise[name] += sum(float(np.sum((np.asarray(y_q, np.float64) - y_f) ** 2))
-                               for y_f, y_q in zip(y_fs, sess.run(None, feed)))
-    return {name: math.inf if err == 0.0 else 10 * math.log10(max(signal, 1e-30) / err)
-            for name, err in noise.items()}
+    when equal); the float model runs once for all candidates."""
+    error = OutputError(float_path, batches, threads)
+    return {name: sqnr_db(error.error(path)) for name, path in candidates.items()}
 
 
 def best_method(scores: dict[str, float]) -> str:

@@ -20,7 +20,9 @@ Flow of ``call``:
    ``calibration: mse`` each activation's range is the clipping with the least
    quantize-dequantize error on its calibration histogram (ranges.py); with ``calibration: auto``
    minmax, mse and entropy each go through steps 3-4 and the int8 model with the highest output
-   SQNR against the float model on calibration samples is kept (calibration_choice.py).
+   SQNR against the float model on calibration samples is kept (calibration_choice.py); with
+   ``tune_ranges`` the chosen ranges are then rescaled one tensor at a time by that output error
+   (range_tuning.py).
 4. the first quantization, by ``quantize_static`` reading that cache, its int8 weights and int32
    biases refined against float statistics of the calibration data (quantizer.py, refine.py;
    ``rounding: adaround`` learns the rounding per layer, rounding.py).
@@ -55,7 +57,7 @@ from typing import ClassVar, Literal
 import onnx
 import onnx_ir as ir
 from onnxruntime.quantization import QuantFormat
-from onnxruntime.quantization.calibrate import save_tensors_data
+from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from deployopt.core.contain import Skipped, best_effort
@@ -64,7 +66,7 @@ from deployopt.core.settings import setting
 from deployopt.measure.judge import noise_floor_note
 from deployopt.measure.memory import RssSampler, peak_rss_mb
 from deployopt.passes.base import DeployFunctionalPass
-from deployopt.passes.quantize import fallback, latency_search, memory
+from deployopt.passes.quantize import fallback, latency_search, memory, range_tuning
 from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck, Scorer
 from deployopt.passes.quantize.calibration import (METHODS, Activations, calibrate, chunked,
                                                    clamp_to_activations, histogram_method)
@@ -73,6 +75,7 @@ from deployopt.passes.quantize.cpu import auto_reduce_range
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, model_inputs, samples_in, scan
 from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
 from deployopt.passes.quantize.latency_probe import LatencyProbe
+from deployopt.passes.quantize.output_error import OutputError, sqnr_db
 from deployopt.passes.quantize.prepare import MIN_OPSET, PER_CHANNEL_OPSET, Prepared, matching_nodes, prepare
 from deployopt.passes.quantize.quantizer import QUANT_TYPES, Quantizer
 from deployopt.passes.quantize.refine import DAMP, MAX_COLUMNS, Refiner, Rounding
@@ -126,6 +129,9 @@ class QuantizePass(DeployFunctionalPass):
     adaround_iterations: int = setting(1000, low=50, high=100_000)  # per layer, at most
     adaround_budget_s: float = setting(300.0, low=0, low_open=True)  # wall time AdaRound may spend on all layers
     bias_correction: bool = True  # remove the output-mean shift the int8 weights cause
+    # rescale each activation range by the int8 model's output error (range_tuning.py)
+    tune_ranges: bool = False
+    tune_ranges_budget_s: float = setting(300.0, low=0, low_open=True)  # wall time the range search may spend
     refine_samples: int = setting(64, low=1)  # calibration samples whose float statistics drive both
     max_accuracy_drop: float | None = setting(None, low=0, high=1)  # None: no evaluation, no fallback
     relative: bool = False  # max_accuracy_drop relative to the float model's score
@@ -186,6 +192,9 @@ class QuantizePass(DeployFunctionalPass):
                 method = self._choose_calibration(prepared, firsts, calibrations)
         self.details["calibration"] = calibrations[method]
         quantizer, best = quantizers[method], firsts[method]
+        if self.tune_ranges:
+            with times("tune_ranges"):
+                quantizer, best = self._tune_ranges(prepared, quantizer, best, folder)
         with times("sqnr"), RssSampler() as rss:
             ranked = self._rank_by_sqnr(prepared, best, folder)
         self.details["memory"]["sqnr_peak_mb"] = None if rss.peak_mb is None else round(rss.peak_mb)
@@ -347,6 +356,32 @@ class QuantizePass(DeployFunctionalPass):
         self.note("calibration auto: " + ", ".join(f"{m} {v:.1f} dB" for m, v in scores.items())
                   + f" output SQNR on {n} calibration samples; {chosen} kept")
         return chosen
+
+    def _tune_ranges(self, prepared: Prepared, quantizer: Quantizer, first: pathlib.Path,
+                     folder: pathlib.Path) -> tuple[Quantizer, pathlib.Path]:
+        """``tune_ranges``: the activation ranges rescaled by the int8 model's output error on the
+        first ``refine_samples`` calibration samples (range_tuning.py); the quantizer of the tuned
+        ranges and its model (``first`` unchanged when no range moved)."""
+        n = min(self.refine_samples, self.samples)
+        batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
+        error = OutputError(prepared.path, batches, self.context.threads)
+        ranges = load_tensors_data(quantizer.cache)
+        units = range_tuning.units_of(onnx.load(str(first)), ranges, activation_bounds(prepared.proto))
+        tuning = range_tuning.tune(first, units, error, self.tune_ranges_budget_s)
+        record = self.details["range_tuning"] = {"samples": n, **tuning.to_json()}
+        searched = f"{tuning.units_searched} of {tuning.units} activation ranges searched" + (
+            f" (tune_ranges_budget_s {self.tune_ranges_budget_s:g} s ran out)" if tuning.out_of_time else "")
+        if not tuning.factors:
+            self.note(f"tune_ranges: {searched}; none lowered the output error, the calibrated ranges are kept")
+            return quantizer, first
+        cache = folder / "ranges-tuned.json"
+        save_tensors_data(range_tuning.scaled_ranges(ranges, tuning.tensors), cache)
+        tuned = dataclasses.replace(quantizer, cache=cache)
+        best = tuned([], folder / "trial0-tuned.onnx")
+        after = record["output_sqnr_db_requantized"] = round(sqnr_db(error.error(best)), 2)
+        self.note(f"tune_ranges: {searched}, {len(tuning.factors)} moved; output SQNR on {n} calibration "
+                  f"samples {record['output_sqnr_db_before']} -> {after} dB")
+        return tuned, best
 
     def _activation_grid(self) -> Activations:
         """The integer range and symmetry of activations, as onnxruntime's quantizer sets them."""
