@@ -19,8 +19,9 @@ random-init network says nothing, so its fidelity is not measured), every entry 
 4. ``nncf.quantize`` on the ONNX model (default preset, ``subset_size`` = the calibration set), and
    its slower variant ``fast_bias_correction=False``; run on onnxruntime and on OpenVINO.
 5. ``deployopt.optimize`` with the demo's passes (cleanup, quantize with ``calibration: auto``); run on both runtimes.
-   Its latency-aware search times on the recipe's target, onnxruntime; a second build with
-   ``benchmark.runtime: openvino`` decides on OpenVINO and is run there.
+   Its latency-aware search times on the recipe's target, onnxruntime; a second build adds
+   ``tune_ranges: true``, and a third with ``benchmark.runtime: openvino`` decides on OpenVINO
+   and is run there.
 
 Every quantizer calibrates on the same samples: the demo's calibration set (the 'photos' test
 split, 110 crops). Fidelity (``deployopt.evaluate`` with the fp32 model as reference, both run on
@@ -84,9 +85,10 @@ ENTRIES = (("fp32", "fp32", ORT), ("fp32", "fp32", OV),
            ("ort quantize_static defaults", "ort-default", ORT),
            ("ort quantize_static U8S8 per-channel", "ort-u8s8", ORT),
            ("nncf", "nncf", ORT), ("nncf fast_bias_correction=False", "nncf-fbc", ORT),
-           ("deployopt", "deployopt", ORT),
+           ("deployopt", "deployopt", ORT), ("deployopt, tune_ranges", "deployopt-tuned", ORT),
            ("nncf", "nncf", OV), ("nncf fast_bias_correction=False", "nncf-fbc", OV),
-           ("deployopt", "deployopt", OV), ("deployopt, target openvino", "deployopt-ov", OV))
+           ("deployopt", "deployopt", OV), ("deployopt, tune_ranges", "deployopt-tuned", OV),
+           ("deployopt, target openvino", "deployopt-ov", OV))
 NOISE_GREY = 1  # grey levels the noise floor moves each input pixel by, at most
 NOISE_DRAWS = 8  # noisy copies per crop that decide whether its fp32 top-1 is stable
 # Colour or grey photos shipped with installed packages and in no built-in dataset: (package, path).
@@ -153,13 +155,14 @@ def _nncf_quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarr
     onnx.save(nncf.quantize(model, dataset, subset_size=len(samples), **options), str(out))
 
 
-def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path, runtime: str = "onnxruntime") -> None:
+def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path, runtime: str = "onnxruntime",
+                   **quantize: object) -> None:
     """The demo's passes on the demo's calibration data, no benchmark, saved as ``out``; the
-    latency-aware search decides on ``runtime``."""
+    latency-aware search decides on ``runtime``; ``quantize`` adds settings to the quantize pass."""
     import shutil
 
     recipe = {"model": str(fp32), "data": {"calibration": {**CALIBRATION, "preprocess": PREPROCESS[arch]}},
-              "passes": [{"cleanup": {}}, {"quantize": {"calibration": "auto"}}],
+              "passes": [{"cleanup": {}}, {"quantize": {"calibration": "auto", **quantize}}],
               "benchmark": {"enabled": False, "runtime": runtime}}
     folder = out.with_suffix("")
     deployopt.optimize(recipe, folder)
@@ -189,6 +192,7 @@ def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Pat
         "nncf-fbc": lambda out: _nncf_quantize(fp32, out, samples, fast_bias_correction=False),
         "deployopt": lambda out: deployopt_int8(arch, fp32, out),
         "deployopt-ov": lambda out: deployopt_int8(arch, fp32, out, runtime="openvino"),
+        "deployopt-tuned": lambda out: deployopt_int8(arch, fp32, out, tune_ranges=True),
     }
     paths, errors = {"fp32": fp32}, {}
     for name, make in makers.items():
@@ -360,7 +364,8 @@ def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, dat
                 top1[key] = store.get(key + "/top1", lambda: logits(paths[quantizer], runtime,
                                                                     crops(arch, spec)).argmax(axis=1).tolist())
     return {"latency": latency, "fidelity": fidelity, "noise_floor": floor, "top1": top1, "int8_convs": convs,
-            "deployopt_float": {q: deployopt_float(paths[q]) for q in ("deployopt", "deployopt-ov") if q in paths}}
+            "deployopt_float": {q: deployopt_float(paths[q]) for q in ("deployopt", "deployopt-tuned", "deployopt-ov")
+                                if q in paths}}
 
 
 def deployopt_float(model: pathlib.Path) -> dict[str, int]:
@@ -454,7 +459,8 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                 and e["quantizer"] != "fp32" and e["row"] and not e["row"].get("error") and e["row"]["speedup_ci"][1] < 1]
         text = (f"- **{arch}, why on onnxruntime**: convolutions onnxruntime runs as int8 QLinearConv (of all) "
                 "in its optimized graph: " + ", ".join(f"{names[q]} {a}/{b}" for q, (a, b) in convs.items()) + ".")
-        for quantizer, target in (("deployopt", "onnxruntime"), ("deployopt-ov", "openvino")):
+        for quantizer, target in (("deployopt", "onnxruntime"), ("deployopt-tuned", "onnxruntime"),
+                                  ("deployopt-ov", "openvino")):
             kept = (measured.get("deployopt_float") or {}).get(quantizer) or {}
             if kept.get("latency"):
                 text += (f" {names[quantizer]}'s latency-aware search, timed on {target} on this loaded host, "
@@ -526,7 +532,9 @@ def markdown(command: str, stamp: dict, per_arch: dict, errors: dict, sizes: dic
              "(symmetric weights and activations), target device ANY; the second NNCF entry adds "
              "`fast_bias_correction=False`.",
              "- `deployopt`: `deployopt.optimize` with the demo's passes (cleanup, quantize with `calibration: auto`); "
-             "its latency-aware search times on onnxruntime. `deployopt, target openvino`: the same recipe with "
+             "its latency-aware search times on onnxruntime. `deployopt, tune_ranges`: the same with "
+             "`tune_ranges: true` (activation ranges rescaled by the int8 model's output error on 64 calibration "
+             "crops). `deployopt, target openvino`: the demo's recipe with "
              "`benchmark.runtime: openvino`, so the search decides on OpenVINO.",
              "- ResNet-18: speed only. No real ResNet-18 weights install offline, and the agreement of a "
              "random-init network says nothing; its weights are a seeded random init (int8 kernels run as "

@@ -399,6 +399,7 @@ def test_fallback_needs_evaluation_data(float_proto, digits):
     ({"max_accuracy_drop": -0.01}, "max_accuracy_drop: -0.01 is outside [0, 1]"),
     ({"percentile": 0}, "percentile: 0 is outside (0, 100]"),
     ({"samples": 0}, "samples: 0 is outside [1, inf)"),
+    ({"tune_ranges_budget_s": 0}, "tune_ranges_budget_s: 0 is outside (0, inf)"),
     ({"activation_type": "int8", "weight_type": "uint8"},
      "weight_type: 'uint8' with activation_type 'int8' is not supported by onnxruntime (use int8 weights)"),
     ({"op_types": ["Softplus"]}, "op_types: 'Softplus' is not one of "),
