@@ -543,16 +543,20 @@ def test_tune_ranges_out_of_budget_keeps_what_it_searched(float_proto, digits):
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
 
 
-def test_range_units_bound_folded_clips_and_carry_conv_biases(digits):
-    """A Clip the quantizer folds into its output range cannot be widened past its bound (the
-    range is the clamp), and a factor moves the int32 bias of the Conv reading the tensor with it:
-    same float bias to half an int32 step, scale times the factor."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+def test_range_edit_is_the_model_onnxruntime_makes_from_the_scaled_range(digits, tmp_path):
+    """The search scores edits of a QDQ model's scales; each must be the model onnxruntime's
+    quantizer makes from the scaled range: same scales, int32 biases and integer weights (to one
+    rounding step), including a channel whose bias no longer fits int32 at the smaller scale
+    (onnxruntime then coarsens that channel's weight scale). A folded Clip's range cannot be
+    widened past its bound."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
     from deployopt.passes.quantize import range_tuning
     from deployopt.passes.quantize.report import activation_bounds
 
-    x, _ = digits
     rng = np.random.default_rng(0)
+    w2 = rng.standard_normal((4, 4, 1, 1)).astype(np.float32)
+    w2[0] *= 1e-6  # tiny weights under a bias of 1: its int32 bias sits at onnxruntime's limit
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
          helper.make_node("Clip", ["c1", "lo", "hi"], ["clipped"], name="clip"),
@@ -563,25 +567,46 @@ def test_range_units_bound_folded_clips_and_carry_conv_biases(digits):
         [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w1"),
          numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b1"),
          numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(0.5), "hi"),
-         numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w2"),
-         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b2")])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    q, _ = _quantize(proto, ArrayDataset(x[:64]), rounding="nearest", bias_correction=False)
-    ranges = TensorsData(CalibrationMethod.MinMax, {
-        "x": TensorData(lowest=np.float32(0.0), highest=np.float32(16.0)),
-        "clipped": TensorData(lowest=np.float32(0.0), highest=np.float32(0.4))})
-    units = {u.tensors[0]: u for u in range_tuning.units_of(q, ranges, activation_bounds(proto))}
+         numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.array([1.0, 0.2, -0.3, 0.1], np.float32), "b2")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "float.onnx")
+
+    def ranges(clipped_high):
+        return TensorsData(CalibrationMethod.MinMax, {
+            "x": TensorData(lowest=np.float32(0.0), highest=np.float32(16.0)),
+            "c1": TensorData(lowest=np.float32(0.0), highest=np.float32(clipped_high)),
+            "clipped": TensorData(lowest=np.float32(0.0), highest=np.float32(clipped_high)),
+            "c2": TensorData(lowest=np.float32(-4.0), highest=np.float32(4.0)),
+            "y": TensorData(lowest=np.float32(-4.0), highest=np.float32(4.0))})
+
+    def quantized(name, clipped_high):
+        save_tensors_data(ranges(clipped_high), tmp_path / f"{name}.json")
+        quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / f"{name}.onnx"), None,
+                        calibration_cache_path=str(tmp_path / f"{name}.json"), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=True)
+        return onnx.load(str(tmp_path / f"{name}.onnx"))
+
+    base, scaled = quantized("base", 0.4), quantized("scaled", 0.4 * 0.75)
+    float_proto = onnx.load(str(tmp_path / "float.onnx"))
+    units = {u.tensors[0]: u for u in range_tuning.units_of(base, ranges(0.4), activation_bounds(float_proto))}
     assert units["clipped"].max_factor == pytest.approx(0.5 / 0.4) and units["x"].max_factor == np.inf
-    (bias, bias_scale), = units["clipped"].biases
-    conv2 = next(n for n in q.graph.node if n.name == "conv2")
-    assert bias == next(n for n in q.graph.node if n.output[0] == conv2.input[2]).input[0]
-    editor = range_tuning._Editor(q, list(units.values()))
-    before = {k: v.copy() for k, v in _initializers(q).items()}
-    edited = onnx.load_from_string(editor.serialized({units["clipped"].scale: 0.75}))
-    after = _initializers(edited)
-    assert after[units["clipped"].scale] == pytest.approx(0.75 * before[units["clipped"].scale])
-    np.testing.assert_allclose(after[bias_scale], 0.75 * before[bias_scale], rtol=1e-6)
-    float_bias = before[bias] * before[bias_scale]
-    assert np.all(np.abs(after[bias] * after[bias_scale] - float_bias) <= 0.5 * after[bias_scale] * (1 + 1e-6))
+    (layer,) = units["clipped"].layers
+    conv2 = next(n for n in base.graph.node if n.name == "conv2")
+    assert layer.bias == next(n for n in base.graph.node if n.output[0] == conv2.input[2]).input[0]
+    before = _initializers(base)  # the editor edits the model in place
+    assert abs(int(before[layer.bias][0])) > 0.999 * range_tuning.INT32_BIAS_LIMIT  # channel 0 sits at the limit
+
+    editor = range_tuning._Editor(base, list(units.values()))
+    edited = _initializers(onnx.load_from_string(editor.serialized({units["clipped"].scale: 0.75})))
+    expected = _initializers(scaled)
+    for name in (units["clipped"].scale, layer.bias_scale, layer.weight_scale):
+        np.testing.assert_allclose(edited[name], expected[name], rtol=1e-5, err_msg=name)
+    for name in (layer.bias, layer.weight):
+        assert np.abs(edited[name].astype(np.int64) - expected[name].astype(np.int64)).max() <= 1, name
+    assert edited[layer.weight_scale][0] == pytest.approx(before[layer.weight_scale][0] / 0.75)  # coarsened
+    assert edited[layer.weight_scale][1] == before[layer.weight_scale][1]
+    x, _ = digits
     unedited = onnx.load_from_string(editor.serialized({}))
-    np.testing.assert_array_equal(_run(unedited, x[N_TRAIN:]), _run(q, x[N_TRAIN:]))
+    for name, value in _initializers(unedited).items():
+        np.testing.assert_array_equal(value, before[name])
+    np.testing.assert_array_equal(_run(unedited, x[N_TRAIN:]), _run(quantized("again", 0.4), x[N_TRAIN:]))

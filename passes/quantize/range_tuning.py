@@ -13,7 +13,9 @@ chooses by).
 A factor ``f`` on a range ``[lo, hi]`` gives ``[f lo, f hi]``: the scale becomes ``f s`` and the
 zero point ``z = round(qmin − lo / s)`` does not change, so only scale initializers move. Every
 Conv/Gemm reading the tensor has an int32 bias on the scale ``s_x s_w``; it moves with it,
-``s_b' = f s_b`` and ``b_q' = round(b_q / f)`` (the same float bias). Tensors onnxruntime
+``s_b' = f s_b`` and ``b_q' = round(b_q / f)`` (the same float bias; a channel whose bias would
+then leave int32 gets a coarser weight scale instead, as onnxruntime's quantizer does it:
+``_Editor``). Tensors onnxruntime
 quantizes with one shared scale initializer (a Reshape or MaxPool output takes its input's) move
 together: one unit of the search.
 
@@ -56,6 +58,20 @@ from deployopt.passes.quantize.output_error import OutputError, sqnr_db
 FACTORS = (0.6, 0.75, 0.9, 1.1, 1.3)
 #: Relative reduction of E a candidate needs to replace the current range.
 MIN_GAIN = 0.005
+#: onnxruntime's bound on an int32 bias, ``(2^32 - 2) / 2 / 1.0001``: past it its quantizer
+#: coarsens the channel's weight scale instead (``_Editor`` does the same).
+INT32_BIAS_LIMIT = (2 ** 32 - 2) / 2 / 1.0001
+
+
+@dataclasses.dataclass
+class Layer:
+    """A Conv/Gemm reading a unit's tensor: the initializers its int32 bias depends on."""
+
+    bias: str  # int32 bias
+    bias_scale: str  # s_x s_w
+    weight: str  # integer weights
+    weight_scale: str  # s_w, per channel along ``axis`` or one value
+    axis: int
 
 
 @dataclasses.dataclass
@@ -64,7 +80,7 @@ class Unit:
 
     scale: str  # the scale initializer
     tensors: list[str]  # the activation tensors quantized with it
-    biases: list[tuple[str, str]]  # (int32 bias, its scale initializer) of each Conv/Gemm reading them
+    layers: list[Layer]  # the Conv/Gemm nodes reading them (their biases move with the scale)
     max_factor: float = math.inf  # the factor that reaches a folded Relu/Clip's bound
 
 
@@ -86,9 +102,12 @@ def units_of(qdq: onnx.ModelProto, ranges: TensorsData, bounds: dict[str, tuple[
         for dq in (n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[1] == unit.scale):
             for reader in readers.get(dq.output[0], []):
                 if reader.op_type in ("Conv", "Gemm") and reader.input[0] == dq.output[0] and len(reader.input) > 2:
-                    bias_dq = produced_by.get(reader.input[2])
-                    if bias_dq is not None and bias_dq.op_type == "DequantizeLinear" and bias_dq.input[0] in initializers:
-                        unit.biases.append((bias_dq.input[0], bias_dq.input[1]))
+                    bias_dq, weight_dq = produced_by.get(reader.input[2]), produced_by.get(reader.input[1])
+                    if all(dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in initializers
+                           and dq.input[1] in initializers for dq in (bias_dq, weight_dq)):
+                        axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
+                        unit.layers.append(Layer(bias_dq.input[0], bias_dq.input[1], weight_dq.input[0],
+                                                 weight_dq.input[1], axis))
         for tensor in unit.tensors:
             if tensor in bounds and tensor in ranges.data:
                 low, high = (float(np.asarray(v).max()) for v in ranges.data[tensor].range_value)
@@ -101,28 +120,57 @@ def units_of(qdq: onnx.ModelProto, ranges: TensorsData, bounds: dict[str, tuple[
 
 
 class _Editor:
-    """The QDQ model with unit factors applied to its scale and bias initializers."""
+    """The QDQ model with unit factors applied to its scale, bias and (where onnxruntime would
+    re-scale them) weight initializers.
+
+    For a factor ``f`` every Conv/Gemm reading the unit keeps its float bias: ``s_b' = f s_b``,
+    ``b_q' = round(b_q / f)``. A channel whose ``|b_q / f|`` would pass ``INT32_BIAS_LIMIT`` (a
+    large bias on small weights, f < 1) is re-scaled as onnxruntime's quantizer does it
+    (``QDQQuantizer._adjust_weight_scale_for_int32_bias``): its bias and bias scale stay, its
+    weight scale becomes ``s_w / f`` and its integer weights ``round(q_w f)``, so the edit is the
+    model the quantizer makes from the scaled range. ``qdq`` is edited in place.
+    """
 
     def __init__(self, qdq: onnx.ModelProto, units: list[Unit]):
         self.model = qdq
         self.units = units
         self.tensors = {t.name: t for t in qdq.graph.initializer}
-        names = {u.scale for u in units} | {n for u in units for pair in u.biases for n in pair}
+        names = {u.scale for u in units} | {name for u in units for layer in u.layers
+                                            for name in (layer.bias, layer.bias_scale, layer.weight, layer.weight_scale)}
         self.base = {name: numpy_helper.to_array(self.tensors[name]).copy() for name in names}
 
     def serialized(self, factors: dict[str, float]) -> bytes:
         for unit in self.units:
             f = factors.get(unit.scale, 1.0)
-            self._set(unit.scale, (self.base[unit.scale] * f).astype(self.base[unit.scale].dtype))
-            for bias, bias_scale in unit.biases:
-                self._set(bias_scale, (self.base[bias_scale] * f).astype(self.base[bias_scale].dtype))
-                info = np.iinfo(self.base[bias].dtype)
-                self._set(bias, np.clip(np.round(self.base[bias].astype(np.float64) / f), info.min, info.max)
-                          .astype(self.base[bias].dtype))
+            self._set(unit.scale, self.base[unit.scale] * f)
+            for layer in unit.layers:
+                self._edit(layer, f)
         return self.model.SerializeToString()
 
+    def _edit(self, layer: Layer, f: float) -> None:
+        bias, bias_scale = self.base[layer.bias].astype(np.float64), self.base[layer.bias_scale]
+        moved = np.abs(bias / f) > INT32_BIAS_LIMIT  # per output channel
+        weight, weight_scale = self.base[layer.weight], self.base[layer.weight_scale]
+        if weight_scale.size == 1:  # per-tensor weights: one bias scale, onnxruntime moves all or none
+            moved = np.full_like(moved, moved.any())
+        self._set(layer.bias, np.where(moved, bias, np.round(bias / f)))
+        self._set(layer.bias_scale, np.where(moved, bias_scale, bias_scale * f) if bias_scale.size > 1
+                  else bias_scale * (1.0 if moved.any() else f))
+        if not moved.any():
+            self._set(layer.weight, weight)
+            self._set(layer.weight_scale, weight_scale)
+            return
+        channel = moved if weight_scale.size > 1 else moved[:1]
+        self._set(layer.weight_scale, np.where(channel, weight_scale / f, weight_scale).reshape(weight_scale.shape))
+        shape = [1] * weight.ndim
+        shape[layer.axis if weight_scale.size > 1 else 0] = -1
+        info = np.iinfo(weight.dtype)
+        rescaled = np.clip(np.round(weight.astype(np.float64) * f), info.min, info.max)
+        self._set(layer.weight, np.where(channel.reshape(shape), rescaled, weight))
+
     def _set(self, name: str, value: np.ndarray) -> None:
-        self.tensors[name].CopyFrom(numpy_helper.from_array(value, name))
+        dtype = self.base[name].dtype
+        self.tensors[name].CopyFrom(numpy_helper.from_array(np.asarray(value).astype(dtype).reshape(self.base[name].shape), name))
 
 
 @dataclasses.dataclass
