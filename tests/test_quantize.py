@@ -517,9 +517,13 @@ def test_tune_ranges_lowers_output_error_and_requantizes_to_the_searched_model(f
     base, _ = _quantize(float_proto, cal)
     q, step = _quantize(float_proto, cal, tune_ranges=True)
     rt = step.details["range_tuning"]
-    scale_initializers = {n.input[1] for n in base.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in _scales(base)}
-    assert len(scale_initializers) < len(_scales(base))  # the Flatten output shares its input's scale
-    assert rt["units"] == rt["units_searched"] == len(scale_initializers) and not rt["out_of_time"]
+    scales = _scales(base)
+    # the Flatten output shares its input's scale; the graph output's QuantizeLinear reads a
+    # renamed tensor ('logits_QuantizeLinear_Input') whose range is kept under 'logits': not searched
+    assert scales["/4/Flatten_output_0"] == scales["/3/Relu_output_0"] and "logits_QuantizeLinear_Input" in scales
+    searchable = {n.input[1] for n in base.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in scales
+                  and n.input[0] != "logits_QuantizeLinear_Input"}
+    assert rt["units"] == rt["units_searched"] == len(searchable) == 3 and not rt["out_of_time"]
     assert rt["ranges_moved"] >= 1
     assert rt["output_sqnr_db_after"] > rt["output_sqnr_db_before"]
     # 0.25 dB: the re-quantized int32 biases are rounded once from the float bias, the edit's twice

@@ -15,13 +15,12 @@ zero point ``z = round(qmin − lo / s)`` does not change, so only scale initial
 Conv/Gemm reading the tensor has an int32 bias on the scale ``s_x s_w``; it moves with it,
 ``s_b' = f s_b`` and ``b_q' = round(b_q / f)`` (the same float bias; a channel whose bias would
 then leave int32 gets a coarser weight scale instead, as onnxruntime's quantizer does it:
-``_Editor``). Tensors onnxruntime
-quantizes with one shared scale initializer (a Reshape or MaxPool output takes its input's) move
-together: one unit of the search.
+``_Editor``). Tensors onnxruntime quantizes with one shared scale initializer (a Reshape or
+MaxPool output takes its input's) move together: one unit of the search.
 
 Coordinate search, one sweep in graph order (a tensor's best range depends on the noise that
-reaches it, which the units before it have already settled): each unit's factor is tried at
-``FACTORS`` times its current value and the lowest ``E`` is kept when it is below the current one
+reaches it, which the units before it have already settled): each unit's range is tried at
+``FACTORS`` times its calibrated value and the lowest ``E`` is kept when it is below the current one
 by more than ``MIN_GAIN`` (relative), so noise in the last digits does not move a range. A
 factor that would widen a Relu/Clip output past the activation's bounds is not tried:
 onnxruntime folds those activations into the range, which then is the clamp. The search stops
@@ -36,8 +35,7 @@ The samples tuned on are calibration samples: the search can fit them. Its gain 
 not see is what ``benchmarks/run_peers.py`` publishes (held-out and unseen photos).
 
 Written by hand: onnxruntime's quantizer and calibrators choose each range from the tensor's own
-values; NNCF and Intel Neural Compressor tune ranges per tensor too, but on their own graph
-representations, not on an onnxruntime QDQ model.
+values and have no search against the model's output.
 """
 
 from __future__ import annotations
@@ -54,7 +52,7 @@ from onnxruntime.quantization.calibrate import TensorsData
 
 from deployopt.passes.quantize.output_error import OutputError, sqnr_db
 
-#: Factors tried on a unit's current range (0.6 clips 40% of it; 1.3 widens it by 30%).
+#: Factors tried on a unit's calibrated range (0.6 clips 40% of it; 1.3 widens it by 30%).
 FACTORS = (0.6, 0.75, 0.9, 1.1, 1.3)
 #: Relative reduction of E a candidate needs to replace the current range.
 MIN_GAIN = 0.005
@@ -103,8 +101,8 @@ def units_of(qdq: onnx.ModelProto, ranges: TensorsData, bounds: dict[str, tuple[
             for reader in readers.get(dq.output[0], []):
                 if reader.op_type in ("Conv", "Gemm") and reader.input[0] == dq.output[0] and len(reader.input) > 2:
                     bias_dq, weight_dq = produced_by.get(reader.input[2]), produced_by.get(reader.input[1])
-                    if all(dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in initializers
-                           and dq.input[1] in initializers for dq in (bias_dq, weight_dq)):
+                    if all(p is not None and p.op_type == "DequantizeLinear" and p.input[0] in initializers
+                           and p.input[1] in initializers for p in (bias_dq, weight_dq)):
                         axis = next((a.i for a in weight_dq.attribute if a.name == "axis"), 1)
                         unit.layers.append(Layer(bias_dq.input[0], bias_dq.input[1], weight_dq.input[0],
                                                  weight_dq.input[1], axis))
@@ -116,7 +114,8 @@ def units_of(qdq: onnx.ModelProto, ranges: TensorsData, bounds: dict[str, tuple[
                     unit.max_factor = min(unit.max_factor, bound_high / high)
                 if low < 0 and math.isfinite(bound_low):
                     unit.max_factor = min(unit.max_factor, bound_low / low)
-    return list(units.values())
+    # a scale with no calibrated range behind it could not be re-quantized from scaled ranges
+    return [unit for unit in units.values() if any(t in ranges.data for t in unit.tensors)]
 
 
 class _Editor:
@@ -208,19 +207,14 @@ def tune(qdq_path: pathlib.Path, units: list[Unit], error: OutputError, budget_s
             out_of_time = True
             break
         searched += 1
-        current = factors.get(unit.scale, 1.0)
-        chosen = current
         for f in FACTORS:
-            trial = current * f
-            if trial > unit.max_factor * (1 + 1e-6):
+            if f > unit.max_factor * (1 + 1e-6):
                 continue
             candidates += 1
-            e = error.error(editor.serialized({**factors, unit.scale: trial}))
+            e = error.error(editor.serialized({**factors, unit.scale: f}))
             if e < best * (1 - MIN_GAIN):
-                best, chosen = e, trial
-        if chosen != current:
-            factors[unit.scale] = chosen
-    by_tensor = {t: f for unit in units if unit.scale in factors for t in unit.tensors for f in [factors[unit.scale]]}
+                best, factors[unit.scale] = e, f
+    by_tensor = {t: factors[unit.scale] for unit in units if unit.scale in factors for t in unit.tensors}
     return Tuning(factors, by_tensor, before, best, len(units), searched, candidates,
                   time.perf_counter() - start, out_of_time)
 
