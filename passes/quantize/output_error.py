@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from deployopt.core.session import open_session
-from deployopt.passes.quantize.data import Feed
+from deployopt.passes.quantize.data import Feed, samples_in
 
 
 class OutputError:
@@ -26,6 +26,7 @@ class OutputError:
 
     def __init__(self, float_model: pathlib.Path, feeds: Iterable[Feed], threads: int):
         self.feeds = list(feeds)
+        self.samples = sum(samples_in(feed) for feed in self.feeds)
         self.threads = threads
         ref = open_session(float_model, threads=threads, what="the float model")
         self.reference = [[np.asarray(y, np.float64) for y in ref.run(None, feed)] for feed in self.feeds]

@@ -346,7 +346,7 @@ class QuantizePass(DeployFunctionalPass):
                             calibrations: dict[str, dict]) -> str:
         """``calibration: auto``: the method whose int8 model has the highest output SQNR against
         the float model on the first ``refine_samples`` calibration samples (calibration_choice.py)."""
-        n = min(self.refine_samples, self.samples)
+        n = min(self.refine_samples, self.samples, next(iter(calibrations.values()))["samples"])
         batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
         scores = {method: round(db, 2) for method, db in
                   output_sqnr_db(prepared.path, models, batches, self.context.threads).items()}
@@ -365,6 +365,7 @@ class QuantizePass(DeployFunctionalPass):
         n = min(self.refine_samples, self.samples)
         batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
         error = OutputError(prepared.path, batches, self.context.threads)
+        n = error.samples  # fewer than asked when the calibration data is smaller
         ranges = load_tensors_data(quantizer.cache)
         units = range_tuning.units_of(onnx.load(str(first)), ranges, activation_bounds(prepared.proto))
         tuning = range_tuning.tune(first, units, error, self.tune_ranges_budget_s)
