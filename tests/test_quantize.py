@@ -524,7 +524,7 @@ def test_tune_ranges_lowers_output_error_and_requantizes_to_the_searched_model(f
     searchable = {n.input[1] for n in base.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in scales
                   and n.input[0] != "logits_QuantizeLinear_Input"}
     assert rt["units"] == rt["units_searched"] == len(searchable) == 3 and not rt["out_of_time"]
-    assert rt["ranges_moved"] >= 1
+    assert rt["ranges_moved"] >= 1 and rt["kept"] == "tuned"
     assert rt["output_sqnr_db_after"] > rt["output_sqnr_db_before"]
     # 0.25 dB: the re-quantized int32 biases are rounded once from the float bias, the edit's twice
     assert abs(rt["output_sqnr_db_requantized"] - rt["output_sqnr_db_after"]) < 0.25
@@ -536,6 +536,25 @@ def test_tune_ranges_lowers_output_error_and_requantizes_to_the_searched_model(f
     assert np.linalg.norm(after - ref) <= 1.05 * np.linalg.norm(before - ref)
     assert any(n.startswith("tune_ranges: ") and " moved; output SQNR on 64 calibration samples" in n
                for n in step.notes)
+
+
+def test_tune_ranges_keeps_the_calibrated_model_when_the_requantized_one_is_not_closer(float_proto, digits,
+                                                                                          monkeypatch):
+    """The gain is confirmed on the model the quantizer makes from the tuned ranges; here those
+    ranges are spoiled (a tenth of the searched ones), so the calibrated model is returned."""
+    from deployopt.passes.quantize import range_tuning
+
+    spoil = range_tuning.scaled_ranges
+    monkeypatch.setattr(range_tuning, "scaled_ranges",
+                        lambda ranges, factors: spoil(ranges, {t: 0.1 * f for t, f in factors.items()}))
+    x, _ = digits
+    cal = ArrayDataset(x[:256])
+    base, _ = _quantize(float_proto, cal)
+    q, step = _quantize(float_proto, cal, tune_ranges=True)
+    rt = step.details["range_tuning"]
+    assert rt["kept"] == "calibrated" and rt["output_sqnr_db_requantized"] < rt["output_sqnr_db_before"]
+    assert _scales(q) == _scales(base)
+    assert any(n.endswith("the calibrated ranges are kept") for n in step.notes)
 
 
 def test_tune_ranges_out_of_budget_keeps_what_it_searched(float_proto, digits):

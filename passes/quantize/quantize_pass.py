@@ -379,9 +379,18 @@ class QuantizePass(DeployFunctionalPass):
         save_tensors_data(range_tuning.scaled_ranges(ranges, tuning.tensors), cache)
         tuned = dataclasses.replace(quantizer, cache=cache)
         best = tuned([], folder / "trial0-tuned.onnx")
-        after = record["output_sqnr_db_requantized"] = round(sqnr_db(error.error(best)), 2)
-        self.note(f"tune_ranges: {searched}, {len(tuning.factors)} moved; output SQNR on {n} calibration "
-                  f"samples {record['output_sqnr_db_before']} -> {after} dB")
+        requantized = error.error(best)
+        after = record["output_sqnr_db_requantized"] = round(sqnr_db(requantized), 2)
+        moved = f"tune_ranges: {searched}, {len(tuning.factors)} moved; output SQNR on {n} calibration samples"
+        # The search scored edits of the first model; the quantizer re-rounds the weights of channels
+        # it re-scales (GPTQ on the new grid), so the gain is confirmed on the model it made.
+        if requantized >= tuning.error_before:
+            record["kept"] = "calibrated"
+            self.note(f"{moved} {record['output_sqnr_db_before']} dB calibrated, {after} dB re-quantized from the "
+                      "tuned ranges: the calibrated ranges are kept")
+            return quantizer, first
+        record["kept"] = "tuned"
+        self.note(f"{moved} {record['output_sqnr_db_before']} -> {after} dB")
         return tuned, best
 
     def _activation_grid(self) -> Activations:
