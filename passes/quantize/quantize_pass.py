@@ -132,7 +132,9 @@ class QuantizePass(DeployFunctionalPass):
     # rescale each activation range by the int8 model's output error (range_tuning.py)
     tune_ranges: bool = False
     tune_ranges_budget_s: float = setting(300.0, low=0, low_open=True)  # wall time the range search may spend
-    refine_samples: int = setting(64, low=1)  # calibration samples whose float statistics drive both
+    # calibration samples whose float statistics drive rounding and bias correction, and on which
+    # calibration: auto and tune_ranges measure the output error
+    refine_samples: int = setting(64, low=1)
     max_accuracy_drop: float | None = setting(None, low=0, high=1)  # None: no evaluation, no fallback
     relative: bool = False  # max_accuracy_drop relative to the float model's score
     fallback_rank: Literal["sensitivity", "sqnr"] = "sensitivity"  # output error each tensor adds | local SQNR
@@ -373,6 +375,7 @@ class QuantizePass(DeployFunctionalPass):
         searched = f"{tuning.units_searched} of {tuning.units} activation ranges searched" + (
             f" (tune_ranges_budget_s {self.tune_ranges_budget_s:g} s ran out)" if tuning.out_of_time else "")
         if not tuning.factors:
+            record["kept"] = "calibrated"
             self.note(f"tune_ranges: {searched}; none lowered the output error, the calibrated ranges are kept")
             return quantizer, first
         cache = folder / "ranges-tuned.json"
