@@ -365,7 +365,8 @@ def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, dat
                                                                     crops(arch, spec)).argmax(axis=1).tolist())
     return {"latency": latency, "fidelity": fidelity, "noise_floor": floor, "top1": top1, "int8_convs": convs,
             "deployopt_float": {q: deployopt_float(paths[q]) for q in ("deployopt", "deployopt-tuned", "deployopt-ov")
-                                if q in paths}}
+                                if q in paths},
+            "range_tuning": range_tuning_record(paths["deployopt-tuned"]) if "deployopt-tuned" in paths else None}
 
 
 def deployopt_float(model: pathlib.Path) -> dict[str, int]:
@@ -379,6 +380,13 @@ def deployopt_float(model: pathlib.Path) -> dict[str, int]:
             counts["latency" if latency else "other"] += 1
             counts["latency_convs"] += latency and node["op_type"] == "Conv"
     return counts
+
+
+def range_tuning_record(model: pathlib.Path) -> dict | None:
+    """The quantize step's ``range_tuning`` record of the run that made ``model`` (report.json)."""
+    report = json.loads((model.with_suffix("") / "report.json").read_text(encoding="utf-8"))
+    return next((step["details"]["range_tuning"] for step in report.get("steps", [])
+                 if "range_tuning" in (step.get("details") or {})), None)
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -436,6 +444,17 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                          f"{mine['fidelity']['unseen']['kl']:.4f}: the peer's KL is {ratio:.1f}x deployopt's")
             parts.append(text)
         lines.append(f"- **{arch}**: " + "; ".join(parts) + ".")
+        tuning = measured.get("range_tuning")
+        if tuning:
+            kept = tuning.get("kept", "tuned")
+            lines.append(
+                f"- **{arch}, tune_ranges**: {tuning['units_searched']} of {tuning['units']} activation ranges searched "
+                f"in {tuning['seconds']:.0f} s, {tuning['ranges_moved']} moved; output SQNR on {tuning['samples']} "
+                f"calibration crops {tuning['output_sqnr_db_before']} dB calibrated, "
+                f"{tuning.get('output_sqnr_db_requantized', tuning['output_sqnr_db_after'])} dB re-quantized from the "
+                "tuned ranges: " + ("the tuned ranges are kept." if kept == "tuned" else
+                                    "the calibrated ranges are kept, so this entry differs from `deployopt` only where "
+                                    "its own latency-aware search placed float nodes."))
         floor = measured.get("noise_floor", {}).get("held-out")
         ours_ort = next((e for e in faithful if e["quantizer"] == "deployopt" and e["runtime"] == "onnxruntime"), None)
         if floor and ours_ort:
