@@ -1,5 +1,5 @@
 """QuantizePass: structure (Q/DQ counts, dtypes, per-channel axes), numbers (a digits-trained CNN
-vs its float model, ORT optimizations off), third-party graphs, fallback, and refusals."""
+vs its float model, ORT optimizations off), third-party graphs, fallback, range tuning, and refusals."""
 
 from __future__ import annotations
 
