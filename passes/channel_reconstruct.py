@@ -184,11 +184,10 @@ class _Fit:
         node = self.node
         energy = float(self.acc.target_energy.sum()) or 1.0
         before = float(self.acc.squared_error(self.matrix, self.bias).sum()) / energy
-        record = {"layer": node.name, "rows": self.acc.rows, "features": self.acc.in_features,
-                  "rel_error_sliced": before}
         weights, bias = self.acc.solve(self.ridge)
         after = float(self.acc.squared_error(weights, bias).sum()) / energy
-        record["rel_error_reconstructed"] = after
+        record = {"layer": node.name, "rows": self.acc.rows, "features": self.acc.in_features,
+                  "rel_error_sliced": before, "rel_error_reconstructed": after}
         if not np.isfinite(after) or after > before:
             record["kept_sliced"] = ("least squares did not lower its calibration error "
                                      f"({before:.3g})")

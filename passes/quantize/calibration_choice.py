@@ -19,20 +19,16 @@ choice is between three sets of ranges, few degrees of freedom to fit.
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterable
 
-from deployopt.passes.quantize.data import Feed
 from deployopt.passes.quantize.output_error import OutputError, sqnr_db
 
 #: The methods ``auto`` tries, in order (a tie keeps the earlier, cheaper one).
 AUTO_METHODS = ("minmax", "mse", "entropy")
 
 
-def output_sqnr_db(float_path: pathlib.Path, candidates: dict[str, pathlib.Path], batches: Iterable[Feed],
-                   threads: int) -> dict[str, float]:
-    """Per candidate, ``10 log10(Σ‖y_f‖² / Σ‖y_q − y_f‖²)`` over every output and every feed (inf
-    when equal); the float model runs once for all candidates."""
-    error = OutputError(float_path, batches, threads)
+def output_sqnr_db(error: OutputError, candidates: dict[str, pathlib.Path]) -> dict[str, float]:
+    """Per candidate, ``10 log10(Σ‖y_f‖² / Σ‖y_q − y_f‖²)`` over every output of ``error``'s feeds
+    (inf when equal)."""
     return {name: sqnr_db(error.error(path)) for name, path in candidates.items()}
 
 

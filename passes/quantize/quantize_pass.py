@@ -348,10 +348,9 @@ class QuantizePass(DeployFunctionalPass):
                             calibrations: dict[str, dict]) -> str:
         """``calibration: auto``: the method whose int8 model has the highest output SQNR against
         the float model on the first ``refine_samples`` calibration samples (calibration_choice.py)."""
-        n = min(self.refine_samples, self.samples, next(iter(calibrations.values()))["samples"])
-        batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
-        scores = {method: round(db, 2) for method, db in
-                  output_sqnr_db(prepared.path, models, batches, self.context.threads).items()}
+        error = self._output_error(prepared)
+        n = error.samples
+        scores = {method: round(db, 2) for method, db in output_sqnr_db(error, models).items()}
         chosen = best_method(scores)
         calibrations[chosen]["choice"] = {"output_sqnr_db": scores, "samples": n,
                                           "tried": {m: c["seconds"] for m, c in calibrations.items()}}
@@ -359,15 +358,23 @@ class QuantizePass(DeployFunctionalPass):
                   + f" output SQNR on {n} calibration samples; {chosen} kept")
         return chosen
 
+    def _output_error(self, prepared: Prepared) -> OutputError:
+        """The float model's outputs on the first ``refine_samples`` calibration samples (fewer
+        when the data is smaller), made once per run: ``calibration: auto`` and ``tune_ranges``
+        score against the same."""
+        if getattr(self, "_error_for", None) is not prepared:
+            n = min(self.refine_samples, self.samples)
+            batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
+            self._error, self._error_for = OutputError(prepared.path, batches, self.context.threads), prepared
+        return self._error
+
     def _tune_ranges(self, prepared: Prepared, quantizer: Quantizer, first: pathlib.Path,
                      folder: pathlib.Path) -> tuple[Quantizer, pathlib.Path]:
         """``tune_ranges``: the activation ranges rescaled by the int8 model's output error on the
         first ``refine_samples`` calibration samples (range_tuning.py); the quantizer of the tuned
         ranges and its model (``first`` unchanged when no range moved)."""
-        n = min(self.refine_samples, self.samples)
-        batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, n, self.batch_size))
-        error = OutputError(prepared.path, batches, self.context.threads)
-        n = error.samples  # fewer than asked when the calibration data is smaller
+        error = self._output_error(prepared)
+        n = error.samples
         ranges = load_tensors_data(quantizer.cache)
         units = range_tuning.units_of(onnx.load(str(first)), ranges, activation_bounds(prepared.proto))
         tuning = range_tuning.tune(first, units, error, self.tune_ranges_budget_s)

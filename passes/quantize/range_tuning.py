@@ -88,16 +88,19 @@ def units_of(qdq: onnx.ModelProto, ranges: TensorsData, bounds: dict[str, tuple[
     initializers = {t.name for t in qdq.graph.initializer}
     produced_by = {out: node for node in qdq.graph.node for out in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
+    dequantizers: dict[str, list[onnx.NodeProto]] = {}  # scale initializer -> its DequantizeLinear nodes
     for node in qdq.graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+        if node.op_type == "DequantizeLinear" and len(node.input) > 1:
+            dequantizers.setdefault(node.input[1], []).append(node)
     units: dict[str, Unit] = {}
     for node in qdq.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] not in initializers and node.input[1] in initializers:
             unit = units.setdefault(node.input[1], Unit(node.input[1], [], []))
             unit.tensors.append(node.input[0])
     for unit in units.values():
-        for dq in (n for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[1] == unit.scale):
+        for dq in dequantizers.get(unit.scale, []):
             for reader in readers.get(dq.output[0], []):
                 if reader.op_type in ("Conv", "Gemm") and reader.input[0] == dq.output[0] and len(reader.input) > 2:
                     bias_dq, weight_dq = produced_by.get(reader.input[2]), produced_by.get(reader.input[1])
