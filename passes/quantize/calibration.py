@@ -122,13 +122,15 @@ def searched_ranges(histograms: dict, activations: Activations, summary: dict | 
     return TensorsData(CalibrationMethod.MinMax, data)
 
 
-def clamp_to_activations(ranges: TensorsData, bounds: dict[str, tuple[float, float]]) -> int:
-    """Intersect the range of each Relu/Clip output with the activation's own bounds.
+def clamp_ranges(ranges: TensorsData, bounds: dict[str, tuple[float, float]]) -> int:
+    """Intersect the range of each tensor in ``bounds`` with its interval: the bounds of a Relu/Clip
+    output (report.activation_bounds), or what the tensor's readers can tell apart
+    (dead_zones.py). Returns the number of ranges changed.
 
-    onnxruntime's quantizer removes a Relu/Clip whenever activations are asymmetric and lets the
+    The first matters for correctness: onnxruntime's quantizer removes a Relu/Clip whenever activations are asymmetric and lets the
     output range do the clamping (QDQRemovableActivation) without checking that the range starts
     at the clamp: with the symmetric ranges of 'distribution' calibration a removed Relu would let
-    negative values through. Returns the number of ranges changed.
+    negative values through.
     """
     changed = 0
     for name, (lo, hi) in bounds.items():

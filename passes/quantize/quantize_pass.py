@@ -16,7 +16,8 @@ Flow of ``call``:
    against ``max_memory_mb`` (memory.py: refused when it cannot fit); ``reduce_range`` for this
    CPU (cpu.py).
 2. ``prepare``: constants lifted, nodes named, opset raised, ``quant_pre_process`` (prepare.py).
-3. calibration streamed chunk by chunk into a range cache (calibration.py); with
+3. calibration streamed chunk by chunk into a range cache (calibration.py), each range cut to
+   what its readers can tell apart (dead_zones.py: below -3 before a hardswish); with
    ``calibration: mse`` each activation's range is the clipping with the least
    quantize-dequantize error on its calibration histogram (ranges.py); with ``calibration: auto``
    minmax, mse and entropy each go through steps 3-4 and the int8 model with the highest output
@@ -69,9 +70,10 @@ from deployopt.passes.base import DeployFunctionalPass
 from deployopt.passes.quantize import fallback, latency_search, memory, range_tuning
 from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck, Scorer
 from deployopt.passes.quantize.calibration import (METHODS, Activations, calibrate, chunked,
-                                                   clamp_to_activations, histogram_method)
+                                                   clamp_ranges, histogram_method)
 from deployopt.passes.quantize.calibration_choice import AUTO_METHODS, best_method, output_sqnr_db
 from deployopt.passes.quantize.cpu import auto_reduce_range
+from deployopt.passes.quantize.dead_zones import dead_zones
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, model_inputs, samples_in, scan
 from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
 from deployopt.passes.quantize.latency_probe import LatencyProbe
@@ -316,10 +318,14 @@ class QuantizePass(DeployFunctionalPass):
             ranges = calibrate(prepared.path, folder, method=method, percentile=self.percentile,
                                op_types=self._op_types(), chunks=chunked(stream, self._chunk_samples),
                                threads=ctx.threads, activations=self._activation_grid(), search=search)
-        clamped = clamp_to_activations(ranges, activation_bounds(prepared.proto))
+        clamped = clamp_ranges(ranges, activation_bounds(prepared.proto))
         if clamped:
             self.note(f"{clamped} calibration ranges of Relu/Clip outputs clamped to the activation's "
                       "bounds (onnxruntime folds those activations into the range)")
+        cut = clamp_ranges(ranges, dead_zones(prepared.proto))
+        if cut:
+            self.note(f"{cut} calibration ranges cut to the values their readers can tell apart "
+                      "(e.g. below -3 before a hardswish, which gives 0 there: dead_zones.py)")
         if method == "distribution":
             self.note("distribution calibration gives symmetric ranges (it is designed for float8): "
                       "uint8 tensors that are never negative lose about one bit")
@@ -328,7 +334,7 @@ class QuantizePass(DeployFunctionalPass):
         seconds = time.perf_counter() - start
         details = {
             "method": method, "samples": n_cal, "dataset": ctx.calibration.name,
-            "chunk_samples": self._chunk_samples, "tensors": len(ranges.data),
+            "chunk_samples": self._chunk_samples, "tensors": len(ranges.data), "ranges_cut_to_readers": cut,
             "seconds": round(seconds, 3),
             # highest RSS sampled during calibration, and the process's peak so far
             "rss_peak_during_mb": None if rss.peak_mb is None else round(rss.peak_mb, 1),
