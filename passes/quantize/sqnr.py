@@ -2,7 +2,9 @@
 fallback ranking.
 
 ``SQNR = 10 log10(sum x^2 / sum (x - x_q)^2)`` dB, where ``x`` is the tensor before its Q/DQ pair
-and ``x_q`` after it (local error, qdq_loss_debug's ``qdq_err``), plus the same against the float
+and ``x_q`` after it (local error, qdq_loss_debug's ``qdq_err``; ``x`` is first clamped where the
+clamp is intended: a Relu/Clip folded into the range, or a range cut to what the tensor's readers
+can tell apart, dead_zones.py), plus the same against the float
 model's tensor (accumulated error, ``xmodel_err``). Same formula and tensor matching as
 onnxruntime.quantization.qdq_loss_debug, but the sums are accumulated batch by batch instead of
 keeping every activation of every sample (qdq_loss_debug.collect_activations does), and the
@@ -28,6 +30,7 @@ from deployopt.core.contain import confined
 from deployopt.core.session import open_session, session_options
 from deployopt.passes.quantize.data import Feed
 from deployopt.passes.quantize.memory import tensor_bytes
+from deployopt.passes.quantize.dead_zones import dead_zones
 from deployopt.passes.quantize.report import folded_activations
 
 
@@ -151,7 +154,11 @@ def tensor_sqnr(float_path: pathlib.Path, qdq_path: pathlib.Path, work_dir: path
     time. A tensor's sums are those of one group, added feed by feed in the same order, so the
     result does not depend on the grouping.
     """
-    folded = folded_activations(onnx.load(str(float_path)), onnx.load(str(qdq_path)))
+    float_proto = onnx.load(str(float_path))
+    intended = folded_activations(float_proto, onnx.load(str(qdq_path)))
+    for name, (lo, hi) in dead_zones(float_proto).items():
+        folded_lo, folded_hi = intended.get(name, (-math.inf, math.inf))
+        intended[name] = (max(lo, folded_lo), min(hi, folded_hi))
     float_model, float_tensors = _exposable(float_path, work_dir)
     qdq_model, qdq_tensors = _exposable(qdq_path, work_dir)
     # the graph outputs are returned by every run; they pair within the group of their partner
@@ -175,7 +182,7 @@ def tensor_sqnr(float_path: pathlib.Path, qdq_path: pathlib.Path, work_dir: path
                               "the float model with its tensors as outputs")
         for feed in feeds():
             matched = qdq_loss_debug.create_activation_matching(_outputs(qdq_sess, feed), _outputs(float_sess, feed))
-            _accumulate(sums, {k: m for k, m in matched.items() if k in members}, folded)
+            _accumulate(sums, {k: m for k, m in matched.items() if k in members}, intended)
             del matched  # before the next feed's run, not after it
             _return_freed_memory()
         del float_sess, qdq_sess
@@ -202,12 +209,13 @@ def _outputs(sess, feed) -> dict[str, list[np.ndarray]]:
     return {n: [v] for n, v in zip(names, sess.run(names, feed))}
 
 
-def _accumulate(sums: dict[str, list], matched: dict, folded: dict) -> None:
-    """Add one feed's energies of every matched tensor to ``sums``."""
+def _accumulate(sums: dict[str, list], matched: dict, intended: dict) -> None:
+    """Add one feed's energies of every matched tensor to ``sums`` (``intended``: the clamps that
+    are not error, ``{tensor: (lo, hi)}``)."""
     for name, m in matched.items():
         pre, post = m["pre_qdq"][0], m["post_qdq"][0]
-        if name in folded:
-            pre = np.clip(pre, *folded[name])
+        if name in intended:
+            pre = np.clip(pre, *intended[name])
         ref = m["float"][0] if "float" in m else pre
         acc = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
         acc[0] = acc[0] + _energy(pre)
