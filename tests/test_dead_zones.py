@@ -161,18 +161,20 @@ def test_cut_ranges_through_the_quantize_pass(hardswish_proto, digits, monkeypat
     cut, step = _quantize(proto, cal)
     # Paddle's form also cuts the second Add(+3) output, read by Clip(0, 6) alone, to [0, 6]
     cuts = 1 if form == "hardswish node" else 2
-    assert step.details["calibration"]["ranges_cut_to_readers"] == cuts
+    cut_ranges = step.details["calibration"]["ranges_cut_to_readers"]
+    assert len(cut_ranges) == cuts
     assert any(f"{cuts} calibration ranges cut to the values their readers can tell apart" in n for n in step.notes)
     monkeypatch.setattr(quantize_pass, "dead_zones", lambda proto: {})
     whole, whole_step = _quantize(proto, cal)
-    assert whole_step.details["calibration"]["ranges_cut_to_readers"] == 0
+    assert whole_step.details["calibration"]["ranges_cut_to_readers"] == {}
     (c0, c1), (w0, w1) = _conv_output_scales(cut), _conv_output_scales(whole)
     assert c0 == w0
     # scale = (hi - lo) / 255 with the range widened to hold 0: lo -3 instead of the calibrated low
     high = w1 * 255 + lows[1]
     assert c1 == pytest.approx((high + 3) / 255, rel=1e-4)
-    # the report's local SQNR does not count the cut (values below -3 read as -3) as noise
     conv2 = [n.output[0] for n in proto.graph.node if n.op_type == "Conv"][1]
+    assert cut_ranges[conv2] == pytest.approx(c1 / w1, abs=1e-4)  # the step ratio the report gives
+    # the report's local SQNR does not count the cut (values below -3 read as -3) as noise
     local_cut, local_whole = ({r["tensor"]: r["sqnr_db"] for r in s.details["worst_sqnr"]} for s in (step, whole_step))
     assert local_cut[conv2] > local_whole[conv2]
     unseen = x[N_TRAIN:]

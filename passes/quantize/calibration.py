@@ -122,17 +122,21 @@ def searched_ranges(histograms: dict, activations: Activations, summary: dict | 
     return TensorsData(CalibrationMethod.MinMax, data)
 
 
-def clamp_ranges(ranges: TensorsData, bounds: dict[str, tuple[float, float]]) -> int:
+def clamp_ranges(ranges: TensorsData, bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Intersect the range of each tensor in ``bounds`` with its interval: the bounds of a Relu/Clip
     output (report.activation_bounds), or what the tensor's readers can tell apart
-    (dead_zones.py). Returns the number of ranges changed.
+    (dead_zones.py). Returns ``{tensor: new step / old step}`` for the ranges changed (the
+    quantizer widens every range to hold 0, so the step is ``(max(hi, 0) - min(lo, 0)) / 255``).
 
-    The first matters for correctness: onnxruntime's quantizer removes a Relu/Clip whenever activations are asymmetric and lets the
-    output range do the clamping (QDQRemovableActivation) without checking that the range starts
-    at the clamp: with the symmetric ranges of 'distribution' calibration a removed Relu would let
-    negative values through.
+    The first matters for correctness: onnxruntime's quantizer removes a Relu/Clip whenever
+    activations are asymmetric and lets the output range do the clamping (QDQRemovableActivation)
+    without checking that the range starts at the clamp: with the symmetric ranges of
+    'distribution' calibration a removed Relu would let negative values through.
     """
-    changed = 0
+    def width(low: np.ndarray, high: np.ndarray) -> float:
+        return float(np.max(np.maximum(high, 0)) - np.min(np.minimum(low, 0)))
+
+    changed = {}
     for name, (lo, hi) in bounds.items():
         if name not in ranges:
             continue
@@ -141,8 +145,9 @@ def clamp_ranges(ranges: TensorsData, bounds: dict[str, tuple[float, float]]) ->
         new_low = np.maximum(low, np.asarray(lo, dtype=np.asarray(low).dtype)).astype(np.asarray(low).dtype)
         new_high = np.minimum(high, np.asarray(hi, dtype=np.asarray(high).dtype)).astype(np.asarray(high).dtype)
         if not (np.array_equal(new_low, low) and np.array_equal(new_high, high)):
+            before = width(low, high)
+            changed[name] = width(new_low, new_high) / before if before > 0 else 1.0
             data.lowest, data.highest = new_low, new_high
-            changed += 1
     return changed
 
 
