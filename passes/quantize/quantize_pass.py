@@ -47,11 +47,11 @@ report section reads ``{"skipped": reason}``, a note says why, and the model ret
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import functools
 import logging
 import pathlib
 import re
+import statistics
 import time
 from collections.abc import Iterator
 from typing import ClassVar, Literal
