@@ -52,15 +52,19 @@ def test_paddle_hardswish_input_is_cut_below_minus_three():
     assert "h" not in bounds and "m" not in bounds and "y" not in bounds and "x" not in bounds
 
 
-@pytest.mark.parametrize("nodes", [
-    [helper.make_node("HardSigmoid", ["c"], ["g"], alpha=1 / 6, beta=0.5), helper.make_node("Mul", ["c", "g"], ["y"])],
-    [helper.make_node("HardSwish", ["c"], ["y"])],
-    [helper.make_node("Relu", ["c"], ["y"])],
-], ids=["hardsigmoid-mul", "hardswish", "relu"])
-def test_other_gates(nodes):
-    low, high = dead_zones(_graph(nodes))["c"]
-    expected = 0.0 if nodes[0].op_type == "Relu" else -3.0
-    assert low == pytest.approx(expected, abs=1e-6) and high == math.inf
+@pytest.mark.parametrize("nodes, expected", [
+    ([helper.make_node("HardSigmoid", ["c"], ["g"], alpha=1 / 6, beta=0.5), helper.make_node("Mul", ["c", "g"], ["y"])],
+     (-3.0, math.inf)),
+    ([helper.make_node("HardSwish", ["c"], ["y"])], (-3.0, math.inf)),
+    ([helper.make_node("Relu", ["c"], ["y"])], (0.0, math.inf)),
+    # ReLU6 as older TensorFlow exports write it: the Max output is cut above 6, its input below 0
+    ([helper.make_node("Max", ["c", "zero"], ["r"]), helper.make_node("Min", ["r", "six"], ["y"])], (0.0, math.inf)),
+], ids=["hardsigmoid-mul", "hardswish", "relu", "max-min"])
+def test_other_gates(nodes, expected):
+    bounds = dead_zones(_graph(nodes, scalars=PADDLE_SCALARS))
+    assert bounds["c"] == pytest.approx(expected, abs=1e-6)
+    if nodes[0].op_type == "Max":
+        assert bounds["r"] == (-math.inf, 6.0)
 
 
 @pytest.mark.parametrize("case, nodes, outputs", [

@@ -16,8 +16,9 @@ values below −3 saturate to −3, where every reader already gave 0.
 changes, by these rules per reader (a tensor's bound is the loosest over its readers; a graph
 output or a tensor read inside a subgraph has none):
 
-* ``Relu``: ``L = 0``; ``Clip(min, max)``: ``[min, max]``; ``HardSigmoid(α, β)``:
-  ``[−β/α, (1 − β)/α]``; ``HardSwish``: ``L = −3``.
+* ``Relu``: ``L = 0``; ``Clip(min, max)``: ``[min, max]``; ``Max(t, k)`` / ``Min(t, k)`` with a
+  scalar constant ``k`` (ReLU6 as older TensorFlow exports write it): ``L = k`` / ``U = k``;
+  ``HardSigmoid(α, β)``: ``[−β/α, (1 − β)/α]``; ``HardSwish``: ``L = −3``.
 * ``Add(t, k)`` / ``Sub(t, k)`` with a scalar constant ``k``: the sum's own interval moved by
   ``∓k`` (the tensors are visited from the outputs back, so the sum's is known).
 * ``Mul(t, g)`` where ``g`` is computed from ``t`` and is exactly 0 for ``t ≤ Z`` (``g`` a
@@ -109,6 +110,11 @@ def dead_zones(proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
             return 0.0, math.inf
         if op == "Clip" and node.input[0] == t and t not in node.input[1:]:
             return _clip(node, scalars)
+        if op in ("Max", "Min") and len(node.input) == 2 and t in node.input:
+            k = scalars.get(node.input[1] if node.input[0] == t else node.input[0])
+            if k is not None:
+                return (k, math.inf) if op == "Max" else (-math.inf, k)
+            return UNBOUNDED
         if op == "HardSigmoid":
             a = attrs(node)
             alpha, beta = a.get("alpha", 0.2), a.get("beta", 0.5)
