@@ -41,7 +41,8 @@ from onnx import numpy_helper
 UNBOUNDED = (-math.inf, math.inf)
 
 
-def _scalars(proto: onnx.ModelProto) -> dict[str, float]:
+def scalar_constants(proto: onnx.ModelProto) -> dict[str, float]:
+    """``{initializer: value}`` of every one-element initializer."""
     return {t.name: float(numpy_helper.to_array(t).reshape(-1)[0])
             for t in proto.graph.initializer if math.prod(t.dims) == 1}
 
@@ -60,7 +61,7 @@ def dead_zones(proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
     """``{tensor: (L, U)}`` for every tensor whose readers ignore values below ``L`` / above ``U``
     (at least one of them finite), by the rules of the module doc."""
     graph = proto.graph
-    scalars = _scalars(proto)
+    scalars = scalar_constants(proto)
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -93,7 +94,7 @@ def dead_zones(proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
             a = attrs(node)
             alpha, beta = a.get("alpha", 0.2), a.get("beta", 0.5)
             return -beta / alpha if alpha > 0 else None
-        if node.op_type == "Relu" or (node.op_type == "Clip" and _clip(node, scalars)[0] == 0.0):
+        if node.op_type == "Relu" or (node.op_type == "Clip" and clip_bounds(node, scalars)[0] == 0.0):
             source = node.input[0]
             if source == t:
                 return 0.0
@@ -109,7 +110,7 @@ def dead_zones(proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
         if op == "Relu":
             return 0.0, math.inf
         if op == "Clip" and node.input[0] == t and t not in node.input[1:]:
-            return _clip(node, scalars)
+            return clip_bounds(node, scalars)
         if op in ("Max", "Min") and len(node.input) == 2 and t in node.input:
             k = scalars.get(node.input[1] if node.input[0] == t else node.input[0])
             if k is not None:
@@ -142,7 +143,7 @@ def dead_zones(proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
     return bounds
 
 
-def _clip(node: onnx.NodeProto, scalars: dict[str, float]) -> tuple[float, float]:
+def clip_bounds(node: onnx.NodeProto, scalars: dict[str, float]) -> tuple[float, float]:
     """A Clip's ``(min, max)`` from its attributes (opset < 11) or constant inputs; an input that
     is not a constant leaves that side unbounded."""
     a = {x.name: x.f for x in node.attribute}

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import onnx
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
+from deployopt.passes.quantize.dead_zones import clip_bounds, scalar_constants
+
 #: Op types onnxruntime's static quantizer has a rule for (QDQ or QOperator registry).
 QUANTIZABLE = frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -104,19 +106,12 @@ def node_accounting(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *,
 def activation_bounds(float_proto: onnx.ModelProto, skip: Iterable[str] = ()) -> dict[str, tuple[float, float]]:
     """``{output tensor: (lo, hi)}`` of every Relu/Clip node (except those named in ``skip``)."""
     skip = set(skip)
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in float_proto.graph.initializer}
+    scalars = scalar_constants(float_proto)
     folded = {}
     for node in float_proto.graph.node:
         if node.name in skip or node.op_type not in CLAMPS:
             continue
-        lo, hi = (0.0, math.inf) if node.op_type == "Relu" else (-math.inf, math.inf)
-        if node.op_type == "Clip":
-            attrs = {a.name: a.f for a in node.attribute}
-            lo, hi = attrs.get("min", lo), attrs.get("max", hi)
-            if len(node.input) > 1 and node.input[1] in consts:
-                lo = float(consts[node.input[1]])
-            if len(node.input) > 2 and node.input[2] in consts:
-                hi = float(consts[node.input[2]])
+        lo, hi = (0.0, math.inf) if node.op_type == "Relu" else clip_bounds(node, scalars)
         folded[node.output[0]] = (lo, hi)
     return folded
 
