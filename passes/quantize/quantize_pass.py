@@ -14,7 +14,8 @@ Flow of ``call``:
 1. checks: the model is float and has runtime inputs; every dataset batch fits them (before
    anything is written); the run's peak memory, estimated from the model's activation sizes,
    against ``max_memory_mb`` (memory.py: refused when it cannot fit); ``reduce_range`` for this
-   CPU (cpu.py).
+   CPU (cpu.py: 7-bit weights without VNNI, except depthwise Conv weights, whose kernel sums in
+   int32).
 2. ``prepare``: constants lifted, nodes named, opset raised, ``quant_pre_process`` (prepare.py).
 3. calibration streamed chunk by chunk into a range cache (calibration.py), each range cut to
    what its readers can tell apart (dead_zones.py: below -3 before a hardswish); with
@@ -73,7 +74,7 @@ from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck
 from deployopt.passes.quantize.calibration import (METHODS, Activations, calibrate, chunked,
                                                    clamp_ranges, histogram_method)
 from deployopt.passes.quantize.calibration_choice import AUTO_METHODS, best_method, output_sqnr_db
-from deployopt.passes.quantize.cpu import auto_reduce_range
+from deployopt.passes.quantize.cpu import auto_reduce_range, full_range_weights
 from deployopt.passes.quantize.dead_zones import dead_zones
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, model_inputs, samples_in, scan
 from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
@@ -188,7 +189,7 @@ class QuantizePass(DeployFunctionalPass):
         for method in methods:
             with times("calibration"):
                 cache, calibrations[method] = self._calibrate(prepared, folder, n_cal, method)
-            quantizers[method] = Quantizer(prepared.path, cache, self._static_options(reduce_range, method), times,
+            quantizers[method] = Quantizer(prepared.path, cache, self._static_options(prepared, reduce_range, method), times,
                                            refiner, float_nodes=excluded)
             firsts[method] = quantizers[method]([], folder / f"trial0-{method}.onnx")
         method = methods[0]
@@ -420,14 +421,21 @@ class QuantizePass(DeployFunctionalPass):
         return Activations(int(qmin), int(qmax), self.symmetric_activations)
 
     # -- 4. quantization --------------------------------------------------------------------------
-    def _static_options(self, reduce_range: bool, method: str) -> dict:
-        """quantize_static's format arguments for these settings."""
+    def _static_options(self, prepared: Prepared, reduce_range: bool, method: str) -> dict:
+        """quantize_static's format arguments for these settings. Under ``reduce_range`` the
+        depthwise Conv weights keep 8 bits (cpu.py: their kernel cannot saturate)."""
+        extra: dict = {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": self.symmetric_weights}
+        if reduce_range:
+            full = full_range_weights(prepared.proto)
+            self.details["reduce_range"]["full_range_weights"] = len(full)
+            if full:
+                # onnxruntime reads an override without "axis" as per-tensor quantization
+                override = {"reduce_range": False, **({"axis": 0} if self.per_channel else {})}
+                extra["TensorQuantOverrides"] = {name: [override] for name in full}
         return {"quant_format": QuantFormat.QDQ, "op_types_to_quantize": self._op_types(),
                 "per_channel": self.per_channel, "reduce_range": reduce_range,
                 "activation_type": QUANT_TYPES[self.activation_type], "weight_type": QUANT_TYPES[self.weight_type],
-                "calibrate_method": METHODS[method],
-                "extra_options": {"ActivationSymmetric": self.symmetric_activations,
-                                  "WeightSymmetric": self.symmetric_weights}}
+                "calibrate_method": METHODS[method], "extra_options": extra}
 
     def _refiner(self, prepared: Prepared, reduce_range: bool) -> Refiner | None:
         if self.rounding == "nearest" and not self.bias_correction:
