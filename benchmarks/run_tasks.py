@@ -61,7 +61,8 @@ FORCED_INT8 = "deployopt quantize, int8 kept where slower (latency_aware: false,
 #: Extra deployopt rows per model: (label, quantize settings on top of QUANTIZE, with the tolerance).
 LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     # Without VNNI deployopt stores 7-bit weights (reduce_range) so that vpmaddubsw's int16 sums
-    # cannot saturate; MobileNetV2's depthwise layers are the ones that lose most from the 8th bit.
+    # cannot saturate, except in depthwise layers, whose kernel sums in int32 (cpu.py); the
+    # reduce_range: false row shows what saturation in the other layers costs.
     # The small nets trained here run int8 slower than float on this CPU, so deployopt returns
     # the float model: this row keeps int8 anyway to show its accuracy.
     "segmenter": [(FORCED_INT8, {"latency_aware": False, "min_step_speedup": None}, False)],

@@ -18,7 +18,7 @@ from torch import nn
 from deployopt.core.data import ArrayDataset
 from deployopt.passes.context import PassContext
 from deployopt.passes.quantize import QuantizePass, quantize_pass
-from deployopt.passes.quantize.cpu import auto_reduce_range, full_range_weights, saturation_free
+from deployopt.passes.quantize.cpu import auto_reduce_range, full_range_weights, is_depthwise
 from tests._fixtures import train_classifier
 
 N_TRAIN = 1400
@@ -117,7 +117,7 @@ def test_full_range_weights_are_the_depthwise_ones():
                               [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n, _ in made],
                               [w for _, w in made])
     assert full_range_weights(helper.make_model(graph)) == ["depthwise"]
-    assert saturation_free((8, 1, 3, 3), 8) and not saturation_free((1, 1, 3, 3), 1)
+    assert is_depthwise((8, 1, 3, 3), 8) and not is_depthwise((1, 1, 3, 3), 1)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_pass_keeps_8_bit_depthwise_weights_under_reduce_range(depthwise_proto, 
     # finer). On this small net the int8 logits' error is set by the activations, so the weights
     # are compared; MobileNetV2's figures are in benchmarks/results/tasks.md.
     monkeypatch.setattr(quantize_pass, "full_range_weights", lambda proto: [])
-    monkeypatch.setattr("deployopt.passes.quantize.refine.saturation_free", lambda shape, group: False)
+    monkeypatch.setattr("deployopt.passes.quantize.refine.is_depthwise", lambda shape, group: False)
     all_7_bit, _ = _quantize(depthwise_proto, x, rounding=rounding)
     (name,) = full_range_weights(depthwise_proto)
     float_weight = next(numpy_helper.to_array(t) for t in depthwise_proto.graph.initializer if t.name == name)

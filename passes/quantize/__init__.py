@@ -4,7 +4,8 @@
 * cpu: ``reduce_range`` for this CPU; memory: the run's peak memory, estimated before it starts;
   step_times: where the pass's time went
 * data: datasets against the model's inputs, checked and streamed as feeds
-* prepare: the float model made ready for onnxruntime's quantizer
+* prepare: the float model made ready for onnxruntime's quantizer; equalize: the channels of
+  each depthwise convolution's input scaled to one range
 * calibration: streamed calibration ranges; ranges: the mse range search; dead_zones: ranges cut
   to what their readers can tell apart; calibration_choice: ``calibration: auto`` (the method
   whose int8 model is closest to float); output_error: that closeness; range_tuning:

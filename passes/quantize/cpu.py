@@ -17,6 +17,7 @@ the layers of MobileNet-style networks with the fewest weights per output (9).
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterable
 
 import onnx
 
@@ -26,10 +27,10 @@ from deployopt.measure import machine
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-def saturation_free(weight_shape: tuple[int, ...] | list[int], group: int) -> bool:
-    """Whether onnxruntime's int8 kernel for a Conv with this weight and ``group`` sums in int32
-    (depthwise: ``group`` equals the output channels, each reading one input channel)."""
-    return len(weight_shape) >= 3 and group > 1 and weight_shape[0] == group and weight_shape[1] == 1
+def is_depthwise(weight_shape: Iterable[int], group: int) -> bool:
+    """A Conv with one input and one output channel per group: the int8 kernel that sums in int32."""
+    shape = tuple(weight_shape)
+    return len(shape) >= 3 and group > 1 and shape[0] == group and shape[1] == 1
 
 
 def full_range_weights(proto: onnx.ModelProto) -> list[str]:
@@ -40,7 +41,7 @@ def full_range_weights(proto: onnx.ModelProto) -> list[str]:
         if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in shapes:
             continue
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if saturation_free(shapes[node.input[1]], group):
+        if is_depthwise(shapes[node.input[1]], group):
             names.append(node.input[1])
     return names
 

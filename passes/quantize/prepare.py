@@ -48,6 +48,13 @@ class Prepared:
     opset: dict[str, int]  # {"input": ..., "quantized": ...}
     preprocess: str
     notes: list[str]
+    #: The model accuracy is judged against: ``path`` unless equalization (equalize.py) rescaled
+    #: channels in it, then the pre-processed model before that.
+    reference: pathlib.Path | None = None
+
+    def __post_init__(self):
+        if self.reference is None:
+            self.reference = self.path
 
 
 def _opset(proto: onnx.ModelProto) -> int:

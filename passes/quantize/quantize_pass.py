@@ -16,7 +16,10 @@ Flow of ``call``:
    against ``max_memory_mb`` (memory.py: refused when it cannot fit); ``reduce_range`` for this
    CPU (cpu.py: 7-bit weights without VNNI, except depthwise Conv weights, whose kernel sums in
    int32).
-2. ``prepare``: constants lifted, nodes named, opset raised, ``quant_pre_process`` (prepare.py).
+2. ``prepare``: constants lifted, nodes named, opset raised, ``quant_pre_process`` (prepare.py);
+   with ``equalize``, the channels of each depthwise convolution's input scaled to one range and
+   the depthwise weights scaled back (equalize.py); accuracy is still judged against the model
+   before that.
 3. calibration streamed chunk by chunk into a range cache (calibration.py), each range cut to
    what its readers can tell apart (dead_zones.py: below -3 before a hardswish); with
    ``calibration: mse`` each activation's range is the clipping with the least
@@ -76,6 +79,7 @@ from deployopt.passes.quantize.calibration import (METHODS, Activations, calibra
 from deployopt.passes.quantize.calibration_choice import AUTO_METHODS, best_method, output_sqnr_db
 from deployopt.passes.quantize.cpu import auto_reduce_range, full_range_weights
 from deployopt.passes.quantize.dead_zones import dead_zones
+from deployopt.passes.quantize.equalize import equalize
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, model_inputs, samples_in, scan
 from deployopt.passes.quantize.kernels import internal_unfused, ort_kernels
 from deployopt.passes.quantize.latency_probe import LatencyProbe
@@ -117,6 +121,10 @@ class QuantizePass(DeployFunctionalPass):
     calibration: Literal["minmax", "percentile", "entropy", "distribution", "mse", "auto"] = "minmax"
     percentile: float = setting(99.999, low=0, high=100, low_open=True)  # for calibration: percentile
     per_channel: bool = True
+    # scale the channels of each depthwise convolution's input to one range before calibration
+    # (equalize.py; per-channel weights only): off by default, it clips small channels at their
+    # calibrated maximum
+    equalize: bool = False
     symmetric_activations: bool = False
     symmetric_weights: bool = True
     reduce_range: bool | None = None  # None: decided by the CPU (True without VNNI)
@@ -182,6 +190,9 @@ class QuantizePass(DeployFunctionalPass):
         """Steps 2-8 of the module doc in ``folder``; None when the float model is faster."""
         with times("preprocess"):
             prepared = self._prepare(proto, folder)
+        if self.equalize and self.per_channel:
+            with times("equalize"):
+                self._equalize(prepared, folder)
         excluded = self._excluded_nodes(prepared)
         methods = AUTO_METHODS if self.calibration == "auto" else (self.calibration,)
         refiner = self._refiner(prepared, reduce_range)  # float statistics shared by every method
@@ -297,6 +308,24 @@ class QuantizePass(DeployFunctionalPass):
         self.details["opset"] = prepared.opset
         self.details["preprocess"] = prepared.preprocess
         return prepared
+
+    def _equalize(self, prepared: Prepared, folder: pathlib.Path) -> None:
+        """Equalize the depthwise inputs' channel ranges (equalize.py) in ``prepared``, in place;
+        the model before it stays the accuracy reference."""
+        batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, self.samples,
+                                             self.batch_size))
+        equalized, summary = equalize(prepared.proto, batches, self.context.threads)
+        self.details["equalization"] = summary
+        if not summary["pairs"]:
+            return
+        prepared.reference = prepared.path.with_name("unequalized.onnx")
+        prepared.path.replace(prepared.reference)
+        onnx.save(equalized, str(prepared.path))
+        prepared.proto = equalized
+        self.note(f"equalized the channel ranges of {summary['pairs']} depthwise convolution inputs before "
+                  f"calibration: {summary['channels_scaled']} of {summary['channels']} channels scaled up "
+                  f"(median x{summary['median_scale']:g}, at most x{summary['max_scale']:g}), the depthwise "
+                  "weights scaled down to match (equalize.py)")
 
     def _excluded_nodes(self, prepared: Prepared) -> list[str]:
         """The nodes ``exclude_nodes`` names in the pre-processed model."""
@@ -484,7 +513,7 @@ class QuantizePass(DeployFunctionalPass):
         """The max_accuracy_drop rule on data.evaluation (None without max_accuracy_drop)."""
         if self.max_accuracy_drop is None:
             return None
-        return Scorer(prepared.path, self.context.evaluation, metrics=self.context.metrics,
+        return Scorer(prepared.reference, self.context.evaluation, metrics=self.context.metrics,
                       tolerance=self.max_accuracy_drop, relative=self.relative, batch_size=self.batch_size,
                       threads=self.context.threads)
 
@@ -579,7 +608,7 @@ class QuantizePass(DeployFunctionalPass):
             return scorer
         ctx = self.context
         data = ctx.evaluation if ctx.evaluation is not None else ctx.calibration
-        return AgreementCheck(prepared.path, data, metrics=ctx.metrics, first=first, batch_size=self.batch_size,
+        return AgreementCheck(prepared.reference, data, metrics=ctx.metrics, first=first, batch_size=self.batch_size,
                               threads=ctx.threads)
 
     # -- 8. summary -------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 from deployopt.core.data import Dataset
 from deployopt.core.session import open_session
 from deployopt.passes.quantize import rounding as rounding_lib
-from deployopt.passes.quantize.cpu import saturation_free
+from deployopt.passes.quantize.cpu import is_depthwise
 from deployopt.passes.reconstruct import conv_output_size, conv_pads, conv_patches
 from deployopt.passes.quantize.data import Feed, InputSpec, feeds, samples_in
 
@@ -377,7 +377,7 @@ def refine(qdq_path: pathlib.Path, layers: list[Layer], stats: dict[str, Stats],
         rows = (q.T if layer.transposed else q).reshape(g, r, k).astype(np.float64)
         st = stats[layer.node]
         delta = scale[:, :, None] * (rows - zero[:, :, None]) - layer.weight
-        narrow = reduce_range and not saturation_free(layer.weight_shape, layer.attrs.get("group", 1))
+        narrow = reduce_range and not is_depthwise(layer.weight_shape, layer.attrs.get("group", 1))
         qmin, qmax = (int(v) for v in get_qmin_qmax_for_qType(q_tensor.data_type, narrow, symmetric))
         found, why = _candidates(layer, st, scale, zero, qmin, qmax, rounding, damp, budget, learned)
         best, best_error = None, None
