@@ -129,3 +129,13 @@ def test_quantize_pass_equalizes_and_says_so(mobilenet_block, digits_shuffled):
 def _logits(proto, x):
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"input": x})[0]
+
+
+def test_per_tensor_weights_are_not_equalized(mobilenet_block, digits_shuffled):
+    """Per-tensor weights would change with the scaled channels: the pass says it did nothing."""
+    x, _ = digits_shuffled
+    p = QuantizePass(latency_aware=False, equalize=True, per_channel=False)
+    p.context = PassContext(calibration=ArrayDataset(x[:64]))
+    result = p(ir.from_proto(mobilenet_block))
+    assert "equalize: not applied, it needs per-channel weights (per_channel: true)" in result.notes
+    assert "equalization" not in result.details

@@ -81,10 +81,6 @@ def pairs(proto: onnx.ModelProto) -> list[Pair]:
     """The producer -> Relu/Clip(0, h) -> depthwise chains of ``proto`` that can be equalized."""
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     scalars = scalar_constants(proto)
-    uses: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
     outputs = {o.name for o in proto.graph.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
@@ -110,7 +106,7 @@ def pairs(proto: onnx.ModelProto) -> list[Pair]:
                 or not is_depthwise(shapes[depthwise.input[1]], _group(depthwise))):
             continue
         scaled = [*producer.input[1:3], depthwise.input[1]]
-        if any(name and uses[name] > 1 for name in scaled):
+        if any(name and len(readers[name]) > 1 for name in scaled):
             continue  # an initializer another node reads too would change under it
         found.append(Pair(producer.name, activation.name, depthwise.name, activation.output[0]))
     return found

@@ -190,9 +190,11 @@ class QuantizePass(DeployFunctionalPass):
         """Steps 2-8 of the module doc in ``folder``; None when the float model is faster."""
         with times("preprocess"):
             prepared = self._prepare(proto, folder)
-        if self.equalize and self.per_channel:
+        if self.equalize and not self.per_channel:
+            self.note("equalize: not applied, it needs per-channel weights (per_channel: true)")
+        elif self.equalize:
             with times("equalize"):
-                self._equalize(prepared, folder)
+                self._equalize(prepared)
         excluded = self._excluded_nodes(prepared)
         methods = AUTO_METHODS if self.calibration == "auto" else (self.calibration,)
         refiner = self._refiner(prepared, reduce_range)  # float statistics shared by every method
@@ -200,8 +202,8 @@ class QuantizePass(DeployFunctionalPass):
         for method in methods:
             with times("calibration"):
                 cache, calibrations[method] = self._calibrate(prepared, folder, n_cal, method)
-            quantizers[method] = Quantizer(prepared.path, cache, self._static_options(prepared, reduce_range, method), times,
-                                           refiner, float_nodes=excluded)
+            options = self._static_options(prepared, reduce_range, method)
+            quantizers[method] = Quantizer(prepared.path, cache, options, times, refiner, float_nodes=excluded)
             firsts[method] = quantizers[method]([], folder / f"trial0-{method}.onnx")
         method = methods[0]
         if len(methods) > 1:
@@ -309,7 +311,7 @@ class QuantizePass(DeployFunctionalPass):
         self.details["preprocess"] = prepared.preprocess
         return prepared
 
-    def _equalize(self, prepared: Prepared, folder: pathlib.Path) -> None:
+    def _equalize(self, prepared: Prepared) -> None:
         """Equalize the depthwise inputs' channel ranges (equalize.py) in ``prepared``, in place;
         the model before it stays the accuracy reference."""
         batches = (feed for feed, _ in feeds(self.context.calibration, prepared.inputs, self.samples,
