@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
+
 import numpy as np
+import onnx
 import torch
 
 
@@ -31,3 +35,17 @@ def train_classifier(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epoc
                 opt.step()
     finally:
         torch.set_num_threads(saved_threads)
+
+
+def digits_onnx(make_net: Callable[[], torch.nn.Module], x: np.ndarray, y: np.ndarray, *,
+                epochs: int = 15) -> onnx.ModelProto:
+    """``make_net()`` built after ``torch.manual_seed(0)``, trained on one thread on ``x``, ``y``
+    (8x8 digits) and exported at opset 17 with input 'input' (dynamic batch) and output 'logits'."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    net = make_net()
+    train_classifier(net, x, y, epochs=epochs)
+    buf = io.BytesIO()
+    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue())

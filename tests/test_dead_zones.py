@@ -4,7 +4,6 @@ quantize pass on a digits-trained hardswish CNN (exact in function, finer int8 s
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -12,7 +11,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -20,7 +18,7 @@ from deployopt.core.data import ArrayDataset
 from deployopt.passes.context import PassContext
 from deployopt.passes.quantize import QuantizePass, quantize_pass
 from deployopt.passes.quantize.dead_zones import dead_zones
-from tests._fixtures import train_classifier
+from tests._fixtures import digits_onnx
 
 N_TRAIN = 1400
 
@@ -88,16 +86,9 @@ def hardswish_proto(digits) -> onnx.ModelProto:
     """Conv-Hardswish-Conv-Hardswish-Linear trained on 1,400 digits, exported at opset 17 (one
     HardSwish node per activation; pre-processing inlines it into HardSigmoid + Mul)."""
     x, y = digits
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.Hardswish(),
-                        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.Hardswish(),
-                        nn.Flatten(), nn.Linear(32 * 16, 10))
-    train_classifier(net, x[:N_TRAIN], y[:N_TRAIN], epochs=15)
-    buf = io.BytesIO()
-    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
-    return onnx.load_from_string(buf.getvalue())
+    return digits_onnx(lambda: nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.Hardswish(), nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.Hardswish(),
+        nn.Flatten(), nn.Linear(32 * 16, 10)), x[:N_TRAIN], y[:N_TRAIN])
 
 
 def _paddle_form(proto: onnx.ModelProto) -> onnx.ModelProto:

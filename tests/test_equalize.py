@@ -4,14 +4,12 @@ every channel then reaches the common range, and what the quantize pass records.
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -19,7 +17,7 @@ from deployopt.core.data import ArrayDataset
 from deployopt.passes.context import PassContext
 from deployopt.passes.quantize import QuantizePass
 from deployopt.passes.quantize.equalize import MAX_SCALE, channel_maxima, equalize, pairs, scales_for
-from tests._fixtures import train_classifier
+from tests._fixtures import digits_onnx
 
 N_TRAIN = 1400
 
@@ -93,16 +91,10 @@ def mobilenet_block(digits_shuffled):
     """Conv-ReLU6, then a MobileNet block (1x1 expand, ReLU6, depthwise 3x3, ReLU6, 1x1 project),
     then a Linear, trained on 1,400 digits; exported to ONNX."""
     x, y = digits_shuffled
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU6(),
-                        nn.Conv2d(8, 32, 1), nn.ReLU6(), nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU6(),
-                        nn.Conv2d(32, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 10))
-    train_classifier(net, x[:N_TRAIN], y[:N_TRAIN], epochs=15)
-    buf = io.BytesIO()
-    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
-    return onnx.load_from_string(buf.getvalue())
+    return digits_onnx(lambda: nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 32, 1), nn.ReLU6(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU6(), nn.Conv2d(32, 8, 1), nn.Flatten(),
+        nn.Linear(8 * 64, 10)), x[:N_TRAIN], y[:N_TRAIN])
 
 
 def test_quantize_pass_equalizes_and_says_so(mobilenet_block, digits_shuffled):

@@ -3,14 +3,12 @@ which weights it picks, and what the pass writes."""
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 from torch import nn
@@ -19,7 +17,7 @@ from deployopt.core.data import ArrayDataset
 from deployopt.passes.context import PassContext
 from deployopt.passes.quantize import QuantizePass, quantize_pass
 from deployopt.passes.quantize.cpu import auto_reduce_range, full_range_weights, is_depthwise
-from tests._fixtures import train_classifier
+from tests._fixtures import digits_onnx
 
 N_TRAIN = 1400
 
@@ -124,16 +122,9 @@ def test_full_range_weights_are_the_depthwise_ones():
 def depthwise_proto(digits_shuffled):
     """Conv-ReLU, depthwise Conv-ReLU, 1x1 Conv-ReLU, Linear, trained on 1,400 digits."""
     x, y = digits_shuffled
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
-                        nn.Conv2d(16, 32, 1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10))
-    train_classifier(net, x[:N_TRAIN], y[:N_TRAIN], epochs=15)
-    buf = io.BytesIO()
-    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
-    return onnx.load_from_string(buf.getvalue())
+    return digits_onnx(lambda: nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        nn.Conv2d(16, 32, 1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10)), x[:N_TRAIN], y[:N_TRAIN])
 
 
 def _quantize(proto, x, **settings):

@@ -8,7 +8,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import numpy_helper
 from torch import nn
 
@@ -17,7 +16,7 @@ from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError
 from deployopt.passes.quantize import refine as qrefine
 from deployopt.passes.quantize import QuantizePass
-from tests._fixtures import train_classifier
+from tests._fixtures import digits_onnx
 
 
 def _grid(q, s, z):
@@ -63,18 +62,10 @@ def test_gptq_with_an_identity_hessian_is_round_to_nearest():
 def digits_model(digits):
     """A trained digits CNN with a depthwise layer (the case refinement is for), exported to ONNX."""
     x, y = digits
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU6(),
-                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
-                        nn.Conv2d(16, 24, 1), nn.ReLU6(),
-                        nn.Flatten(), nn.Linear(24 * 64, 10))
-    train_classifier(net, x[:1400], y[:1400], epochs=15)
-    import io
-    buf = io.BytesIO()
-    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
-    return onnx.load_from_string(buf.getvalue()), x, y
+    proto = digits_onnx(lambda: nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
+        nn.Conv2d(16, 24, 1), nn.ReLU6(), nn.Flatten(), nn.Linear(24 * 64, 10)), x[:1400], y[:1400])
+    return proto, x, y
 
 
 def _quantize(proto, x, **settings):
