@@ -69,7 +69,8 @@ LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "recognizer": [(FORCED_INT8, {"latency_aware": False, "min_step_speedup": None}, False)],
     "mobilenet_v2": [("deployopt quantize, reduce_range: false (8-bit weights)", {"reduce_range": False}, False),
                      ("deployopt quantize, calibration: minmax", {"calibration": "minmax"}, False),
-                     ("deployopt quantize, tune_ranges: true", {"tune_ranges": True}, False)],
+                     ("deployopt quantize, tune_ranges: true", {"tune_ranges": True}, False),
+                     ("deployopt quantize, equalize: true", {"equalize": True}, False)],
     # Measured while investigating the missed F1 (run_layout_activations.py): 16-bit activations
     # with the same int8 weights keep F1 0.948, so the loss is the per-tensor uint8 activations, and
     # it sits in the first quarter of the graph, in the backbone's conv outputs (a few outlier
