@@ -33,6 +33,11 @@ def is_depthwise(weight_shape: Iterable[int], group: int) -> bool:
     return len(shape) >= 3 and group > 1 and shape[0] == group and shape[1] == 1
 
 
+def conv_group(node: onnx.NodeProto) -> int:
+    """A Conv's ``group`` attribute (1 when absent)."""
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
 def full_range_weights(proto: onnx.ModelProto) -> list[str]:
     """The weight initializers of ``proto`` that keep 8 bits under ``reduce_range`` (depthwise Conv)."""
     shapes = {t.name: tuple(t.dims) for t in proto.graph.initializer}
@@ -40,8 +45,7 @@ def full_range_weights(proto: onnx.ModelProto) -> list[str]:
     for node in proto.graph.node:
         if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in shapes:
             continue
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        if is_depthwise(shapes[node.input[1]], group):
+        if is_depthwise(shapes[node.input[1]], conv_group(node)):
             names.append(node.input[1])
     return names
 

@@ -94,7 +94,7 @@ def dead_zones(proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
             a = attrs(node)
             alpha, beta = a.get("alpha", 0.2), a.get("beta", 0.5)
             return -beta / alpha if alpha > 0 else None
-        if node.op_type == "Relu" or (node.op_type == "Clip" and clip_bounds(node, scalars)[0] == 0.0):
+        if floored_at_zero(node, scalars):
             source = node.input[0]
             if source == t:
                 return 0.0
@@ -141,6 +141,11 @@ def dead_zones(proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
         if low > -math.inf or high < math.inf:
             bounds[tensor] = (low, high)
     return bounds
+
+
+def floored_at_zero(node: onnx.NodeProto, scalars: dict[str, float]) -> bool:
+    """Relu, or a Clip whose minimum is 0."""
+    return node.op_type == "Relu" or (node.op_type == "Clip" and clip_bounds(node, scalars)[0] == 0.0)
 
 
 def clip_bounds(node: onnx.NodeProto, scalars: dict[str, float]) -> tuple[float, float]:

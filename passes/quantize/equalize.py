@@ -50,9 +50,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from deployopt.core.session import open_session
-from deployopt.passes.quantize.cpu import is_depthwise
+from deployopt.passes.quantize.cpu import conv_group, is_depthwise
 from deployopt.passes.quantize.data import Feed
-from deployopt.passes.quantize.dead_zones import clip_bounds, scalar_constants
+from deployopt.passes.quantize.dead_zones import floored_at_zero, scalar_constants
 
 #: How far above its calibrated maximum a scaled channel can go before its Clip cuts it. Measured
 #: (benchmarks/results/equalize.md): 2 gave back most of MobileNetV2's gain and did not remove
@@ -71,10 +71,6 @@ class Pair:
     activation: str
     depthwise: str
     tensor: str  # the activation's output, the tensor whose channels are equalized
-
-
-def _group(node: onnx.NodeProto) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
 def pairs(proto: onnx.ModelProto) -> list[Pair]:
@@ -98,25 +94,18 @@ def pairs(proto: onnx.ModelProto) -> list[Pair]:
         if len(producer.input) > 2 and producer.input[2] and producer.input[2] not in shapes:
             continue  # a computed bias cannot be rescaled
         activation = only_reader(producer.output[0])
-        if activation is None or not _positively_homogeneous(activation, scalars):
+        if activation is None or not floored_at_zero(activation, scalars):  # positively homogeneous
             continue
         depthwise = only_reader(activation.output[0])
         if (depthwise is None or depthwise.op_type != "Conv" or depthwise.input[0] != activation.output[0]
                 or len(depthwise.input) < 2 or depthwise.input[1] not in shapes
-                or not is_depthwise(shapes[depthwise.input[1]], _group(depthwise))):
+                or not is_depthwise(shapes[depthwise.input[1]], conv_group(depthwise))):
             continue
         scaled = [*producer.input[1:3], depthwise.input[1]]
         if any(name and len(readers[name]) > 1 for name in scaled):
             continue  # an initializer another node reads too would change under it
         found.append(Pair(producer.name, activation.name, depthwise.name, activation.output[0]))
     return found
-
-
-def _positively_homogeneous(node: onnx.NodeProto, scalars: dict[str, float]) -> bool:
-    """Relu, or Clip with minimum 0 (its maximum moves with the scale: module doc)."""
-    if node.op_type == "Relu":
-        return True
-    return node.op_type == "Clip" and clip_bounds(node, scalars)[0] == 0.0
 
 
 def channel_maxima(proto: onnx.ModelProto, tensors: list[str], batches: Iterable[Feed],
