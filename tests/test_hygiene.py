@@ -25,7 +25,7 @@ from deployopt.core.contain import Skipped, best_effort, confined
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError, WorkFailed
 from deployopt.measure import latency
-from deployopt.measure.worker import main as real_worker_main
+from tests._fake_workers import load_failure_worker
 from deployopt.passes.context import PassContext
 from deployopt.passes.quantize import QuantizePass
 from deployopt.passes.quantize import quantize_pass
@@ -269,26 +269,12 @@ def test_evaluation_data_that_does_not_fit_names_the_model_and_key(tmp_path):
     _no_internal_path(message)
 
 
-def _load_failure_worker(conn, model_path, optimization_level):
-    """A latency worker for which onnxruntime refuses a step's output model, saying so as it
-    does: naming the file."""
-    if os.path.basename(model_path).endswith("_output.onnx"):
-        conn.send(("ready", 1.0))
-        while True:
-            message = conn.recv()
-            if message[0] == "stop":
-                return
-            if message[0] == "measure":
-                conn.send(("error", f"onnxruntime cannot load {model_path}: INVALID_GRAPH", 1.0))
-    real_worker_main(conn, model_path, optimization_level)
-
-
 def test_failing_step_guard_is_noted_with_the_users_names(tmp_path, monkeypatch):
     model = _digits_like(tmp_path, max_label=3)
     real_compare = latency.compare
 
     def compare(*args, **kwargs):
-        return real_compare(*args, worker_entry=_load_failure_worker, **kwargs)
+        return real_compare(*args, worker_entry=load_failure_worker, **kwargs)
 
     monkeypatch.setattr(latency, "compare", compare)
     passes = [{"cleanup": {"min_step_speedup": 1.0}}]

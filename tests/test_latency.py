@@ -4,7 +4,6 @@ and refusal of bad input. Models are tiny onnx.helper graphs, runs=20, rounds=2.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deployopt.measure import inputs, latency, latency_report, machine, memory, timing
 from deployopt.measure.output import plot_latency
-from deployopt.measure.worker import main as real_worker_main
+from tests._fake_workers import fault_worker
 from deployopt.cli import main as cli_main
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError
@@ -190,25 +189,12 @@ def test_plot_writes_png(isolated, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "lat.png"]  # no temp file left
 
 
-def _fault_worker(conn, model_path, optimization_level):
-    """A worker that dies like onnxruntime aborting ('crash' in the path) or hangs ('hang')."""
-    name = os.path.basename(model_path)
-    if name in ("crash.onnx", "hang.onnx"):
-        conn.send(("ready", 1.0))
-        while conn.recv()[0] != "measure":
-            pass
-        if name == "crash.onnx":
-            os.abort()
-        time.sleep(120)
-    real_worker_main(conn, model_path, optimization_level)
-
-
 def test_crashing_and_hanging_workers_give_failure_rows(models, tmp_path):
     crash = _mlp(tmp_path / "crash.onnx")
     hang = _mlp(tmp_path / "hang.onnx")
     t0 = time.monotonic()
     result = latency.compare([models["a"], crash, hang, models["b"]], runs=20, rounds=2,
-                             warmup=2, timeout=3, progress=False, worker_entry=_fault_worker)
+                             warmup=2, timeout=3, progress=False, worker_entry=fault_worker)
     rows = {r["model"]: r for r in result.rows}
     assert rows["crash"]["error"] == "worker crashed (signal SIGABRT)"
     assert rows["hang"]["error"] == "worker killed: exceeded --timeout 3 s"
