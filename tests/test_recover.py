@@ -320,6 +320,11 @@ def test_feature_matching_and_refusals(teacher_path, digits, tmp_path):
     d = result.details
     assert result.failure is None and d["agreement_before"] < 1.0
     assert d["agreement_after"] >= d["agreement_before"] and d["history"][1]["loss"] > 0
+    # The matched features are held for every view: 1,200 samples x 2 views of 296 bytes (input
+    # and logits) fit in 2 MB, their 16x8x8 Relu features (4 KB each) do not.
+    with pytest.raises(UserError, match=r"^max_memory_mb: 1200 samples x 2 views need 1[0-9] MB for the view bank "
+                                        r"and its teacher targets \(limit 2 MB\); lower max_samples or views$"):
+        recover(io.load(teacher_path), teacher, digits, tmp_path, features=[name], max_memory_mb=2)
     with pytest.raises(UserError, match=r"^features: tensor 'nope' is not in the model$"):
         recover(io.load(teacher_path), teacher, digits, tmp_path, features=["nope"])
     step = RecoverPass(**FAST)

@@ -228,11 +228,17 @@ class RecoverPass(DeployInPlacePass):
 
         # The view bank and its teacher targets, within the memory budget.
         cfg = ViewConfig(self.views, self.crop_scale, self.flip, self.jitter, self.mixup, self.cutmix)
-        per_sample = x[0].nbytes + 4 * (teacher_io.classes or 1000)
+        # per view: the input, the teacher's logits and its matched features (a 224x224 MobileNetV2
+        # with its 7 block outputs as features holds 0.6 MB of them per view, as much as the image)
+        feature_floats = (sum(int(np.prod(f.shape[1:])) for f in
+                              dt.teacher_outputs(sess, teacher_io.input_name, self.features, x[:1],
+                                                 teacher_io.fixed_batch))
+                          if self.features else 0)
+        per_sample = x[0].nbytes + 4 * ((teacher_io.classes or 1000) + feature_floats)
         bank_mb = len(fit) * self.views * per_sample / 2**20
         if bank_mb > self.max_memory_mb:
             raise UserError(f"max_memory_mb: {len(fit)} samples x {self.views} views need {bank_mb:.0f} MB for the "
-                            f"view bank (limit {self.max_memory_mb:g} MB); lower max_samples or views")
+                            f"view bank and its teacher targets (limit {self.max_memory_mb:g} MB); lower max_samples or views")
         t0 = time.perf_counter()
         bank = make_views(fit, cfg, seed)
         names = [teacher_io.output_name, *self.features]
