@@ -103,7 +103,12 @@ class RecoverPass(DeployInPlacePass):
     lr: float | None = setting(None, low=0, high=1, low_open=True)
     weight_decay: float = setting(0.0, low=0)
     max_samples: int = setting(2048, low=2)  # training samples read (the first ones)
-    views: int = setting(2, low=1)  # copies per training sample in the bank, the first unaugmented
+    # Copies per training sample in the bank, the first unaugmented. On few images, more views beat
+    # more epochs in the same time: MobileNetV2 channel-pruned to keep 0.75, 529 images, lr 1e-4,
+    # ~1000 s of training, agreement / KL on 440 held-out crops: 2 views x 6 epochs 59.1% / 0.99,
+    # 8 views x 3 epochs 68.0% / 0.80 (matching 7 block outputs as ``features`` on top: 67.0% /
+    # 0.79, no gain). The default stays 2 because the bank's memory grows with it (max_memory_mb).
+    views: int = setting(2, low=1)
     crop_scale: float = setting(0.35, low=0, high=1, low_open=True)  # smallest crop area (1: no crops)
     flip: bool = True
     jitter: float = setting(0.2, low=0, high=1, high_open=True)  # colour jitter strength (0: off)
