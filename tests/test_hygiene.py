@@ -25,13 +25,13 @@ from deployopt.core.contain import Skipped, best_effort, confined
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError, WorkFailed
 from deployopt.measure import latency
-from tests._fake_workers import load_failure_worker
 from deployopt.passes.context import PassContext
 from deployopt.passes.quantize import QuantizePass
 from deployopt.passes.quantize import quantize_pass
 from deployopt.passes.quantize.prepare import prepare
 from deployopt.passes.quantize.sqnr import weight_sqnr
 from deployopt.report import UserPaths
+from tests._fake_workers import load_failure_worker
 
 
 class ScaleShiftNet(nn.Module):

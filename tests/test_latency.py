@@ -13,10 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deployopt.measure import inputs, latency, latency_report, machine, memory, timing
 from deployopt.measure.output import plot_latency
-from tests._fake_workers import fault_worker
 from deployopt.cli import main as cli_main
 from deployopt.core.data import ArrayDataset
 from deployopt.core.errors import UserError
+from tests._fake_workers import fault_worker
 
 
 def _mlp(path, hidden=32, batch="N", features=64, seed=0):
