@@ -39,6 +39,7 @@ import psutil
 
 from deployopt.core.errors import UserError
 from deployopt.measure.memory import current_rss_mb
+from deployopt.passes.quantize.cpu import conv_group
 
 MB = 1024 * 1024
 #: Bytes a session run holds per activation byte (the tensors, onnxruntime's arena, which grows
@@ -149,7 +150,7 @@ def hessian_bytes(proto: onnx.ModelProto, max_columns: int) -> int:
             continue
         w = shapes[node.input[1]]
         if node.op_type == "Conv" and len(w) >= 3:
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            group = conv_group(node)
             k = int(np.prod(w[1:]))
         elif len(w) == 2:
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
