@@ -28,7 +28,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from deployopt.core.errors import UserError
+from deployopt.core.errors import UserError, WorkFailed
 from deployopt.measure.latency import BenchResult
 from deployopt.report import Report
 
@@ -72,9 +72,24 @@ def optimize(recipe: PathLike | Mapping[str, Any], out_dir: PathLike | None = No
     if isolate:
         from deployopt.core.contain import run_contained
 
-        run_contained(functools.partial(_optimize_in_child, parsed, out), verb="optimize", timeout=timeout)
-        return Report.read(out / "report.json")
+        report = out / "report.json"
+        before = _stamp(report)
+        code = run_contained(functools.partial(_optimize_in_child, parsed, out), verb="optimize", timeout=timeout)
+        if before == _stamp(report) or not report.exists():  # none written by this run (an old one stays)
+            raise WorkFailed(f"optimize ended with exit code {code} before writing {report} (the child's error "
+                             "is printed above; a script that passes isolate=True must start its work under "
+                             "`if __name__ == '__main__':`, because the child re-imports it)")
+        return Report.read(report)
     return pipeline.run(parsed, out)
+
+
+def _stamp(path: pathlib.Path) -> tuple[int, int] | None:
+    """``path``'s inode and modification time, None when absent: tells a file rewritten from an old one."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _optimize_in_child(recipe, out_dir: pathlib.Path) -> int:

@@ -89,6 +89,19 @@ def _unlabelled(folder: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def test_isolated_run_raises_the_childs_error_in_the_caller(tmp_path, capfd):
+    """isolate=True: bad input is the same UserError as in-process, with no child traceback, and an
+    earlier run's report.json in the output folder is not returned as this run's."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not a model")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match=r"m\.onnx: not an ONNX model or truncated/corrupt protobuf"):
+        deployopt.optimize({"model": str(model), "passes": [{"cleanup": {}}]}, out, isolate=True)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_timeout_needs_isolation(tmp_path):
     with pytest.raises(UserError, match="^timeout: only with isolate=True"):
         deployopt.optimize({"model": str(tmp_path / "m.onnx")}, tmp_path / "out", timeout=5)

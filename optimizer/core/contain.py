@@ -5,6 +5,10 @@ segfault or hang, which no ``try`` in Python can catch. The CLI therefore runs `
 ``eval`` and ``inspect`` in a spawned child process and watches it:
 
 - the child exits normally: its exit code is the CLI's (it printed its own one-line error);
+- the work raises a ``DeployoptError`` (the Python API's ``optimize(isolate=True)``, whose child
+  prints nothing): the child hands its type and message back through a small file and the parent
+  raises the same error, so the caller gets ``UserError: m.onnx: not an ONNX model ...`` as
+  without ``isolate``, not a child's traceback;
 - the child dies from a signal: ``WorkFailed("... crashed (SIGSEGV) during <step>")``, exit 1;
 - the child runs past ``--timeout``: it is killed, ``WorkFailed("... timed out ...")``, exit 1;
 - SIGINT/SIGTERM reach the CLI: the child is asked to stop (it cleans up), the CLI exits 130.
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import multiprocessing
 import os
 import pathlib
@@ -38,9 +43,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from deployopt.core.errors import WorkFailed, one_line
+from deployopt.core.errors import DeployoptError, UserError, WorkFailed, one_line
 
 _STATUS_ENV = "DEPLOYOPT_STATUS_FILE"
+_ERROR_ENV = "DEPLOYOPT_ERROR_FILE"
 _TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
 _GRACE_SECONDS = 10.0
 #: Hidden folder inside the output folder where ``optimize`` stages its outputs; what a killed
@@ -102,7 +108,24 @@ def report_status(text: str) -> None:
 
 
 def _child(target: Callable[[], int]) -> None:
-    sys.exit(int(target() or 0))
+    try:
+        code = target()
+    except DeployoptError as e:  # handed back for run_contained to raise in the caller
+        with contextlib.suppress(OSError):
+            pathlib.Path(os.environ[_ERROR_ENV]).write_text(
+                json.dumps({"kind": type(e).__name__, "message": str(e)}), encoding="utf-8")
+        sys.exit(e.exit_code)
+    sys.exit(int(code or 0))
+
+
+def _handed_back(path: pathlib.Path) -> DeployoptError | None:
+    """The ``DeployoptError`` the child wrote to ``path`` (``_child``), rebuilt; None without one."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = {cls.__name__: cls for cls in (UserError, WorkFailed)}.get(record.get("kind"), DeployoptError)
+    return kind(record.get("message", ""))
 
 
 def _read_status(path: pathlib.Path) -> str:
@@ -126,14 +149,17 @@ def _stop(process: multiprocessing.Process) -> None:
 
 def run_contained(target: Callable[[], int], *, verb: str, timeout: float | None) -> int:
     """Run ``target()`` (picklable: a module-level function or a ``functools.partial`` of one) in a
-    spawned child; return its exit code. ``verb`` names the work in timeout and crash messages."""
+    spawned child; return its exit code, or raise the ``DeployoptError`` that ``target`` raised.
+    ``verb`` names the work in timeout and crash messages."""
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="deployopt-run-"))
     status = scratch / "status"
+    error = scratch / "error"
     child_tmp = scratch / "tmp"
     child_tmp.mkdir()
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", _STATUS_ENV, _TELEMETRY_ENV)}
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", _STATUS_ENV, _ERROR_ENV, _TELEMETRY_ENV)}
     os.environ["TMPDIR"] = str(child_tmp)  # the spawned child inherits the environment
     os.environ[_STATUS_ENV] = str(status)
+    os.environ[_ERROR_ENV] = str(error)
     os.environ.setdefault(_TELEMETRY_ENV, "1")
     process = multiprocessing.get_context("spawn").Process(target=_child, args=(target,))  # not a daemon: it spawns workers
     try:
@@ -160,6 +186,9 @@ def run_contained(target: Callable[[], int], *, verb: str, timeout: float | None
                 name = f"signal {-code}"
             raise WorkFailed(f"{verb} crashed ({name}) during {_read_status(status)}; "
                              "onnxruntime or onnx aborted on this model")
+        raised = _handed_back(error)
+        if raised is not None:
+            raise raised
         return int(code or 0)
     except KeyboardInterrupt:
         _stop(process)
