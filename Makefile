@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/deployopt optimize optimizer/recipes/demo.yaml -o runs/demo
 
+# Two workers, each taking whole test files (module fixtures are built once): the suite's
+# processes are mostly single-threaded, so two of them keep both cores of the target busy.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The base install quantizes a model without torch (run by CI after the tests).
 check-base:
