@@ -22,6 +22,7 @@ before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -30,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -513,25 +514,42 @@ def run(recipe: Recipe, out_dir: str | pathlib.Path, *, cache: StepCache | None 
     from the same input and settings; ``bench_slot`` runs every latency measurement (benchmark,
     profiles, step guards) while the run holds the machine's benchmark slot."""
     started = time.time()
-    out_dir = prepare_out_dir(pathlib.Path(out_dir))
-    if not isinstance(recipe.model, dict):
-        io.check_output_path(out_dir / "model.onnx", input_path=recipe.model)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-    names = report.UserPaths()
-    names.add(staging, str(out_dir))  # staged outputs are named where they will be
+    with _output_folder(pathlib.Path(out_dir)) as out_dir:
+        if not isinstance(recipe.model, dict):
+            io.check_output_path(out_dir / "model.onnx", input_path=recipe.model)
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        names = report.UserPaths()
+        names.add(staging, str(out_dir))  # staged outputs are named where they will be
+        try:
+            result = _run(recipe, out_dir, staging, started, names, cache, bench_slot)
+            for name in ("input.onnx", "model.onnx", "report.json", "report.md"):
+                if (staging / name).exists():
+                    os.replace(staging / name, out_dir / name)
+            return result
+        except DeployoptError as e:  # the message names the user's files, not the run's copies
+            message = names(str(e))
+            if message == str(e):
+                raise
+            raise (UserError if isinstance(e, UserError) else WorkFailed)(message) from e
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _output_folder(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+    """``prepare_out_dir``; when the run then raises (bad input, a crash, Ctrl-C), the folders it
+    created are removed again if still empty, so a refused run leaves not even an empty folder."""
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    prepare_out_dir(out_dir)
     try:
-        result = _run(recipe, out_dir, staging, started, names, cache, bench_slot)
-        for name in ("input.onnx", "model.onnx", "report.json", "report.md"):
-            if (staging / name).exists():
-                os.replace(staging / name, out_dir / name)
-        return result
-    except DeployoptError as e:  # the message names the user's files, not the run's copies
-        message = names(str(e))
-        if message == str(e):
-            raise
-        raise (UserError if isinstance(e, UserError) else WorkFailed)(message) from e
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        yield out_dir
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: something else is in it now
+                break
+        raise
 
 
 def _name_work_files(names: report.UserPaths, work_dir: pathlib.Path, recipe: Recipe, source: str) -> None:

@@ -258,10 +258,11 @@ def _recipe(root: pathlib.Path, model: pathlib.Path, passes: list) -> dict:
             "benchmark": {"threads": [1], "batch": [1], "warmup": 1, "runs": 5, "rounds": 1}}
 
 
-def test_evaluation_data_that_does_not_fit_names_the_model_and_key(tmp_path):
+def test_evaluation_data_that_does_not_fit_names_the_model_and_key_and_leaves_no_folder(tmp_path):
     model = _digits_like(tmp_path, max_label=9)
     with pytest.raises(UserError) as caught:
-        deployopt.optimize(_recipe(tmp_path, model, [{"cleanup": {}}]), tmp_path / "out")
+        deployopt.optimize(_recipe(tmp_path, model, [{"cleanup": {}}]), tmp_path / "runs" / "out")
+    assert not (tmp_path / "runs").exists(), "the refused run left the output folders it created"
     message = str(caught.value)
     assert message.startswith("data.evaluation: ")
     assert message == (f"data.evaluation: {model} after passes[0].cleanup: label 7 is outside the 4 classes "
