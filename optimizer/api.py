@@ -299,9 +299,12 @@ def export(model: Any, output: PathLike, *, input_shape: Sequence[int] | None = 
     Returns ``deployopt.models.export.ExportResult``.
     """
     from deployopt import models
+    from deployopt.core import io
 
     models.require_torch("export")
     from deployopt.models.export import export_model
+
+    io.check_output_path(output, inputs=[weights] if weights is not None else [])
 
     if isinstance(model, str):
         kwargs = {} if pretrained is None else {"pretrained": pretrained}

@@ -73,10 +73,17 @@ def _target(args) -> tuple[str, str | None]:
     return target.runtime, target.ep
 
 
-def _writable(flag: str, path: str | None) -> pathlib.Path | None:
+def _writable(flag: str, path: str | None, inputs: list[str] = ()) -> pathlib.Path | None:
+    """``path`` checked as an output of ``flag``: writable, and none of the ``inputs`` files."""
     from deployopt.measure.output import check_writable
 
-    return check_writable(path, flag) if path else None
+    return check_writable(path, flag, inputs) if path else None
+
+
+def _input_files(*given: str | None) -> list[str]:
+    """The files a command reads: its path arguments, and the path in a data spec (``npy:x.npy``)."""
+    return [candidate for text in given if text
+            for candidate in (text, text.partition(":")[2]) if candidate and os.path.isfile(candidate)]
 
 
 # -- export --------------------------------------------------------------------------------------------
@@ -324,7 +331,8 @@ def _bench(args) -> int:
     top = _int("--top", args.top) if args.top is not None else 10
     if top < 1:
         raise UserError(f"--top: {top} is not an integer >= 1")
-    outputs = {flag: _writable(flag, path) for flag, path in
+    reads = _input_files(*args.models, args.data)
+    outputs = {flag: _writable(flag, path, reads) for flag, path in
                (("--json", args.json), ("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot))
                if path}
     if "--plot" in outputs and outputs["--plot"].suffix.lower() not in (".png", ".svg", ".pdf"):
@@ -413,7 +421,7 @@ def _eval(args) -> int:
         values[flag] = _int(flag, text)
         if values[flag] < low:
             raise UserError(f"{flag}: {values[flag]} is not an integer >= {low}")
-    out = _writable("--json", args.json)
+    out = _writable("--json", args.json, _input_files(args.model, args.reference, args.data, args.labels, args.charset))
     runtime, ep = _target(args)
     try:
         result = api.evaluate(args.model, args.data, reference=args.reference, batch_size=values["--batch-size"],

@@ -133,8 +133,7 @@ def test_optimize_refuses_bad_recipes_and_data(ws, capsys, changes, needle):
     # the same: exit 2
     _check_one_line(capsys, main(["optimize", str(recipe), "-o", str(out), "--in-process"]), 2, needle)
     assert _digests(ws) == before
-    assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
-    assert not out.exists() or [p for p in out.iterdir()] == []
+    assert not out.exists(), "a refused run left its output folder"
 
 
 def test_optimize_refuses_output_equal_to_input(ws, capsys):
@@ -146,6 +145,24 @@ def test_optimize_refuses_output_equal_to_input(ws, capsys):
     _check_one_line(capsys, main(["optimize", str(recipe), "-o", str(sub), "--in-process"]), 2,
                     "refusing to overwrite the input model")
     assert _digests(sub) == before
+
+
+def test_outputs_never_overwrite_a_file_the_command_reads(ws, capsys):
+    """--json / --csv / -o naming the model, the data or the weights: refused before any work."""
+    good = ws / "good.onnx"
+    data = ws / "inputs.npy"
+    np.save(data, np.zeros((2, 1, 8, 8), np.float32))
+    before = _digests(ws)
+    _check_one_line(capsys, main(["bench", str(good), "--json", str(good), "--no-progress"]), 2,
+                    f"--json: {good}: refusing to overwrite a file this command reads")
+    _check_one_line(capsys, main(["bench", str(good), "--data", f"npy:{data}", "--csv", str(data), "--no-progress"]),
+                    2, f"--csv: {data}: refusing to overwrite a file this command reads")
+    _check_one_line(capsys, main(["eval", str(good), "--data", f"npy:{data}", "--reference", str(good), "--json",
+                                  str(ws / "." / "good.onnx"), "--no-progress", "--in-process"]), 2,
+                    "refusing to overwrite")
+    _check_one_line(capsys, main(["export", "seed_cnn", "--weights", str(good), "-o", str(good)]), 2,
+                    f"{good}: refusing to overwrite a file this command reads")
+    assert _digests(ws) == before
 
 
 def test_optimize_refuses_unwritable_output(ws, capsys):

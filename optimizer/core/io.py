@@ -17,6 +17,7 @@ import contextlib
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
@@ -166,11 +167,15 @@ def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
     return False
 
 
-def check_output_path(path: str | os.PathLike, *, input_path: str | os.PathLike | None = None) -> pathlib.Path:
-    """Refuse outputs that would destroy the input or cannot be written, before any work."""
+def check_output_path(path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
+                      inputs: Iterable[str | os.PathLike] = ()) -> pathlib.Path:
+    """Refuse outputs that would destroy the input model (``input_path``) or another file the
+    command reads (``inputs``: data, labels, weights), or cannot be written, before any work."""
     path = pathlib.Path(path)
     if input_path is not None and _same_file(path, pathlib.Path(input_path)):
         raise UserError(f"{path}: refusing to overwrite the input model")
+    if any(_same_file(path, pathlib.Path(other)) for other in inputs):
+        raise UserError(f"{path}: refusing to overwrite a file this command reads")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a file path")
     folder = path.parent if str(path.parent) else pathlib.Path(".")

@@ -10,15 +10,17 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+from collections.abc import Iterable
 
 from deployopt.core.errors import UserError
 from deployopt.core.io import atomic_write_bytes, atomic_write_text, check_output_path
 
 
-def check_writable(path: str | os.PathLike, what: str) -> pathlib.Path:
-    """Refuse an output path that cannot be written, before any long work starts."""
+def check_writable(path: str | os.PathLike, what: str, inputs: Iterable[str | os.PathLike] = ()) -> pathlib.Path:
+    """Refuse an output path that cannot be written or is one of the ``inputs`` the command
+    reads, before any long work starts."""
     try:
-        return check_output_path(path)
+        return check_output_path(path, inputs=inputs)
     except UserError as e:
         raise UserError(f"{what}: {e}") from None
 
