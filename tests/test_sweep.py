@@ -107,6 +107,23 @@ def test_grid_sweep_end_to_end(workspace, tmp_path, capsys):
     assert "no trial meets the gates; closest: trial 001" in (out2 / "sweep.md").read_text()
 
 
+def test_trials_or_best_folders_are_replaced_only_when_a_sweep_wrote_them(workspace, tmp_path, capsys):
+    sweep = _write_sweep(workspace, "one.yaml", models=["a.onnx"], space={"benchmark.enabled": [False]}, workers=1)
+    mine = tmp_path / "mine"
+    (mine / "best").mkdir(parents=True)
+    (mine / "best" / "notes.txt").write_text("the user's")
+    assert main(["sweep", str(sweep), "-o", str(mine)]) == 2
+    assert capsys.readouterr().err == (f"deployopt: error: {mine / 'best'}: exists and no earlier sweep wrote it; "
+                                       "choose a new or empty output folder\n")
+    assert (mine / "best" / "notes.txt").read_text() == "the user's"
+    # an interrupted sweep's folder (its mark, trials/, no sweep.json yet): a rerun replaces its trials
+    interrupted = tmp_path / "interrupted"
+    (interrupted / "trials" / "009").mkdir(parents=True)
+    (interrupted / ".deployopt-sweep").touch()
+    assert main(["sweep", str(sweep), "-o", str(interrupted)]) == 0
+    assert sorted(p.name for p in (interrupted / "trials").iterdir()) == ["000"]
+
+
 def _run(workspace, out, passes, *, cache):
     from deployopt import pipeline
     from deployopt.recipe import from_mapping

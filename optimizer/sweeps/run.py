@@ -33,12 +33,21 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+#: Written into a sweep's folder when it starts: its trials/ and best/ are a sweep's to replace.
+SWEEP_MARK = ".deployopt-sweep"
+
+
 def _prepare(out_dir: pathlib.Path) -> pathlib.Path:
     """The output folder, created; an earlier sweep's trials/ and best/ in it are removed (its
-    cache/ is kept: that is what a rerun reuses)."""
+    cache/ is kept: that is what a rerun reuses). A trials/ or best/ that no sweep wrote (no
+    ``SWEEP_MARK``, no sweep.json beside it) is the user's: refused, never deleted."""
+    stale = [out_dir / name for name in ("trials", "best") if (out_dir / name).exists()]
+    if stale and not ((out_dir / SWEEP_MARK).exists() or (out_dir / "sweep.json").exists()):
+        raise UserError(f"{stale[0]}: exists and no earlier sweep wrote it; choose a new or empty output folder")
     prepare_out_dir(out_dir)
-    for stale in ("trials", "best"):
-        shutil.rmtree(out_dir / stale, ignore_errors=True)
+    (out_dir / SWEEP_MARK).touch()
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
     return out_dir.resolve()
 
 
