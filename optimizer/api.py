@@ -75,7 +75,7 @@ def optimize(recipe: PathLike | Mapping[str, Any], out_dir: PathLike | None = No
         report = out / "report.json"
         before = _stamp(report)
         code = run_contained(functools.partial(_optimize_in_child, parsed, out), verb="optimize", timeout=timeout)
-        if before == _stamp(report) or not report.exists():  # none written by this run (an old one stays)
+        if _stamp(report) in (None, before):  # none written by this run (an old one may be there)
             raise WorkFailed(f"optimize ended with exit code {code} before writing {report} (the child's error "
                              "is printed above; a script that passes isolate=True must start its work under "
                              "`if __name__ == '__main__':`, because the child re-imports it)")

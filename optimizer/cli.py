@@ -73,7 +73,7 @@ def _target(args) -> tuple[str, str | None]:
     return target.runtime, target.ep
 
 
-def _writable(flag: str, path: str | None, inputs: list[str] = ()) -> pathlib.Path | None:
+def _writable(flag: str, path: str | None, inputs: list[str]) -> pathlib.Path | None:
     """``path`` checked as an output of ``flag``: writable, and none of the ``inputs`` files."""
     from deployopt.measure.output import check_writable
 
