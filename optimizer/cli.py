@@ -80,10 +80,17 @@ def _writable(flag: str, path: str | None, inputs: list[str]) -> pathlib.Path | 
     return check_writable(path, flag, inputs) if path else None
 
 
-def _input_files(*given: str | None) -> list[str]:
-    """The files a command reads: its path arguments, and the path in a data spec (``npy:x.npy``)."""
-    return [candidate for text in given if text
-            for candidate in (text, text.partition(":")[2]) if candidate and os.path.isfile(candidate)]
+def _input_files(*paths: str | None, data: str | None) -> list[str]:
+    """The files a command reads: its path arguments and the path of its ``--data`` spec."""
+    from deployopt.core.data.spec import check_spec
+
+    files = [path for path in paths if path]
+    if data:
+        with contextlib.suppress(UserError):  # a bad spec is reported where the data is opened
+            spec_path = check_spec(data).path
+            if spec_path:
+                files.append(spec_path)
+    return files
 
 
 # -- export --------------------------------------------------------------------------------------------
@@ -331,7 +338,7 @@ def _bench(args) -> int:
     top = _int("--top", args.top) if args.top is not None else 10
     if top < 1:
         raise UserError(f"--top: {top} is not an integer >= 1")
-    reads = _input_files(*args.models, args.data)
+    reads = _input_files(*args.models, data=args.data)
     outputs = {flag: _writable(flag, path, reads) for flag, path in
                (("--json", args.json), ("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot))
                if path}
@@ -421,7 +428,7 @@ def _eval(args) -> int:
         values[flag] = _int(flag, text)
         if values[flag] < low:
             raise UserError(f"{flag}: {values[flag]} is not an integer >= {low}")
-    out = _writable("--json", args.json, _input_files(args.model, args.reference, args.data, args.labels, args.charset))
+    out = _writable("--json", args.json, _input_files(args.model, args.reference, args.labels, args.charset, data=args.data))
     runtime, ep = _target(args)
     try:
         result = api.evaluate(args.model, args.data, reference=args.reference, batch_size=values["--batch-size"],
