@@ -107,8 +107,8 @@ def _ranges(path, x, tmp_path, method, per_chunk):
     stream = feeds(ArrayDataset(x), inputs, None, 1)
     folder = tmp_path / f"{method}{per_chunk}"
     folder.mkdir()
-    ranges = calibrate(path, folder, method=method, percentile=99.9, op_types=["Conv", "Relu", "Add", "Resize"],
-                       chunks=chunked(stream, per_chunk), threads=1)
+    ranges = calibrate(path, folder, methods=[method], percentile=99.9, op_types=["Conv", "Relu", "Add", "Resize"],
+                       chunks=chunked(stream, per_chunk), threads=1)[method]
     return {k: tuple(np.asarray(v, dtype=np.float64) for v in d.range_value) for k, d in ranges.data.items()}
 
 
@@ -125,6 +125,28 @@ def test_chunked_calibration_matches_one_pass(detector, tmp_path, method, tol):
         span = float(np.max(hi - lo)) or 1.0
         assert np.allclose(chunks[name][0], lo, rtol=0, atol=tol * span), name
         assert np.allclose(chunks[name][1], hi, rtol=0, atol=tol * span), name
+
+
+def test_one_pass_gives_every_method_its_own_ranges(detector, tmp_path):
+    """Several methods calibrated in one pass over the data (calibration: auto) get exactly the
+    ranges each gets alone: minmax equal to onnxruntime's MinMax calibrator (its own augmented
+    model), every histogram method to its collector fed alone."""
+    path, x = detector
+    methods = ["minmax", "mse", "entropy", "percentile", "distribution"]
+    inputs = model_inputs(onnx.load(str(path)))
+    folder = tmp_path / "together"
+    folder.mkdir()
+    together = calibrate(path, folder, methods=methods, percentile=99.9, op_types=["Conv", "Relu", "Add", "Resize"],
+                         chunks=chunked(feeds(ArrayDataset(x), inputs, None, 1), 2), threads=1)
+    assert list(together) == methods
+    for method in methods:
+        alone = _ranges(path, x, tmp_path, method, 2)
+        got = {k: tuple(np.asarray(v, dtype=np.float64) for v in d.range_value) for k, d in together[method].data.items()}
+        assert got.keys() == alone.keys() and len(got) > 20, method
+        for name, (lo, hi) in alone.items():
+            assert np.array_equal(got[name][0], lo) and np.array_equal(got[name][1], hi), (method, name)
+    assert any(together["mse"].data[n].range_value[1] != together["minmax"].data[n].range_value[1]
+               for n in together["mse"].data)  # the methods differ: the comparison can fail
 
 
 def test_grouped_sqnr_equals_one_group(detector, tmp_path, monkeypatch):

@@ -186,8 +186,8 @@ def test_streamed_minmax_equals_whole_set_range(float_proto, digits, tmp_path):
     onnx.save(float_proto, str(path))
     inputs = model_inputs(float_proto)
     chunks = chunked(feeds(ArrayDataset(x), inputs, None, 8), 8)
-    ranges = calibrate(path, tmp_path, method="minmax", percentile=99.9, op_types=["Conv"],
-                       chunks=chunks, threads=1)
+    ranges = calibrate(path, tmp_path, methods=["minmax"], percentile=99.9, op_types=["Conv"],
+                       chunks=chunks, threads=1)["minmax"]
     lo, hi = ranges["input"].range_value
     assert (np.asarray(lo).item(), np.asarray(hi).item()) == (-0.5, 1.75)
 

@@ -27,8 +27,8 @@ import pathlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from onnxruntime.quantization.calibrate import (CalibrationDataReader, CalibrationMethod, TensorData, TensorsData,
-                                                create_calibrator)
+from onnxruntime.quantization.calibrate import (CalibrationDataReader, CalibrationMethod, HistogramCollector,
+                                                TensorData, TensorsData, create_calibrator)
 
 from deployopt.core.errors import WorkFailed
 from deployopt.core.session import open_session
@@ -71,33 +71,94 @@ class _ChunkReader(CalibrationDataReader):
         return next(self._items, None)
 
 
-def calibrate(model_path: pathlib.Path, work_dir: pathlib.Path, *, method: str, percentile: float,
+def calibrate(model_path: pathlib.Path, work_dir: pathlib.Path, *, methods: Sequence[str], percentile: float,
               op_types: Sequence[str], chunks: Iterator[list[Feed]], threads: int,
-              activations: Activations | None = None, search: dict | None = None) -> TensorsData:
-    """Run one of onnxruntime's calibrators over ``chunks``; memory is bounded by one chunk.
-    With ``method == 'mse'`` the ranges are searched for ``activations`` and ``search`` receives
-    a summary of the search."""
+              activations: Activations | None = None, search: dict | None = None) -> dict[str, TensorsData]:
+    """Ranges of every method in ``methods`` from one pass over ``chunks``; memory is bounded by
+    one chunk. With ``mse`` among them its ranges are searched for ``activations`` and ``search``
+    receives a summary of the search.
+
+    ``minmax`` alone runs onnxruntime's MinMax calibrator, whose augmented model outputs only a
+    min and a max per tensor. With any histogram method the data are run once through one
+    histogram-augmented model (every calibrated tensor an output) and each chunk's tensors go to
+    every method's collector; minmax is then the collectors' running min and max, the same
+    reduction MinMax computes. One pass instead of one per method: ``calibration: auto`` ran the
+    model three times and spent most of its time there.
+    """
+    histograms = [m for m in methods if m != "minmax"]
+    if not histograms:
+        return {"minmax": _minmax(model_path, work_dir, op_types, chunks, threads)}
+    # The calibrators print progress on stdout; the pass reports through its notes instead.
+    with contextlib.redirect_stdout(io.StringIO()):
+        calibrators = {m: _calibrator(model_path, work_dir, m, percentile, op_types) for m in histograms}
+        lead = calibrators[histograms[0]]
+        # Same session as create_calibrator's (no graph optimization), with our thread count.
+        lead.infer_session = open_session(lead.augmented_model_path, threads=threads, optimization_level="disable",
+                                          what="the calibration model")
+        for c in calibrators.values():
+            c.collector = _new_collector(c)
+        own = lead.collector
+        lead.collector = _Tee([c.collector for c in calibrators.values()])  # lead's collect_data feeds them all
+        for chunk in chunks:
+            lead.collect_data(_ChunkReader(chunk))
+        lead.collector = own
+        ranges = {}
+        for method, c in calibrators.items():
+            if not c.collector.histogram_dict:
+                raise WorkFailed("calibration collected no tensor ranges (no calibration batch could be run)")
+            ranges[method] = searched_ranges(c.collector.histogram_dict, activations or Activations(0, 255, False),
+                                             search) if method == "mse" else c.compute_data()
+    if "minmax" in methods:  # as onnxruntime's MinMax calibrator gives them: float32 arrays of shape (1,)
+        ranges["minmax"] = TensorsData(CalibrationMethod.MinMax, {
+            name: TensorData(lowest=np.reshape(low, (1,)), highest=np.reshape(high, (1,)))
+            for name, (_, _, low, high, *_) in own.histogram_dict.items()})
+    del calibrators, lead, own
+    return {m: ranges[m] for m in methods}
+
+
+def _calibrator(model_path: pathlib.Path, work_dir: pathlib.Path, method: str, percentile: float,
+                op_types: Sequence[str]):
+    """onnxruntime's calibrator for ``method`` with the options this pass gives it; its session is
+    dropped (the caller opens the one it runs)."""
     options: dict = {}
     if method == "percentile":
         options["percentile"] = percentile
     if method == "mse":
         options["num_bins"] = ranges_lib.HIST_BINS
-    augmented = work_dir / "augmented.onnx"
-    # The calibrators print progress on stdout; the pass reports through its notes instead.
+    calibrator = create_calibrator(model_path, list(op_types), augmented_model_path=str(work_dir / f"augmented-{method}.onnx"),
+                                   calibrate_method=COLLECTORS[method], extra_options=options)
+    calibrator.infer_session = None
+    return calibrator
+
+
+def _new_collector(calibrator) -> HistogramCollector:
+    """The collector onnxruntime's HistogramCalibrater.collect_data creates on its first call."""
+    return HistogramCollector(method=calibrator.method, symmetric=calibrator.symmetric, num_bins=calibrator.num_bins,
+                              num_quantized_bins=calibrator.num_quantized_bins, percentile=calibrator.percentile,
+                              scenario=calibrator.scenario)
+
+
+class _Tee:
+    """A collector that hands each chunk's tensors to several collectors."""
+
+    def __init__(self, collectors: list[HistogramCollector]):
+        self.collectors = collectors
+
+    def collect(self, name_to_arr: dict) -> None:
+        for collector in self.collectors:
+            collector.collect(name_to_arr)
+
+
+def _minmax(model_path: pathlib.Path, work_dir: pathlib.Path, op_types: Sequence[str],
+            chunks: Iterator[list[Feed]], threads: int) -> TensorsData:
+    """onnxruntime's MinMax calibrator fed chunk by chunk (min and max merge exactly)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        calibrator = create_calibrator(model_path, list(op_types), augmented_model_path=str(augmented),
-                                       calibrate_method=COLLECTORS[method], extra_options=options)
-        # Same session as create_calibrator's (no graph optimization), with our thread count.
-        calibrator.infer_session = open_session(augmented, threads=threads, optimization_level="disable",
-                                                what="the calibration model")
+        calibrator = _calibrator(model_path, work_dir, "minmax", 0.0, op_types)
+        calibrator.infer_session = open_session(calibrator.augmented_model_path, threads=threads,
+                                                optimization_level="disable", what="the calibration model")
         for chunk in chunks:
             calibrator.collect_data(_ChunkReader(chunk))
-        if method == "mse":
-            collector = calibrator.collector
-            ranges = None if collector is None else searched_ranges(
-                collector.histogram_dict, activations or Activations(0, 255, False), search)
-        else:
-            ranges = calibrator.compute_data()
+        ranges = calibrator.compute_data()
     del calibrator
     if ranges is None or not len(ranges.data):
         raise WorkFailed("calibration collected no tensor ranges (no calibration batch could be run)")

@@ -24,7 +24,8 @@ Flow of ``call``:
    what its readers can tell apart (dead_zones.py: below -3 before a hardswish); with
    ``calibration: mse`` each activation's range is the clipping with the least
    quantize-dequantize error on its calibration histogram (ranges.py); with ``calibration: auto``
-   minmax, mse and entropy each go through steps 3-4 and the int8 model with the highest output
+   minmax, mse and entropy are calibrated in one pass over the data, each goes through step 4
+   and the int8 model with the highest output
    SQNR against the float model on calibration samples is kept (calibration_choice.py); with
    ``tune_ranges`` the chosen ranges are then rescaled one tensor at a time by that output error
    (range_tuning.py).
@@ -57,13 +58,13 @@ import pathlib
 import re
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import ClassVar, Literal
 
 import onnx
 import onnx_ir as ir
 from onnxruntime.quantization import QuantFormat
-from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
+from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from deployopt.core.contain import Skipped, best_effort
@@ -199,9 +200,9 @@ class QuantizePass(DeployFunctionalPass):
         methods = AUTO_METHODS if self.calibration == "auto" else (self.calibration,)
         refiner = self._refiner(prepared, reduce_range)  # float statistics shared by every method
         quantizers, firsts, calibrations = {}, {}, {}
-        for method in methods:
-            with times("calibration"):
-                cache, calibrations[method] = self._calibrate(prepared, folder, n_cal, method)
+        with times("calibration"):
+            caches = self._calibrate(prepared, folder, n_cal, methods)
+        for method, (cache, calibrations[method]) in caches.items():
             options = self._static_options(prepared, reduce_range, method)
             quantizers[method] = Quantizer(prepared.path, cache, options, times, refiner, float_nodes=excluded)
             firsts[method] = quantizers[method]([], folder / f"trial0-{method}.onnx")
@@ -340,17 +341,31 @@ class QuantizePass(DeployFunctionalPass):
         return list(self.op_types) if self.op_types else sorted(QUANTIZABLE)
 
     # -- 3. calibration ---------------------------------------------------------------------------
-    def _calibrate(self, prepared: Prepared, folder: pathlib.Path, n_cal: int, method: str) -> tuple[pathlib.Path, dict]:
-        """Calibration ranges of the pre-processed model by ``method``, saved as a cache for
-        quantize_static, and what the report says of them."""
+    def _calibrate(self, prepared: Prepared, folder: pathlib.Path, n_cal: int,
+                   methods: Sequence[str]) -> dict[str, tuple[pathlib.Path, dict]]:
+        """Calibration ranges of the pre-processed model by each of ``methods`` (one pass over the
+        data, calibration.py), each saved as a cache for quantize_static, with what the report
+        says of them."""
         ctx = self.context
         start = time.perf_counter()
         stream = feeds(ctx.calibration, prepared.inputs, self.samples, self.batch_size)
         search: dict = {}
         with RssSampler() as rss:
-            ranges = calibrate(prepared.path, folder, method=method, percentile=self.percentile,
-                               op_types=self._op_types(), chunks=chunked(stream, self._chunk_samples),
-                               threads=ctx.threads, activations=self._activation_grid(), search=search)
+            by_method = calibrate(prepared.path, folder, methods=methods, percentile=self.percentile,
+                                  op_types=self._op_types(), chunks=chunked(stream, self._chunk_samples),
+                                  threads=ctx.threads, activations=self._activation_grid(), search=search)
+        seconds = time.perf_counter() - start
+        self.note(f"calibrated {len(next(iter(by_method.values())).data)} tensors with "
+                  f"{', '.join(methods)} on {n_cal} samples of '{ctx.calibration.name}' in one pass, {seconds:.1f} s")
+        return {method: self._calibration_cache(prepared, folder, n_cal, method, ranges, seconds,
+                                                search if method == "mse" else None, rss.peak_mb)
+                for method, ranges in by_method.items()}
+
+    def _calibration_cache(self, prepared: Prepared, folder: pathlib.Path, n_cal: int, method: str,
+                           ranges: TensorsData, seconds: float, search: dict | None,
+                           rss_peak_mb: float | None) -> tuple[pathlib.Path, dict]:
+        """One method's ranges clamped (activation bounds, dead zones) and saved as a cache."""
+        ctx = self.context
         clamped = clamp_ranges(ranges, activation_bounds(prepared.proto))
         if clamped:
             self.note(f"{len(clamped)} calibration ranges of Relu/Clip outputs clamped to the activation's "
@@ -365,7 +380,6 @@ class QuantizePass(DeployFunctionalPass):
                       "uint8 tensors that are never negative lose about one bit")
         cache = folder / f"ranges-{method}.json"
         save_tensors_data(ranges, cache)
-        seconds = time.perf_counter() - start
         details = {
             "method": method, "samples": n_cal, "dataset": ctx.calibration.name,
             "chunk_samples": self._chunk_samples, "tensors": len(ranges.data),
@@ -373,7 +387,7 @@ class QuantizePass(DeployFunctionalPass):
             "ranges_cut_to_readers": {name: round(ratio, 4) for name, ratio in cut.items()},
             "seconds": round(seconds, 3),
             # highest RSS sampled during calibration, and the process's peak so far
-            "rss_peak_during_mb": None if rss.peak_mb is None else round(rss.peak_mb, 1),
+            "rss_peak_during_mb": None if rss_peak_mb is None else round(rss_peak_mb, 1),
             "process_peak_rss_mb": round(peak_rss_mb(), 1)}
         if method == "percentile":
             details["percentile"] = self.percentile
@@ -382,8 +396,6 @@ class QuantizePass(DeployFunctionalPass):
             self.note(f"range search: {search['tensors_clipped']} of {len(ranges.data)} activation ranges "
                       f"clipped inside minmax; quantize-dequantize error "
                       f"{search['tensor_error_reduction_db']:.1f} dB below minmax (mean)")
-        self.note(f"calibrated {len(ranges.data)} tensors with {method} on {n_cal} samples "
-                  f"of '{ctx.calibration.name}' in {seconds:.1f} s")
         return cache, details
 
     def _choose_calibration(self, prepared: Prepared, models: dict[str, pathlib.Path],
@@ -395,7 +407,7 @@ class QuantizePass(DeployFunctionalPass):
         scores = {method: round(db, 2) for method, db in output_sqnr_db(error, models).items()}
         chosen = best_method(scores)
         calibrations[chosen]["choice"] = {"output_sqnr_db": scores, "samples": n,
-                                          "tried": {m: c["seconds"] for m, c in calibrations.items()}}
+                                          "tried": list(calibrations)}
         self.note("calibration auto: " + ", ".join(f"{m} {v:.1f} dB" for m, v in scores.items())
                   + f" output SQNR on {n} calibration samples; {chosen} kept")
         return chosen

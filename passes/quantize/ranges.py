@@ -25,6 +25,8 @@ import numpy as np
 HIST_BINS = 8192
 #: Clipping factors of the minimum and maximum tried (1.0: minmax).
 FRACTIONS = np.concatenate([np.linspace(1.0, 0.5, 26), np.geomspace(0.48, 0.05, 24)])
+#: Candidate ranges whose errors are computed together (qdq_mse).
+CANDIDATE_BLOCK = 32
 
 
 def _scale_zero(lo: np.ndarray, hi: np.ndarray, qmin: int, qmax: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -44,10 +46,16 @@ def qdq_mse(centres: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndar
             symmetric: bool = False) -> np.ndarray:
     """Mean squared quantize-dequantize error of the histogram for each candidate range (vectors)."""
     scale, zero = _scale_zero(np.asarray(lo, np.float64), np.asarray(hi, np.float64), qmin, qmax, symmetric)
-    s, z = scale[:, None], zero[:, None]
-    q = np.clip(np.round(centres[None, :] / s) + z, qmin, qmax)
-    err = (s * (q - z) - centres[None, :]) ** 2
-    return err @ counts / max(counts.sum(), 1)
+    total = max(counts.sum(), 1)
+    errors = np.empty(len(scale))
+    # A few candidates at a time: the (candidates x bins) temporaries then stay in the CPU cache.
+    # All 2,500 candidates of a two-signed tensor at once are 160 MB per temporary and ran 9x slower.
+    for start in range(0, len(scale), CANDIDATE_BLOCK):
+        s, z = scale[start:start + CANDIDATE_BLOCK, None], zero[start:start + CANDIDATE_BLOCK, None]
+        q = np.clip(np.round(centres[None, :] / s) + z, qmin, qmax)
+        err = (s * (q - z) - centres[None, :]) ** 2
+        errors[start:start + CANDIDATE_BLOCK] = err @ counts / total
+    return errors
 
 
 def search(hist: np.ndarray, edges: np.ndarray, low: float, high: float, qmin: int, qmax: int,
