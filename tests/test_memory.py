@@ -141,7 +141,8 @@ def test_one_pass_gives_every_method_its_own_ranges(detector, tmp_path):
     assert list(together) == methods
     for method in methods:
         alone = _ranges(path, x, tmp_path, method, 2)
-        got = {k: tuple(np.asarray(v, dtype=np.float64) for v in d.range_value) for k, d in together[method].data.items()}
+        got = {k: tuple(np.asarray(v, dtype=np.float64) for v in d.range_value)
+               for k, d in together[method].data.items()}
         assert got.keys() == alone.keys() and len(got) > 20, method
         for name, (lo, hi) in alone.items():
             assert np.array_equal(got[name][0], lo) and np.array_equal(got[name][1], hi), (method, name)

@@ -125,7 +125,8 @@ def _calibrator(model_path: pathlib.Path, work_dir: pathlib.Path, method: str, p
         options["percentile"] = percentile
     if method == "mse":
         options["num_bins"] = ranges_lib.HIST_BINS
-    calibrator = create_calibrator(model_path, list(op_types), augmented_model_path=str(work_dir / f"augmented-{method}.onnx"),
+    augmented = work_dir / f"augmented-{method}.onnx"
+    calibrator = create_calibrator(model_path, list(op_types), augmented_model_path=str(augmented),
                                    calibrate_method=COLLECTORS[method], extra_options=options)
     calibrator.infer_session = None
     return calibrator
