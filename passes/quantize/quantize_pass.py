@@ -368,11 +368,11 @@ class QuantizePass(DeployFunctionalPass):
         ctx = self.context
         clamped = clamp_ranges(ranges, activation_bounds(prepared.proto))
         if clamped:
-            self.note(f"{len(clamped)} calibration ranges of Relu/Clip outputs clamped to the activation's "
+            self.note(f"{method}: {len(clamped)} calibration ranges of Relu/Clip outputs clamped to the activation's "
                       "bounds (onnxruntime folds those activations into the range)")
         cut = clamp_ranges(ranges, dead_zones(prepared.proto))
         if cut:
-            self.note(f"{len(cut)} calibration ranges cut to the values their readers can tell apart (e.g. below "
+            self.note(f"{method}: {len(cut)} calibration ranges cut to the values their readers can tell apart (e.g. below "
                       f"-3 before a hardswish, which gives 0 there: dead_zones.py); their int8 steps are "
                       f"{statistics.median(cut.values()):.2f} of the calibrated ones (median)")
         if method == "distribution":
@@ -393,7 +393,7 @@ class QuantizePass(DeployFunctionalPass):
             details["percentile"] = self.percentile
         if search:
             details["range_search"] = search
-            self.note(f"range search: {search['tensors_clipped']} of {len(ranges.data)} activation ranges "
+            self.note(f"mse range search: {search['tensors_clipped']} of {len(ranges.data)} activation ranges "
                       f"clipped inside minmax; quantize-dequantize error "
                       f"{search['tensor_error_reduction_db']:.1f} dB below minmax (mean)")
         return cache, details

@@ -49,7 +49,8 @@ def qdq_mse(centres: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndar
     total = max(counts.sum(), 1)
     errors = np.empty(len(scale))
     # A few candidates at a time: the (candidates x bins) temporaries then stay in the CPU cache.
-    # All 2,500 candidates of a two-signed tensor at once are 160 MB per temporary and ran 9x slower.
+    # All 2,500 candidates of a two-signed tensor at once are 160 MB per temporary: EfficientNet-Lite0's
+    # 95 searches took 19 s that way, 3 s in blocks, with the same results.
     for start in range(0, len(scale), CANDIDATE_BLOCK):
         s, z = scale[start:start + CANDIDATE_BLOCK, None], zero[start:start + CANDIDATE_BLOCK, None]
         q = np.clip(np.round(centres[None, :] / s) + z, qmin, qmax)
