@@ -6,7 +6,7 @@ one pass per method, on the real-weight classifiers, and a check that both give 
 
 Per model (exported at 1x3x224x224 with its real ImageNet weights, models.build
 ``pretrained=True``): the demo's calibration data (the 'photos' test split, 110 crops, the model's
-own preprocessing), batches of 8, chunks of 8 samples, 1 intra-op thread, the op types the
+own preprocessing), batches of 8, chunks of 8 samples, onnxruntime's CPU execution provider at 1 intra-op thread, the op types the
 quantize pass calibrates by default, on the exported graph (the pass calibrates its pre-processed
 copy). ``one pass`` is ``calibrate(methods=[minmax, mse, entropy])``, what ``calibration: auto``
 runs; ``per method`` is three ``calibrate(methods=[m])`` calls, one model pass each, as ``auto``
