@@ -6,12 +6,13 @@ one pass per method, on the real-weight classifiers, and a check that both give 
 
 Per model (exported at 1x3x224x224 with its real ImageNet weights, models.build
 ``pretrained=True``): the demo's calibration data (the 'photos' test split, 110 crops, the model's
-own preprocessing), batches of 8, chunks of 8 samples, onnxruntime's CPU execution provider at 1 intra-op thread, the op types the
-quantize pass calibrates by default, on the exported graph (the pass calibrates its pre-processed
-copy). ``one pass`` is ``calibrate(methods=[minmax, mse, entropy])``, what ``calibration: auto``
-runs; ``per method`` is three ``calibrate(methods=[m])`` calls, one model pass each, as ``auto``
-ran before (both use today's mse range search, which also became 6x faster: 19 s -> 3 s on EfficientNet-Lite0). The two
-are run alternately, ``--repeats`` times each, and the table gives the median wall time.
+own preprocessing), batches of 8, chunks of 8 samples, onnxruntime's CPU execution provider at 1
+intra-op thread, the op types the quantize pass calibrates by default, on the exported graph (the
+pass calibrates its pre-processed copy). ``one pass`` is
+``calibrate(methods=[minmax, mse, entropy])``, what ``calibration: auto`` runs; ``per method`` is
+three ``calibrate(methods=[m])`` calls, one model pass each, as ``auto`` ran before (both use
+today's mse range search, which also became 6x faster: 19 s -> 3 s on EfficientNet-Lite0). The
+two are run alternately, ``--repeats`` times each, and the table gives the median wall time.
 ``same ranges`` compares every tensor's range bit for bit.
 
 Writes ``benchmarks/results/calibration.md`` with the machine stamp and the command, and prints it.

@@ -24,9 +24,9 @@ Flow of ``call``:
    what its readers can tell apart (dead_zones.py: below -3 before a hardswish); with
    ``calibration: mse`` each activation's range is the clipping with the least
    quantize-dequantize error on its calibration histogram (ranges.py); with ``calibration: auto``
-   minmax, mse and entropy are calibrated in one pass over the data, each goes through step 4
-   and the int8 model with the highest output
-   SQNR against the float model on calibration samples is kept (calibration_choice.py); with
+   minmax, mse and entropy are calibrated in one pass over the data, each goes through step 4,
+   and the int8 model with the highest output SQNR against the float model on calibration
+   samples is kept (calibration_choice.py); with
    ``tune_ranges`` the chosen ranges are then rescaled one tensor at a time by that output error
    (range_tuning.py).
 4. the first quantization, by ``quantize_static`` reading that cache, its int8 weights and int32
@@ -355,8 +355,9 @@ class QuantizePass(DeployFunctionalPass):
                                   op_types=self._op_types(), chunks=chunked(stream, self._chunk_samples),
                                   threads=ctx.threads, activations=self._activation_grid(), search=search)
         seconds = time.perf_counter() - start
-        self.note(f"calibrated {len(next(iter(by_method.values())).data)} tensors with "
-                  f"{', '.join(methods)} on {n_cal} samples of '{ctx.calibration.name}' in one pass, {seconds:.1f} s")
+        tensors = len(next(iter(by_method.values())).data)
+        self.note(f"calibrated {tensors} tensors with {', '.join(methods)} on {n_cal} samples of "
+                  f"'{ctx.calibration.name}' in one pass over the data, {seconds:.1f} s")
         return {method: self._calibration_cache(prepared, folder, n_cal, method, ranges, seconds,
                                                 search if method == "mse" else None, rss.peak_mb)
                 for method, ranges in by_method.items()}
@@ -368,12 +369,12 @@ class QuantizePass(DeployFunctionalPass):
         ctx = self.context
         clamped = clamp_ranges(ranges, activation_bounds(prepared.proto))
         if clamped:
-            self.note(f"{method}: {len(clamped)} calibration ranges of Relu/Clip outputs clamped to the activation's "
-                      "bounds (onnxruntime folds those activations into the range)")
+            self.note(f"{method}: {len(clamped)} calibration ranges of Relu/Clip outputs clamped to the "
+                      "activation's bounds (onnxruntime folds those activations into the range)")
         cut = clamp_ranges(ranges, dead_zones(prepared.proto))
         if cut:
-            self.note(f"{method}: {len(cut)} calibration ranges cut to the values their readers can tell apart (e.g. below "
-                      f"-3 before a hardswish, which gives 0 there: dead_zones.py); their int8 steps are "
+            self.note(f"{method}: {len(cut)} calibration ranges cut to the values their readers can tell apart "
+                      f"(e.g. below -3 before a hardswish, which gives 0 there: dead_zones.py); their int8 steps are "
                       f"{statistics.median(cut.values()):.2f} of the calibrated ones (median)")
         if method == "distribution":
             self.note("distribution calibration gives symmetric ranges (it is designed for float8): "
