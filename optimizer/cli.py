@@ -428,7 +428,8 @@ def _eval(args) -> int:
         values[flag] = _int(flag, text)
         if values[flag] < low:
             raise UserError(f"{flag}: {values[flag]} is not an integer >= {low}")
-    out = _writable("--json", args.json, _input_files(args.model, args.reference, args.labels, args.charset, data=args.data))
+    reads = _input_files(args.model, args.reference, args.labels, args.charset, data=args.data)
+    out = _writable("--json", args.json, reads)
     runtime, ep = _target(args)
     try:
         result = api.evaluate(args.model, args.data, reference=args.reference, batch_size=values["--batch-size"],
