@@ -485,16 +485,17 @@ def test_sensitivity_probe_keeps_the_folded_relu(float_proto, digits, tmp_path):
     onnx.save(q, tmp_path / "q.onnx")
     feeds = [{"input": x[i:i + 8]} for i in range(N_TRAIN, N_TRAIN + 32, 8)]
     sensitivity = qsens.tensor_sensitivity(tmp_path / "float.onnx", tmp_path / "q.onnx", feeds, 1)
-    # Sensitivity is the squared output error that removing the pair takes away, measured with full
-    # onnxruntime optimization (the kernels that ship). Its sign depends on the CPU's int8 arithmetic
-    # (7-bit weights without VNNI), so check the definition against an independent computation.
+    # Sensitivity is the relative squared output error (over the float output's energy) that
+    # removing the pair takes away, measured with full onnxruntime optimization (the kernels that
+    # ship). Its sign depends on the CPU's int8 arithmetic (7-bit weights without VNNI), so check
+    # the definition against an independent computation.
     onnx.save(probe, tmp_path / "probe.onnx")
     x_eval = x[N_TRAIN:N_TRAIN + 32]
+    reference = open_session(tmp_path / "float.onnx", threads=1).run(None, {"input": x_eval})[0].astype(np.float64)
 
     def error(path):
-        sess = open_session(path, threads=1)
-        return float(np.mean((sess.run(None, {"input": x_eval})[0].astype(np.float64)
-                              - open_session(tmp_path / "float.onnx", threads=1).run(None, {"input": x_eval})[0]) ** 2))
+        out = open_session(path, threads=1).run(None, {"input": x_eval})[0].astype(np.float64)
+        return float(np.sum((out - reference) ** 2) / np.sum(reference ** 2))
 
     probe_sensitivity = error(tmp_path / "q.onnx") - error(tmp_path / "probe.onnx")
     assert sensitivity["/1/Relu_output_0"] == pytest.approx(probe_sensitivity, rel=1e-6, abs=1e-12)
@@ -633,3 +634,29 @@ def test_range_edit_is_the_model_onnxruntime_makes_from_the_scaled_range(digits,
     for name, value in _initializers(unedited).items():
         np.testing.assert_array_equal(value, before[name])
     np.testing.assert_array_equal(_run(unedited, x[N_TRAIN:]), _run(quantized("again", 0.4), x[N_TRAIN:]))
+
+
+def test_output_error_weighs_each_output_by_its_own_energy(tmp_path):
+    """Two outputs 1000x apart in scale: the same relative error on either counts the same, and
+    E is the mean of the outputs' relative errors (output_error.py)."""
+    from deployopt.passes.quantize.output_error import OutputError
+
+    def model(path, small_offset: float, large_offset: float):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+        outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("small", "large")]
+        inits = [numpy_helper.from_array(np.float32(v), n) for n, v in
+                 (("k", 1000.0), ("ds", small_offset), ("dl", large_offset))]
+        nodes = [helper.make_node("Add", ["x", "ds"], ["small"]), helper.make_node("Mul", ["x", "k"], ["scaled"]),
+                 helper.make_node("Add", ["scaled", "dl"], ["large"])]
+        graph = helper.make_graph(nodes, "g", [x], outs, inits)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    feed = {"x": np.arange(1, 7, dtype=np.float32).reshape(2, 3)}
+    energy = float(np.sum(feed["x"].astype(np.float64) ** 2))
+    error = OutputError(model(tmp_path / "f.onnx", 0.0, 0.0), [feed], threads=1)
+    small = error.error(model(tmp_path / "s.onnx", 0.1, 0.0))
+    large = error.error(model(tmp_path / "l.onnx", 0.0, 100.0))
+    assert small == pytest.approx(6 * 0.1 ** 2 / energy / 2, rel=1e-5)
+    assert large == pytest.approx(small, rel=1e-5)  # 100 on a 1000x output is 0.1 on the 1x one
+    assert error.error(model(tmp_path / "b.onnx", 0.1, 100.0)) == pytest.approx(2 * small, rel=1e-5)

@@ -1,11 +1,20 @@
 """The output error of a quantized model against its float model on fixed inputs.
 
-    E = Σ_samples Σ_outputs ‖y_q − y_f‖² / Σ_samples Σ_outputs ‖y_f‖²,
+For each output ``o`` of the model, its error relative to its own energy,
 
-reported as output SQNR ``10 log10(1 / E)`` dB (higher is closer). It needs no labels and no
-task metric, so it applies to any model: ``calibration: auto`` chooses a calibration method by
-it (calibration_choice.py) and ``tune_ranges`` searches activation ranges by it
-(range_tuning.py). The quantized model runs with onnxruntime's int8 kernels, as deployed.
+    E_o = Σ_samples ‖y_q,o − y_f,o‖² / Σ_samples ‖y_f,o‖²,
+
+and over the ``O`` outputs their mean, ``E = (1/O) Σ_o E_o``, reported as output SQNR
+``10 log10(1 / E)`` dB (higher is closer). Each output counts by its relative error, whatever its
+scale: a detector's score maps (sigmoid values, mostly near 0) weigh as much as its box logits
+(spread over several units), where one sum over all outputs would let the largest output decide
+alone. With one output, ``E`` is that output's relative error. An output whose float values are
+all zero is measured against the energy of all outputs.
+
+It needs no labels and no task metric, so it applies to any model: ``calibration: auto`` chooses a
+calibration method by it (calibration_choice.py), ``tune_ranges`` searches activation ranges by it
+(range_tuning.py) and the fallback ranks tensors by how much of it each one adds (sensitivity.py).
+The quantized model runs with onnxruntime's int8 kernels, as deployed.
 """
 
 from __future__ import annotations
@@ -30,15 +39,19 @@ class OutputError:
         self.threads = threads
         ref = open_session(float_model, threads=threads, what="the float model")
         self.reference = [[np.asarray(y, np.float64) for y in ref.run(None, feed)] for feed in self.feeds]
-        self.signal = sum(float(np.sum(y ** 2)) for ys in self.reference for y in ys)
+        outputs = len(self.reference[0]) if self.reference else 0
+        energy = [sum(float(np.sum(ys[o] ** 2)) for ys in self.reference) for o in range(outputs)]
+        total = max(sum(energy), 1e-30)
+        self.signal = [e if e > 0 else total for e in energy]  # per output, the denominator of E_o
 
     def error(self, model: pathlib.Path | bytes) -> float:
         """``E`` of ``model`` (a path or serialized bytes), run with onnxruntime's int8 kernels."""
         sess = open_session(model, threads=self.threads, what="the int8 model")
-        noise = 0.0
+        noise = [0.0] * len(self.signal)
         for feed, ys in zip(self.feeds, self.reference):
-            noise += sum(float(np.sum((np.asarray(y_q, np.float64) - y) ** 2)) for y, y_q in zip(ys, sess.run(None, feed)))
-        return noise / max(self.signal, 1e-30)
+            for o, (y, y_q) in enumerate(zip(ys, sess.run(None, feed))):
+                noise[o] += float(np.sum((np.asarray(y_q, np.float64) - y) ** 2))
+        return sum(n / s for n, s in zip(noise, self.signal)) / max(len(self.signal), 1)
 
 
 def sqnr_db(error: float) -> float:

@@ -9,10 +9,10 @@ For each activation tensor ``t`` carrying a QuantizeLinear -> DequantizeLinear p
 quantized model with that pair removed (``t`` read directly; when the quantizer folded a
 Relu/Clip into ``t``'s range, the clamp is put back as a Clip) is run on the data, and
 
-    sensitivity(t) = E‖f_q(x) − f(x)‖² − E‖f_q∖t(x) − f(x)‖²
+    sensitivity(t) = E(f_q) − E(f_q∖t),
 
-the squared output error (against the float model ``f``, all outputs) that removing ``t``'s
-quantization takes away. Each copy runs with onnxruntime's full optimization, so every other
+the relative output error against the float model ``f`` (output_error.py: each output's squared
+error over its energy, averaged over the outputs) that removing ``t``'s quantization takes away. Each copy runs with onnxruntime's full optimization, so every other
 node keeps its fused int8 kernel. Cost: one session and one pass over a few samples per tensor.
 
 Written by hand: onnxruntime's qdq_loss_debug measures local tensor errors only, and its
@@ -29,17 +29,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from deployopt.core.session import run_outputs
 from deployopt.passes.quantize.data import Feed
+from deployopt.passes.quantize.output_error import OutputError
 from deployopt.passes.quantize.report import folded_activations
-
-
-def _outputs(path: pathlib.Path, feeds: Sequence[Feed], threads: int) -> list[np.ndarray]:
-    return run_outputs(path, feeds, threads=threads, what=f"model {pathlib.Path(path).name}")
-
-
-def _error(outputs: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    return float(sum(np.mean((o - r) ** 2) for o, r in zip(outputs, reference)))
 
 
 def _pairs(qdq: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
@@ -93,8 +85,8 @@ def tensor_sensitivity(float_path: pathlib.Path, qdq_path: pathlib.Path,
     if not feeds:
         return {}
     float_proto, qdq = onnx.load(str(float_path)), onnx.load(str(qdq_path))
-    reference = _outputs(float_path, feeds, threads)
-    base = _error(_outputs(qdq_path, feeds, threads), reference)
+    output_error = OutputError(float_path, feeds, threads)
+    base = output_error.error(qdq_path)
     probe = pathlib.Path(qdq_path).with_name("sensitivity-probe.onnx")
     folded = folded_activations(float_proto, qdq)
     graph_outputs = {o.name for o in qdq.graph.output}
@@ -103,7 +95,7 @@ def tensor_sensitivity(float_path: pathlib.Path, qdq_path: pathlib.Path,
         if any(d.output[0] in graph_outputs for d in dqs):
             continue
         onnx.save(_without(qdq, tensor, q, dqs, folded.get(tensor)), str(probe))
-        result[tensor] = base - _error(_outputs(probe, feeds, threads), reference)
+        result[tensor] = base - output_error.error(probe)
     probe.unlink(missing_ok=True)
     return result
 
