@@ -5,10 +5,8 @@ No range method wins on every network. Measured on the 440 held-out photo crops 
 agreement with fp32, onnxruntime int8 kernels, this repository's benchmarks): MobileNetV2 minmax
 88.4%, mse 90.5%, entropy 92.5%; EfficientNet-Lite0 minmax 94.3%, mse 95.9%, entropy 95.0%.
 Each method's whole int8 model (ranges, rounding, bias correction) is therefore made and scored
-by its relative output error on the first calibration samples
-
-    E = Σ_samples Σ_outputs ‖y_q − y_f‖² / Σ_samples Σ_outputs ‖y_f‖²,
-
+by its relative output error ``E`` on the first calibration samples (output_error.py: with one
+output ``Σ‖y_q − y_f‖² / Σ‖y_f‖²``, with several the mean of each output's own),
 reported as ``10 log10(1 / E)`` dB (output SQNR; higher is closer). On those two networks the
 ranking by ``E`` on 64 calibration crops is the ranking by held-out agreement (the two
 EfficientNet-Lite0 methods within 1 point of each other excepted), and ``E`` needs no labels and
@@ -27,8 +25,7 @@ AUTO_METHODS = ("minmax", "mse", "entropy")
 
 
 def output_sqnr_db(error: OutputError, candidates: dict[str, pathlib.Path]) -> dict[str, float]:
-    """Per candidate, ``10 log10(Σ‖y_f‖² / Σ‖y_q − y_f‖²)`` over every output of ``error``'s feeds
-    (inf when equal)."""
+    """Per candidate, ``10 log10(1 / E)`` on ``error``'s feeds (inf when equal)."""
     return {name: sqnr_db(error.error(path)) for name, path in candidates.items()}
 
 
