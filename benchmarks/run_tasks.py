@@ -84,7 +84,10 @@ LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
     "layout": [("deployopt quantize, calibration: minmax", {"calibration": "minmax"}, False),
                ("deployopt quantize, latency_aware: false", {"latency_aware": False}, False),
                ("deployopt quantize, tune_ranges: true (its default 300 s budget), latency_aware: false",
-                {"tune_ranges": True, "latency_aware": False}, False)],
+                {"tune_ranges": True, "latency_aware": False}, False),
+               # the default max_trials (8) doubles up to 64-128 ranked tensors; 16 trials reach every
+               # tensor of this graph, so the search can go on until the tolerance is met
+               ("deployopt quantize, tolerance, max_trials: 16", {"max_trials": 16}, True)],
 }
 
 
