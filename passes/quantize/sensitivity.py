@@ -12,8 +12,9 @@ Relu/Clip into ``t``'s range, the clamp is put back as a Clip) is run on the dat
     sensitivity(t) = E(f_q) − E(f_q∖t),
 
 the relative output error against the float model ``f`` (output_error.py: each output's squared
-error over its energy, averaged over the outputs) that removing ``t``'s quantization takes away. Each copy runs with onnxruntime's full optimization, so every other
-node keeps its fused int8 kernel. Cost: one session and one pass over a few samples per tensor.
+error over its energy, averaged over the outputs) that removing ``t``'s quantization takes away.
+Each copy runs with onnxruntime's full optimization, so every other node keeps its fused int8
+kernel. Cost: one session and one pass over a few samples per tensor.
 
 Written by hand: onnxruntime's qdq_loss_debug measures local tensor errors only, and its
 ``nodes_to_exclude`` needs a re-quantization per candidate.
