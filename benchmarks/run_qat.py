@@ -2,7 +2,8 @@
 graph, against ``quantize`` alone, on real-weight models.
 
     .venv/bin/python -m benchmarks.run_qat [--archs efficientnet_lite0,mobilenet_v2] [--epochs 3]
-        [--lr 2e-5] [--views 8] [--max-seconds 1500] [--runs 20] [--rounds 3] [--out benchmarks/results/qat.md]
+        [--lr 2e-5] [--views 8] [--max-seconds 1500] [--select-by agreement|kl] [--runs 20] [--rounds 3]
+        [--out benchmarks/results/qat.md]
 
 1. Exports EfficientNet-Lite0 and MobileNetV2 with their real ImageNet weights at 1x3x224x224,
    dynamic batch (``run_rounding``'s export).
@@ -182,12 +183,14 @@ def main(argv=None) -> int:
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--crops", type=int, default=24, help="random crops per large training picture")
     parser.add_argument("--max-seconds", type=float, default=1500.0)
+    parser.add_argument("--select-by", choices=("agreement", "kl"), default="agreement",
+                        help="recover's early-stopping score on the early-stopping crops")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat.md"))
     args = parser.parse_args(argv)
     settings = {"max_epochs": args.epochs, "lr": args.lr, "views": args.views, "max_seconds": args.max_seconds,
-                "patience": None}
+                "patience": None, "select_by": args.select_by}
     results = {}
     with tempfile.TemporaryDirectory(prefix="deployopt-qat-") as tmp:
         folders = training_folders(pathlib.Path(tmp), args.crops)

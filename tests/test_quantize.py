@@ -104,10 +104,11 @@ def test_qdq_counts_dtypes_and_per_channel_axes(float_proto, digits):
     x, _ = digits
     q, step = _quantize(float_proto, ArrayDataset(x[:128]))
     ops = [n.op_type for n in q.graph.node]
-    # Activations: input, relu1, relu2, flatten, logits -> 5 Q/DQ pairs. Weights and biases of
-    # 2 Conv + 1 Gemm -> 6 more DequantizeLinear fed by initializers. Relu folded into the ranges.
-    assert ops.count("QuantizeLinear") == 5
-    assert ops.count("DequantizeLinear") == 11
+    # Activations: input, relu1, relu2, flatten -> 4 Q/DQ pairs (the Gemm writes the float logits
+    # itself). Weights and biases of 2 Conv + 1 Gemm -> 6 more DequantizeLinear fed by initializers.
+    # Relu folded into the ranges.
+    assert ops.count("QuantizeLinear") == 4
+    assert ops.count("DequantizeLinear") == 10
     assert ops.count("Relu") == 0 and step.details["folded_into_quantization"] == {"Relu": 2}
     inits = _initializers(q)
     for node in q.graph.node:
@@ -130,14 +131,69 @@ def test_qdq_counts_dtypes_and_per_channel_axes(float_proto, digits):
     assert step.details["int8_ops"] == {"Conv": 2, "Flatten": 1, "Gemm": 1}
     assert step.details["float_ops"] == {}
     assert step.details["ort_optimized"]["fused_int8"] == {"QGemm": 1, "QLinearConv": 2}
-    # Only the graph input's Q and the graph output's DQ survive onnxruntime's fusion.
+    # Only the graph input's Q survives onnxruntime's fusion: QGemm writes the float logits.
     assert step.details["ort_optimized"]["unfused_quantize_linear"] == 1
-    assert step.details["ort_optimized"]["unfused_dequantize_linear"] == 1
+    assert step.details["ort_optimized"]["unfused_dequantize_linear"] == 0
     assert step.details["calibration"]["samples"] == 128
-    # ranked: the 5 quantized activations and the 3 int8 weights (int32 biases are not ranked)
+    # ranked: the 4 quantized activations and the 3 int8 weights (int32 biases are not ranked)
     ranked = step.details["worst_sqnr"]
-    assert len(ranked) == 8 and [r["kind"] for r in ranked].count("weight") == 3
+    assert len(ranked) == 7 and [r["kind"] for r in ranked].count("weight") == 3
     assert all(r["sqnr_db"] > 25 for r in ranked)  # a well-behaved model: no tensor loses much
+
+
+def test_gemm_and_matmul_outputs_are_not_rounded(float_proto, digits, tmp_path):
+    """A graph output written by a Gemm or MatMul loses its Q/DQ pair (their int8 kernels write
+    float); an output another node also reads, or that a Conv writes, keeps it."""
+    from deployopt.passes.quantize.quantizer import float_outputs
+
+    x, _ = digits
+    q, _ = _quantize(float_proto, ArrayDataset(x[:128]))
+    producer = {o: n for n in q.graph.node for o in n.output}
+    assert producer["logits"].op_type == "Gemm"
+    # what the pair did: the same model with the logits rounded to the output's uint8 grid
+    rounded = copy.deepcopy(q)
+    gemm = next(n for n in rounded.graph.node if n.op_type == "Gemm")
+    gemm.output[0] = "logits_float"
+    ref, out = _run(float_proto, x[N_TRAIN:]), _run(q, x[N_TRAIN:])
+    low, high = min(float(out.min()), 0.0), float(out.max())
+    scale = (high - low) / 251  # two steps of margin each side: nothing is clamped
+    zero = round(-low / scale) + 2
+    rounded.graph.initializer.extend([numpy_helper.from_array(np.float32(scale), "s"),
+                                      numpy_helper.from_array(np.uint8(zero), "z")])
+    rounded.graph.node.extend([helper.make_node("QuantizeLinear", ["logits_float", "s", "z"], ["logits_q"]),
+                               helper.make_node("DequantizeLinear", ["logits_q", "s", "z"], ["logits"])])
+    out_rounded = _run(rounded, x[N_TRAIN:])
+    assert np.abs(out - out_rounded).max() <= scale / 2 + 1e-6  # the pair only rounded
+    assert np.abs(out - ref).mean() < np.abs(out_rounded - ref).mean()
+    # onnxruntime fuses the Gemm into QGemm with a float output: no DequantizeLinear left
+    path = tmp_path / "q.onnx"
+    onnx.save(q, str(path))
+    opt = tmp_path / "q.ort.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(opt)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    assert "QGemm" in fused and "DequantizeLinear" not in fused
+    # the pair added above goes again: the Gemm writes the output
+    onnx.save(rounded, str(path))
+    assert float_outputs(path) == ["logits"]
+    assert np.array_equal(_run(onnx.load(str(path)), x[N_TRAIN:N_TRAIN + 16]), out[:16])
+    # it stays when another node also reads the float logits, or when a Conv writes the output
+    shared = copy.deepcopy(rounded)
+    shared.graph.node.append(helper.make_node("Relu", ["logits_float"], ["extra"]))
+    shared.graph.output.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, None))
+    onnx.save(shared, str(path))
+    assert float_outputs(path) == []
+    conv = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y_float"]),
+         helper.make_node("QuantizeLinear", ["y_float", "s", "z"], ["y_q"]),
+         helper.make_node("DequantizeLinear", ["y_q", "s", "z"], ["y"])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w"),
+         numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(0), "z")]))
+    onnx.save(conv, str(path))
+    assert float_outputs(path) == []
 
 
 def test_input_model_untouched(float_proto, digits):
@@ -353,8 +409,8 @@ def test_fallback_without_labels_uses_agreement(outlier_proto, digits):
 def test_already_quantized_is_refused(float_proto, digits):
     x, _ = digits
     q, _ = _quantize(float_proto, ArrayDataset(x[:32]))
-    with pytest.raises(UserError, match=r"^model: already quantized \(DequantizeLinear x11, "
-                                        r"QuantizeLinear x5\); quantize the float model instead$"):
+    with pytest.raises(UserError, match=r"^model: already quantized \(DequantizeLinear x10, "
+                                        r"QuantizeLinear x4\); quantize the float model instead$"):
         _quantize(q, ArrayDataset(x[:32]))
 
 
@@ -519,11 +575,9 @@ def test_tune_ranges_lowers_output_error_and_requantizes_to_the_searched_model(f
     q, step = _quantize(float_proto, cal, tune_ranges=True)
     rt = step.details["range_tuning"]
     scales = _scales(base)
-    # the Flatten output shares its input's scale; the graph output's QuantizeLinear reads a
-    # renamed tensor ('logits_QuantizeLinear_Input') whose range is kept under 'logits': not searched
-    assert scales["/4/Flatten_output_0"] == scales["/3/Relu_output_0"] and "logits_QuantizeLinear_Input" in scales
-    searchable = {n.input[1] for n in base.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in scales
-                  and n.input[0] != "logits_QuantizeLinear_Input"}
+    # the Flatten output shares its input's scale; the Gemm writes the float logits (no pair)
+    assert scales["/4/Flatten_output_0"] == scales["/3/Relu_output_0"] and len(scales) == 4
+    searchable = {n.input[1] for n in base.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in scales}
     assert rt["units"] == rt["units_searched"] == len(searchable) == 3 and not rt["out_of_time"]
     assert rt["ranges_moved"] >= 1 and rt["kept"] == "tuned"
     assert rt["output_sqnr_db_after"] > rt["output_sqnr_db_before"]

@@ -22,6 +22,7 @@ from deployopt.passes.quantize import latency_search
 from deployopt.passes.quantize.cost_model import CostModel, Graph
 from deployopt.passes.quantize.latency_probe import LatencyProbe, NodeCosts, Timing, node_costs
 from deployopt.passes.quantize import QuantizePass
+from deployopt.passes.quantize.report import FLOAT_OUTPUT_OPS
 from tests._fixtures import train_classifier
 
 N_TRAIN = 1400
@@ -85,11 +86,13 @@ class FakeProbe(LatencyProbe):
         for n in proto.graph.node:
             for i in n.input:
                 consumers.setdefault(i, []).append(n)
-        # a node unit DQ -> op -> Q is an int8 kernel; a node missing either side runs float
+        # a node unit DQ -> op -> Q is an int8 kernel (a Gemm/MatMul also without the Q: its int8
+        # kernel writes float); a node missing either side runs float
         int8 = {n.name for n in proto.graph.node if n.op_type not in QDQ
                 and (acts := [i for i in n.input if i and i not in inits]) and all(i in dq_out for i in acts)
-                and all(consumers.get(o) and all(c.op_type == "QuantizeLinear" for c in consumers[o])
-                        for o in n.output)}
+                and (n.op_type in FLOAT_OUTPUT_OPS
+                     or all(consumers.get(o) and all(c.op_type == "QuantizeLinear" for c in consumers[o])
+                            for o in n.output))}
         nodes = {n.name: (self.int8_ms if n.name in int8 else self.float_ms).get(n.op_type, self.default) * self.scale
                  for n in proto.graph.node if n.op_type not in QDQ}
         outputs = {o.name for o in proto.graph.output}
@@ -185,12 +188,12 @@ def test_float_model_returned_when_no_int8_configuration_pays(gated_proto, digit
     assert d["latency_aware"]["result"] == "float" and d["latency_aware"]["chosen_trial"] is None
     assert "int8_ops" not in d and "ort_optimized" not in d
     # the kernels of the first quantization stay in the report: every quantized node of
-    # GatedDigits fused (4 Conv, 2 Sigmoid, 2 Mul, 1 Gemm), only the graph input's Q and the
-    # graph output's DQ left
+    # GatedDigits fused (4 Conv, 2 Sigmoid, 2 Mul, 1 Gemm), only the graph input's Q left (QGemm
+    # writes the float logits)
     first = d["first_quantization_ort_optimized"]
     assert first["fused_int8"] == {"QGemm": 1, "QLinearConv": 4, "QLinearMul": 2, "QLinearSigmoid": 2}
     assert first["fused_int8_total"] == 9
-    assert (first["unfused_quantize_linear"], first["unfused_dequantize_linear"]) == (1, 1)
+    assert (first["unfused_quantize_linear"], first["unfused_dequantize_linear"]) == (1, 0)
     assert all(not t["faster"] for t in d["latency_trials"])
     assert any(re.fullmatch(r"latency-aware: no int8 configuration was faster than float in \d+ trials? "
                             r"\(best \d\.\d\dx float latency \[\d\.\d\d, \d\.\d\d\]\); the float model is "

@@ -10,7 +10,8 @@ Label every compute node ``n`` of the float graph int8 (``L_n = 1``) or float (0
 
     cost(L) = sum_n [L_n t8(n) + (1 - L_n) t32(n)]
             + sum_e Q_e   [producer of e float, some consumer of e int8]
-            + sum_e DQ_e  [producer of e int8, some consumer of e float (or e a graph output)]
+            + sum_e DQ_e  [producer of e int8, some consumer of e float (or e a graph output,
+                           unless a Gemm/MatMul writes it: their int8 kernels write float)]
 
 ``t32`` / ``t8`` are per-node kernel times (latency_probe.node_costs) of the float model and of
 the first quantization; ``Q_e`` / ``DQ_e`` are the standalone QuantizeLinear / DequantizeLinear
@@ -37,6 +38,7 @@ import numpy as np
 import onnx
 
 from deployopt.passes.quantize.latency_probe import NodeCosts
+from deployopt.passes.quantize.report import FLOAT_OUTPUT_OPS
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +152,21 @@ class CostModel:
         g = self.graph
         total = sum(self.t8[n] if n in int8 else self.t32[n] for n in g.op_type)
         converts = 0.0
-        outputs = set(g.outputs)
         for tensor in g.tensors():
             source, users = g.producer.get(tensor), g.consumers.get(tensor, [])
             if source not in int8 and any(u in int8 for u in users):
                 converts += self.conversion("Q", tensor)
-            if source in int8 and (tensor in outputs or any(u not in int8 for u in users)):
+            if source in int8 and (self._read_as_float(tensor) or any(u not in int8 for u in users)):
                 converts += self.conversion("DQ", tensor)
         return total + weight * converts
+
+    def _read_as_float(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a graph output that an int8 producer must dequantize: not when a
+        Gemm/MatMul writes it for no other reader (its int8 kernel writes float,
+        quantizer.float_outputs)."""
+        g = self.graph
+        return tensor in g.outputs and (bool(g.consumers.get(tensor))
+                                        or g.op_type.get(g.producer.get(tensor)) not in FLOAT_OUTPUT_OPS)
 
     def cut(self, weight: float = 1.0) -> set[str]:
         """Nodes labeled int8 by the minimum cut with conversion costs multiplied by ``weight``."""
@@ -171,7 +180,6 @@ class CostModel:
                 net.add_edge(n, _SINK, capacity=self.t8[n])
             else:
                 net.add_edge(n, _SINK)  # no capacity attribute: infinite, the node stays float
-        outputs = set(g.outputs)
         for tensor in g.tensors():  # graph order: the same graph gives the same cut on ties
             source, users = g.producer.get(tensor), g.consumers.get(tensor, [])
             q, dq = ("Q", tensor), ("DQ", tensor)
@@ -180,8 +188,8 @@ class CostModel:
                 net.add_edge(dq, u)
             if users:
                 net.add_edge(q, _SINK if source is None else source, capacity=weight * self.conversion("Q", tensor))
-            if tensor in outputs:
-                net.add_edge(dq, _SINK)  # a graph output is read as float
+            if self._read_as_float(tensor):
+                net.add_edge(dq, _SINK)
             if source is not None:
                 net.add_edge(source, dq, capacity=weight * self.conversion("DQ", tensor))
         _, (int8_side, _) = nx.minimum_cut(net, _SOURCE, _SINK)

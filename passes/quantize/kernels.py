@@ -35,12 +35,13 @@ def ort_kernels(model_path: pathlib.Path, work_dir: pathlib.Path, threads: int) 
 
 def internal_unfused(kernels: dict, proto: onnx.ModelProto) -> int | None:
     """Unfused Q/DQ kernels onnxruntime runs inside the graph: beyond one Q per graph input and
-    one DQ per graph output (``kernels`` as ``ort_kernels`` returns it; None when the count was
-    skipped)."""
+    one DQ per graph output that a DequantizeLinear writes (``kernels`` as ``ort_kernels``
+    returns it; None when the count was skipped)."""
     if "skipped" in kernels:
         return None
     initializers = {t.name for t in proto.graph.initializer}
     n_in = sum(1 for v in proto.graph.input if v.name not in initializers)
-    n_out = len(proto.graph.output)
+    dequantized = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    n_out = sum(1 for v in proto.graph.output if v.name in dequantized)
     return (max(0, kernels["unfused_quantize_linear"] - n_in)
             + max(0, kernels["unfused_dequantize_linear"] - n_out))

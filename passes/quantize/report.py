@@ -27,6 +27,9 @@ QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 #: Ops that mean a model is quantized already.
 INTEGER_OPS = QDQ_OPS | {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "QGemm",
                          "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "MatMulNBits"}
+#: Ops whose fused int8 kernel in onnxruntime can write float (QGemm, MatMulIntegerToFloat): where
+#: they produce a graph output, no QuantizeLinear is needed after them (quantizer.float_outputs).
+FLOAT_OUTPUT_OPS = frozenset({"Gemm", "MatMul"})
 #: Activations the quantizer folds into the range of the tensor they read.
 CLAMPS = ("Relu", "Clip")
 
