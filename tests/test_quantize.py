@@ -194,6 +194,12 @@ def test_gemm_and_matmul_outputs_are_not_rounded(float_proto, digits, tmp_path):
          numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(0), "z")]))
     onnx.save(conv, str(path))
     assert float_outputs(path) == []
+    matmul = copy.deepcopy(conv)  # the same chain with a MatMul writing the output: the pair goes
+    matmul.graph.node[0].CopyFrom(helper.make_node("MatMul", ["x", "m"], ["y_float"]))
+    matmul.graph.initializer.append(numpy_helper.from_array(np.ones((4, 4), np.float32), "m"))
+    onnx.save(matmul, str(path))
+    assert float_outputs(path) == ["y"]
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMul"]
 
 
 def test_input_model_untouched(float_proto, digits):
