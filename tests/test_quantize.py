@@ -194,12 +194,56 @@ def test_gemm_and_matmul_outputs_are_not_rounded(float_proto, digits, tmp_path):
          numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(0), "z")]))
     onnx.save(conv, str(path))
     assert float_outputs(path) == []
+    # a Conv then a layout op keeps every pair (nothing to gain); a Sigmoid between them frees the
+    # chain after the Conv's pair: the scores are not rounded
+    def chain(*ops):
+        nodes, inits, tensor = [helper.make_node("Conv", ["x", "w"], ["t0"])], [], "t0"
+        for i, op in enumerate(ops, 1):
+            nodes += [helper.make_node("QuantizeLinear", [tensor, "s", "z"], [f"q{i}"]),
+                      helper.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"d{i}"])]
+            if op == "Reshape":
+                inits.append(numpy_helper.from_array(np.array([1, 16], np.int64), f"shape{i}"))
+            nodes.append(helper.make_node(op, [f"d{i}"] + ([f"shape{i}"] if op == "Reshape" else []), [f"t{i}"]))
+            tensor = f"t{i}"
+        nodes += [helper.make_node("QuantizeLinear", [tensor, "s", "z"], ["qy"]),
+                  helper.make_node("DequantizeLinear", ["qy", "s", "z"], ["y"])]
+        model = copy.deepcopy(conv)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(inits)
+        return model
+    onnx.save(chain("Reshape"), str(path))
+    assert float_outputs(path) == []
+    onnx.save(chain("Sigmoid", "Reshape"), str(path))
+    assert float_outputs(path) == ["y"]
+    assert [n.op_type for n in onnx.load(str(path)).graph.node] == [
+        "Conv", "QuantizeLinear", "DequantizeLinear", "Sigmoid", "Reshape"]
     matmul = copy.deepcopy(conv)  # the same chain with a MatMul writing the output: the pair goes
     matmul.graph.node[0].CopyFrom(helper.make_node("MatMul", ["x", "m"], ["y_float"]))
     matmul.graph.initializer.append(numpy_helper.from_array(np.ones((4, 4), np.float32), "m"))
     onnx.save(matmul, str(path))
     assert float_outputs(path) == ["y"]
     assert [n.op_type for n in onnx.load(str(path)).graph.node] == ["MatMul"]
+
+
+def test_softmax_output_is_not_rounded(trained, float_proto, digits):
+    """Gemm -> Softmax at the output: no Q/DQ pair on the chain (a uint8 grid of 1/255 would zero
+    the small probabilities); the probabilities are the float softmax of the int8 model's logits,
+    and the report says why the Softmax is float."""
+    x, _ = digits
+    cal = ArrayDataset(x[:128])
+    with_softmax = _export(nn.Sequential(trained, nn.Softmax(dim=1)).eval())
+    q, step = _quantize(with_softmax, cal)
+    producer = {o: n for n in q.graph.node for o in n.output}
+    softmax = producer["logits"]
+    assert softmax.op_type == "Softmax" and producer[softmax.input[0]].op_type == "Gemm"
+    logits = _run(_quantize(float_proto, cal)[0], x[N_TRAIN:])
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(_run(q, x[N_TRAIN:]), expected, rtol=1e-4, atol=1e-7)
+    assert step.details["int8_ops"] == {"Conv": 2, "Flatten": 1, "Gemm": 1}
+    assert step.details["float_nodes"] == [{"node": softmax.name, "op_type": "Softmax", "reason": (
+        "writes a graph output: runs in float, so the output is not rounded to uint8")}]
 
 
 def test_input_model_untouched(float_proto, digits):

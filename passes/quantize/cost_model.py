@@ -163,7 +163,7 @@ class CostModel:
     def _read_as_float(self, tensor: str) -> bool:
         """Whether ``tensor`` is a graph output that an int8 producer must dequantize: not when a
         Gemm/MatMul writes it for no other reader (its int8 kernel writes float,
-        quantizer.float_outputs)."""
+        quantizer.float_outputs). A Gemm followed by a Softmax is left to the timing."""
         g = self.graph
         return tensor in g.outputs and (bool(g.consumers.get(tensor))
                                         or g.op_type.get(g.producer.get(tensor)) not in FLOAT_OUTPUT_OPS)

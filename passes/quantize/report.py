@@ -30,6 +30,11 @@ INTEGER_OPS = QDQ_OPS | {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"
 #: Ops whose fused int8 kernel in onnxruntime can write float (QGemm, MatMulIntegerToFloat): where
 #: they produce a graph output, no QuantizeLinear is needed after them (quantizer.float_outputs).
 FLOAT_OUTPUT_OPS = frozenset({"Gemm", "MatMul"})
+#: Ops at the end of a graph that run cheaply in float and whose output a uint8 grid only damages:
+#: probabilities and scores (a step of 1/255 zeroes most of a 1000-class softmax) ...
+SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
+#: ... and the layout ops that carry them to the output (quantizer.float_outputs).
+LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
 #: Activations the quantizer folds into the range of the tensor they read.
 CLAMPS = ("Relu", "Clip")
 
@@ -50,15 +55,20 @@ def _by_name(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 
 def _quantized_nodes(qdq_proto: onnx.ModelProto, op_types: set[str]) -> set[str]:
-    """Nodes the quantizer handled: every float activation input comes through a DequantizeLinear
-    and the op type has a quantizer rule and is selected by ``op_types``."""
+    """Nodes the quantizer handled: every float activation input comes through a DequantizeLinear,
+    the op type has a quantizer rule and is selected by ``op_types``, and an output is quantized
+    (or the op is one whose int8 kernel writes float)."""
     dq_outputs = {o for n in qdq_proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     initializers = {t.name for t in qdq_proto.graph.initializer}
+    q_inputs = {n.input[0] for n in qdq_proto.graph.node if n.op_type == "QuantizeLinear"}
     names = set()
     for node in qdq_proto.graph.node:
         activations = [i for i in node.input if i and i not in initializers]
+        # and its result is quantized, unless its int8 kernel writes float: a score or layout op
+        # whose output quantizer.float_outputs freed runs in float
+        written = node.op_type in FLOAT_OUTPUT_OPS or any(o in q_inputs for o in node.output)
         if (node.op_type not in QDQ_OPS and activations and all(i in dq_outputs for i in activations)
-                and node.op_type in QUANTIZABLE and node.op_type in op_types):
+                and node.op_type in QUANTIZABLE and node.op_type in op_types and written):
             names.add(node.name)
     return names
 
@@ -73,6 +83,19 @@ def int8_nodes(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *, op_t
     return names + folded
 
 
+def _output_tail(qdq_proto: onnx.ModelProto) -> set[str]:
+    """Score and layout nodes that write a graph output directly or through one another (the
+    chains quantizer.float_outputs leaves in float)."""
+    producer = {o: n for n in qdq_proto.graph.node for o in n.output}
+    tail, stack = set(), [o.name for o in qdq_proto.graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.op_type in SCORE_OPS | LAYOUT_OPS and node.name not in tail:
+            tail.add(node.name)
+            stack.extend(i for i in node.input[:1] if i)
+    return tail
+
+
 def node_accounting(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *,
                     op_types: Iterable[str], excluded: dict[str, str]) -> dict:
     """Int8 and float nodes of the QDQ model, with a reason for every node left float.
@@ -82,6 +105,7 @@ def node_accounting(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *,
     """
     op_types = set(op_types)
     quantized = _quantized_nodes(qdq_proto, op_types)
+    tail = _output_tail(qdq_proto)
     int8, floats, float_nodes = collections.Counter(), collections.Counter(), []
     for node in qdq_proto.graph.node:
         if node.op_type in QDQ_OPS:
@@ -95,6 +119,8 @@ def node_accounting(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *,
             reason = f"onnxruntime has no int8 rule for {node.op_type}"
         elif node.op_type not in op_types:
             reason = "op type not in op_types"
+        elif node.name in tail:
+            reason = "writes a graph output: runs in float, so the output is not rounded to uint8"
         else:
             reason = "onnxruntime's quantizer left it float (its inputs are not quantized)"
         floats[node.op_type] += 1
