@@ -9,14 +9,15 @@ quantizer round-trips the model through temporary folders: they go in the folder
 onnxruntime's quantizer also puts a Q/DQ pair on every graph output. Where a Gemm or MatMul
 writes the output (a classifier's logits), that pair only rounds the result the user reads:
 onnxruntime's QGemm and MatMulIntegerToFloat take int8 inputs and write float, so the pair buys
-no speed. Where a Softmax or Sigmoid writes it (probabilities, a detector's scores), the uint8
-grid is worse still: a step of 1/255 zeroes most of a 1000-class softmax (on EfficientNet-Lite0's
-fp32 probabilities alone it costs KL 2.4 and ties the top class on 1.6% of the crops), and those
-ops cost little in float at the end of a graph. ``float_outputs`` takes such pairs away. Measured on deployopt's int8 real-weight ImageNet
-models, the same model with and without the pair (440 held-out crops, onnxruntime's kernels):
-MobileNetV2's logits were rounded to steps of 0.15, and without that rounding agreement with fp32
-rises 92.7% -> 93.2% (KL 0.0186 -> 0.0177); EfficientNet-Lite0 96.8% -> 97.3% (KL 0.0027 ->
-0.0024), and on photos no calibration saw 87.9% -> 90.9%.
+no speed. Measured on deployopt's int8 real-weight ImageNet models, the same model with and
+without the pair (440 held-out crops, onnxruntime's kernels): MobileNetV2's logits were rounded
+to steps of 0.15, and without that rounding agreement with fp32 rises 92.7% -> 93.2% (KL 0.0186
+-> 0.0177); EfficientNet-Lite0 96.8% -> 97.3% (KL 0.0027 -> 0.0024), and on photos no
+calibration saw 87.9% -> 90.9%. Where a Softmax or Sigmoid writes the output (probabilities, a
+detector's scores), the uint8 grid is worse still: a step of 1/255 zeroes most of a 1000-class
+softmax (on EfficientNet-Lite0's fp32 probabilities alone it costs KL 2.4 and ties the top class
+on 1.6% of the crops), and those ops cost little in float at the end of a graph.
+``float_outputs`` takes such pairs away.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def float_outputs(path: pathlib.Path) -> list[str]:
         ends = [i for i, (_, _, source, _) in enumerate(chain) if source.op_type not in LAYOUT_OPS]
         if not ends:
             continue
-        for q, dq, source, tensor in chain[:ends[-1] + 1]:
-            source.output[list(source.output).index(q.input[0])] = tensor
+        for q, dq, source, read in chain[:ends[-1] + 1]:  # ``read``: the tensor the DQ wrote
+            source.output[list(source.output).index(q.input[0])] = read
             dropped.update((id(q), id(dq)))
         names.append(output.name)
     if names:
