@@ -237,6 +237,8 @@ def test_softmax_output_is_not_rounded(trained, float_proto, digits):
     producer = {o: n for n in q.graph.node for o in n.output}
     softmax = producer["logits"]
     assert softmax.op_type == "Softmax" and producer[softmax.input[0]].op_type == "Gemm"
+    read = {i for n in q.graph.node for i in n.input}
+    assert all(t.name in read for t in q.graph.initializer)  # the pairs' scales went with them
     logits = _run(_quantize(float_proto, cal)[0], x[N_TRAIN:])
     expected = np.exp(logits - logits.max(1, keepdims=True))
     expected /= expected.sum(1, keepdims=True)

@@ -111,7 +111,12 @@ def float_outputs(path: pathlib.Path) -> list[str]:
         names.append(output.name)
     if names:
         kept = [n for n in graph.node if id(n) not in dropped]
+        freed = {i for n in graph.node if id(n) in dropped for i in n.input} - {i for n in kept for i in n.input}
         del graph.node[:]
         graph.node.extend(kept)
+        # the pairs' scales and zero points, unread now (onnxruntime warns about each one it finds)
+        unread = [t for t in graph.initializer if t.name in freed]
+        for tensor in unread:
+            graph.initializer.remove(tensor)
         onnx.save(proto, str(path))
     return names
