@@ -17,7 +17,9 @@ calibration saw 87.9% -> 90.9%. Where a Softmax or Sigmoid writes the output (pr
 detector's scores), the uint8 grid is worse still: a step of 1/255 zeroes most of a 1000-class
 softmax (on EfficientNet-Lite0's fp32 probabilities alone it costs KL 2.4 and ties the top class
 on 1.6% of the crops), and those ops cost little in float at the end of a graph.
-``float_outputs`` takes such pairs away.
+``float_outputs`` takes such pairs away. Written by hand: onnxruntime's own switch,
+``OpTypesToExcludeOutputQuantization``, works per op type across the whole graph, so it would
+also leave unquantized the outputs of inner Gemms, MatMuls and Sigmoids (a squeeze-excite gate).
 """
 
 from __future__ import annotations
