@@ -248,6 +248,30 @@ def test_softmax_output_is_not_rounded(trained, float_proto, digits):
         "writes a graph output: runs in float, so the output is not rounded to uint8")}]
 
 
+def test_float_reason_of_layout_after_a_float_conv():
+    """A layout op at the output is float for the reason that holds: after a Gemm the output is
+    left unrounded on purpose; after a Conv the fallback left float, its input is not quantized."""
+    from deployopt.passes.quantize.report import node_accounting
+
+    def model(op):
+        return helper.make_model(helper.make_graph(
+            [helper.make_node(op, ["x", "w"], ["t"], name="layer"),
+             helper.make_node("Reshape", ["t", "shape"], ["y"], name="reshape")], op,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.ones((4, 4), np.float32), "w"),
+             numpy_helper.from_array(np.array([2, 2], np.int64), "shape")]))
+
+    def reshape_reason(op):
+        proto = model(op)
+        accounting = node_accounting(proto, proto, op_types={"Conv", "Gemm", "MatMul", "Reshape"},
+                                     excluded={"layer": "fallback"})
+        return {n["node"]: n["reason"] for n in accounting["float_nodes"]}["reshape"]
+
+    assert reshape_reason("MatMul") == "writes a graph output: runs in float, so the output is not rounded to uint8"
+    assert reshape_reason("Conv") == "onnxruntime's quantizer left it float (its inputs are not quantized)"
+
+
 def test_input_model_untouched(float_proto, digits):
     x, _ = digits
     model = ir.from_proto(float_proto)

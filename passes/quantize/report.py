@@ -84,15 +84,22 @@ def int8_nodes(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *, op_t
 
 
 def _output_tail(qdq_proto: onnx.ModelProto) -> set[str]:
-    """Score and layout nodes that write a graph output directly or through one another (the
-    chains quantizer.float_outputs leaves in float)."""
+    """The score and layout nodes quantizer.float_outputs leaves in float: walking back from each
+    graph output through score and layout nodes, those up to the last score op, or the whole walk
+    when it ends at a Gemm/MatMul. Layout nodes after a Conv the fallback left float are float
+    because their inputs are: they do not count here."""
     producer = {o: n for n in qdq_proto.graph.node for o in n.output}
-    tail, stack = set(), [o.name for o in qdq_proto.graph.output]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and node.op_type in SCORE_OPS | LAYOUT_OPS and node.name not in tail:
-            tail.add(node.name)
-            stack.extend(i for i in node.input[:1] if i)
+    tail = set()
+    for output in qdq_proto.graph.output:
+        chain, node = [], producer.get(output.name)
+        while node is not None and node.op_type in SCORE_OPS | LAYOUT_OPS and node not in chain:
+            chain.append(node)
+            node = producer.get(node.input[0]) if node.input else None
+        ends = [i for i, n in enumerate(chain) if n.op_type in SCORE_OPS]
+        if node is not None and node.op_type in FLOAT_OUTPUT_OPS:
+            ends.append(len(chain) - 1)
+        if ends:
+            tail.update(n.name for n in chain[:max(ends) + 1])
     return tail
 
 
