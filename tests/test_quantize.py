@@ -602,8 +602,8 @@ def test_sensitivity_probe_keeps_the_folded_relu(float_proto, digits, tmp_path):
     q, _ = _quantize(float_proto, ArrayDataset(x[:128]), latency_aware=False)
     folded = activation_bounds(float_proto, skip={n.name for n in q.graph.node})
     assert "/1/Relu_output_0" in folded  # the Relu after conv1 was folded
-    quant, dqs = qsens._pairs(q)["/1/Relu_output_0"]
-    probe = qsens._without(q, "/1/Relu_output_0", quant, dqs, folded["/1/Relu_output_0"])
+    quant, dqs = qsens.pairs(q)["/1/Relu_output_0"]
+    probe = qsens.without(q, "/1/Relu_output_0", quant, dqs, folded["/1/Relu_output_0"])
     clip = next(n for n in probe.graph.node if n.op_type == "Clip")
     probe.graph.output.append(helper.make_empty_tensor_value_info(clip.output[0]))
     options = ort.SessionOptions()

@@ -35,7 +35,7 @@ from deployopt.passes.quantize.output_error import OutputError
 from deployopt.passes.quantize.report import folded_activations
 
 
-def _pairs(qdq: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
+def pairs(qdq: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
     """``{tensor: (QuantizeLinear, [its DequantizeLinear nodes])}`` for activation tensors."""
     init = {t.name for t in qdq.graph.initializer}
     quantizers = {n.output[0]: n for n in qdq.graph.node
@@ -48,7 +48,7 @@ def _pairs(qdq: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, list[onnx.No
     return pairs
 
 
-def _without(qdq: onnx.ModelProto, tensor: str, q: onnx.NodeProto, dqs: list[onnx.NodeProto],
+def without(qdq: onnx.ModelProto, tensor: str, q: onnx.NodeProto, dqs: list[onnx.NodeProto],
              bounds: tuple[float, float] | None) -> onnx.ModelProto:
     """A copy of ``qdq`` whose consumers of ``tensor``'s DequantizeLinear outputs read ``tensor``
     (through a Clip to ``bounds`` when the quantizer folded one into the range)."""
@@ -92,10 +92,10 @@ def tensor_sensitivity(float_path: pathlib.Path, qdq_path: pathlib.Path,
     folded = folded_activations(float_proto, qdq)
     graph_outputs = {o.name for o in qdq.graph.output}
     result = {}
-    for tensor, (q, dqs) in _pairs(qdq).items():
+    for tensor, (q, dqs) in pairs(qdq).items():
         if any(d.output[0] in graph_outputs for d in dqs):
             continue
-        onnx.save(_without(qdq, tensor, q, dqs, folded.get(tensor)), str(probe))
+        onnx.save(without(qdq, tensor, q, dqs, folded.get(tensor)), str(probe))
         result[tensor] = base - output_error.error(probe)
     probe.unlink(missing_ok=True)
     return result
