@@ -40,16 +40,16 @@ def pairs(qdq: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, list[onnx.Nod
     init = {t.name for t in qdq.graph.initializer}
     quantizers = {n.output[0]: n for n in qdq.graph.node
                   if n.op_type == "QuantizeLinear" and n.input[0] not in init}
-    pairs: dict[str, tuple[onnx.NodeProto, list[onnx.NodeProto]]] = {}
+    found: dict[str, tuple[onnx.NodeProto, list[onnx.NodeProto]]] = {}
     for node in qdq.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in quantizers:
             q = quantizers[node.input[0]]
-            pairs.setdefault(q.input[0], (q, []))[1].append(node)
-    return pairs
+            found.setdefault(q.input[0], (q, []))[1].append(node)
+    return found
 
 
 def without(qdq: onnx.ModelProto, tensor: str, q: onnx.NodeProto, dqs: list[onnx.NodeProto],
-             bounds: tuple[float, float] | None) -> onnx.ModelProto:
+            bounds: tuple[float, float] | None) -> onnx.ModelProto:
     """A copy of ``qdq`` whose consumers of ``tensor``'s DequantizeLinear outputs read ``tensor``
     (through a Clip to ``bounds`` when the quantizer folded one into the range)."""
     model = onnx.ModelProto()
