@@ -54,9 +54,9 @@ def quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarray], u
 
     reduce_range, _ = auto_reduce_range()
     overrides = {t: [{"quant_type": QuantType.QUInt16}] for t in uint16}
-    run_peers._ort_quantize(fp32, out, samples, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
-                            extra_options={"TensorQuantOverrides": overrides} if overrides else {})
+    run_peers.ort_quantize(fp32, out, samples, quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                           weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
+                           extra_options={"TensorQuantOverrides": overrides} if overrides else {})
 
 
 def in_float(fp32: pathlib.Path, qdq: pathlib.Path, out: pathlib.Path, tensors: list[str]) -> None:

@@ -129,7 +129,7 @@ def calibration_samples(arch: str) -> list[np.ndarray]:
     return [x[i:i + 1] for x, _ in data.batches(16) for i in range(len(x))]
 
 
-def _ort_quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarray], **options) -> None:
+def ort_quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarray], **options) -> None:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
@@ -184,10 +184,10 @@ def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Pat
     reduce_range, _ = auto_reduce_range()
     samples = calibration_samples(arch)
     makers = {
-        "ort-default": lambda out: _ort_quantize(fp32, out, samples),
-        "ort-u8s8": lambda out: _ort_quantize(fp32, out, samples, quant_format=QuantFormat.QDQ,
-                                              activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                              per_channel=True, reduce_range=reduce_range),
+        "ort-default": lambda out: ort_quantize(fp32, out, samples),
+        "ort-u8s8": lambda out: ort_quantize(fp32, out, samples, quant_format=QuantFormat.QDQ,
+                                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                             per_channel=True, reduce_range=reduce_range),
         "nncf": lambda out: _nncf_quantize(fp32, out, samples),
         "nncf-fbc": lambda out: _nncf_quantize(fp32, out, samples, fast_bias_correction=False),
         "deployopt": lambda out: deployopt_int8(arch, fp32, out),
