@@ -44,6 +44,11 @@ Flow of ``call``:
 8. the node accounting of the model returned: which nodes run int8, which stayed float and why
    (report.py), and the kernels onnxruntime runs (kernels.py).
 
+Activations are never 16-bit, measured on EfficientNet-Lite0 (benchmarks/results/activations16.md):
+onnxruntime's CPU EP has no 16-bit kernels, so a uint16 tensor's readers run in float between
+Q/DQ, as slow as the float fallback and less exact; OpenVINO runs the same graph fast but
+computes wrong outputs (agreement with fp32 0.5%).
+
 The SQNR ranking and the kernel count are diagnostics: when one cannot be computed on a graph its
 report section reads ``{"skipped": reason}``, a note says why, and the model returned is the same
 (the fallback then ranks by output sensitivity; the latency search assumes unfused Q/DQ).
