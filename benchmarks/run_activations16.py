@@ -12,7 +12,9 @@ activation tensors are ranked by the output error each one's quantization adds
 * ``uint16 x K``: the same call with ``TensorQuantOverrides`` giving those tensors uint16
   (onnxruntime's quantizer then raises the model to opset 21, whose QuantizeLinear has 16 bits);
 * ``float x K``: the uint8 model with those tensors' Q/DQ pairs removed (``sensitivity.without``),
-  so their readers run in float: what quantize's accuracy fallback does.
+  so their readers run in float. Like the uint16 form's readers, they still read their int8
+  weights through DequantizeLinear (quantize's fallback instead excludes the nodes from
+  quantization, so their weights stay float: fallback.md measures that).
 
 Every form is timed on onnxruntime's CPU EP and on the OpenVINO runtime in one
 ``deployopt.measure.latency.compare`` run (worker per entry, interleaved rounds, 1 thread, batch

@@ -249,27 +249,31 @@ def test_softmax_output_is_not_rounded(trained, float_proto, digits):
 
 
 def test_float_reason_of_layout_after_a_float_conv():
-    """A layout op at the output is float for the reason that holds: after a Gemm the output is
-    left unrounded on purpose; after a Conv the fallback left float, its input is not quantized."""
+    """A layout op at the output is float for the reason that holds: after an int8 MatMul (its
+    input dequantized) the output is left unrounded on purpose; after a Conv or MatMul the
+    fallback left float, its input is not quantized."""
     from deployopt.passes.quantize.report import node_accounting
 
-    def model(op):
-        return helper.make_model(helper.make_graph(
-            [helper.make_node(op, ["x", "w"], ["t"], name="layer"),
-             helper.make_node("Reshape", ["t", "shape"], ["y"], name="reshape")], op,
+    def reshape_reason(op, int8):
+        head = ([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"])] if int8 else [])
+        proto = helper.make_model(helper.make_graph(
+            head + [helper.make_node(op, ["xd" if int8 else "x", "w"], ["t"], name="layer"),
+                    helper.make_node("Reshape", ["t", "shape"], ["y"], name="reshape")], op,
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
             [numpy_helper.from_array(np.ones((4, 4), np.float32), "w"),
-             numpy_helper.from_array(np.array([2, 2], np.int64), "shape")]))
-
-    def reshape_reason(op):
-        proto = model(op)
+             numpy_helper.from_array(np.array([2, 2], np.int64), "shape"),
+             numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(0), "z")]))
         accounting = node_accounting(proto, proto, op_types={"Conv", "Gemm", "MatMul", "Reshape"},
-                                     excluded={"layer": "fallback"})
+                                     excluded={} if int8 else {"layer": "fallback"})
         return {n["node"]: n["reason"] for n in accounting["float_nodes"]}["reshape"]
 
-    assert reshape_reason("MatMul") == "writes a graph output: runs in float, so the output is not rounded to uint8"
-    assert reshape_reason("Conv") == "onnxruntime's quantizer left it float (its inputs are not quantized)"
+    freed = "writes a graph output: runs in float, so the output is not rounded to uint8"
+    float_input = "onnxruntime's quantizer left it float (its inputs are not quantized)"
+    assert reshape_reason("MatMul", int8=True) == freed
+    assert reshape_reason("MatMul", int8=False) == float_input
+    assert reshape_reason("Conv", int8=False) == float_input
 
 
 def test_input_model_untouched(float_proto, digits):

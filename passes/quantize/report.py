@@ -86,9 +86,10 @@ def int8_nodes(float_proto: onnx.ModelProto, qdq_proto: onnx.ModelProto, *, op_t
 def _output_tail(qdq_proto: onnx.ModelProto) -> set[str]:
     """The score and layout nodes quantizer.float_outputs leaves in float: walking back from each
     graph output through score and layout nodes, those up to the last score op, or the whole walk
-    when it ends at a Gemm/MatMul. Layout nodes after a Conv the fallback left float are float
-    because their inputs are: they do not count here."""
+    when it ends at an int8 Gemm/MatMul (its input dequantized). Layout nodes after a Conv or Gemm
+    the fallback left float are float because their inputs are: they do not count here."""
     producer = {o: n for n in qdq_proto.graph.node for o in n.output}
+    dq_outputs = {o for n in qdq_proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     tail = set()
     for output in qdq_proto.graph.output:
         chain, node = [], producer.get(output.name)
@@ -96,7 +97,7 @@ def _output_tail(qdq_proto: onnx.ModelProto) -> set[str]:
             chain.append(node)
             node = producer.get(node.input[0]) if node.input else None
         ends = [i for i, n in enumerate(chain) if n.op_type in SCORE_OPS]
-        if node is not None and node.op_type in FLOAT_OUTPUT_OPS:
+        if node is not None and node.op_type in FLOAT_OUTPUT_OPS and node.input[0] in dq_outputs:
             ends.append(len(chain) - 1)
         if ends:
             tail.update(n.name for n in chain[:max(ends) + 1])
