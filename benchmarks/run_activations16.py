@@ -37,9 +37,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
-import deployopt  # noqa: E402
 from benchmarks import run_peers  # noqa: E402
-from deployopt.core.errors import one_line  # noqa: E402
 from deployopt.measure import machine  # noqa: E402
 from deployopt.measure.latency import compare  # noqa: E402
 from deployopt.passes.quantize.cpu import auto_reduce_range  # noqa: E402
@@ -71,15 +69,6 @@ def in_float(fp32: pathlib.Path, qdq: pathlib.Path, out: pathlib.Path, tensors: 
     onnx.save(model, str(out))
 
 
-def fidelity(path: pathlib.Path, fp32: pathlib.Path, runtime: str) -> dict:
-    data = {**run_peers.HELD_OUT, "preprocess": run_peers.PREPROCESS[ARCH]}
-    try:
-        result = deployopt.evaluate(path, data, reference=fp32, runtime=runtime, threads=1)
-    except Exception as e:  # a form a runtime cannot run is a result
-        return {"error": one_line(e, with_type=True)}
-    return {"n": result.n, "agreement": result.agreement, "kl": result.kl}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--counts", type=int, nargs="+", default=[4, 12], help="how many tensors get 16 bits or float")
@@ -109,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                          targets=[(rt, None) for _, _, rt in entries], threads=(1,), batch=(1,), runs=args.runs,
                          rounds=args.rounds, warmup=10, progress=False).to_dict()
         rows = {r["model"]: r for r in result["rows"]}
-        lines = _table(entries, rows, fp32, ranked, args.counts)
+        held_out = {**run_peers.HELD_OUT, "preprocess": run_peers.PREPROCESS[ARCH]}
+        scores = {(label, runtime): run_peers.fidelity_against(path, fp32, held_out, runtime)
+                  for label, path, runtime in entries if label != "fp32"}
+        lines = _table(entries, rows, scores, ranked, args.counts)
         lines += ["", f"Latency warnings: {'; '.join(result.get('warnings') or []) or 'none'}"]
     stamp = machine.stamp(runtimes=True)
     command = "python -m benchmarks.run_activations16 " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -121,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _table(entries: list, rows: dict, fp32: pathlib.Path, ranked: list[str], counts: list[int]) -> list[str]:
+def _table(entries: list, rows: dict, scores: dict, ranked: list[str], counts: list[int]) -> list[str]:
     lines = [f"Tensors by output sensitivity, most damaging first: {', '.join(ranked[:max(counts)])}", "",
              "| form | runtime | p50 ms | speedup vs fp32 on onnxruntime [95% CI] | agreement, held-out (n=440) | KL |",
              "|---|---|---:|---:|---:|---:|"]
-    for label, path, runtime in entries:
+    for label, _, runtime in entries:
         row = rows.get(f"{label} [{runtime}]", {})
         speed = (f"{row['speedup']:.2f}x [{row['speedup_ci'][0]:.2f}, {row['speedup_ci'][1]:.2f}]"
                  if row.get("speedup") else row.get("error", "-"))
@@ -133,7 +125,7 @@ def _table(entries: list, rows: dict, fp32: pathlib.Path, ranked: list[str], cou
         if label == "fp32":
             agreement, kl = "reference", "0"
         else:
-            f = fidelity(path, fp32, runtime)
+            f = scores[(label, runtime)]
             agreement = f.get("error") or f"{f['agreement']:.1%}"
             kl = f"{f['kl']:.4f}" if "kl" in f else ""
         lines.append(f"| {label} | {runtime} | {p50} | {speed} | {agreement} | {kl} |")

@@ -54,7 +54,7 @@ def equalized_fp32(arch: str, fp32: pathlib.Path, out: pathlib.Path) -> dict:
 def fidelity_cells(path: pathlib.Path, fp32: pathlib.Path, datasets: dict) -> list[str]:
     cells = []
     for spec in datasets.values():
-        r = run_peers._fidelity(path, fp32, spec, "onnxruntime")
+        r = run_peers.fidelity_against(path, fp32, spec, "onnxruntime")
         if "error" in r:
             cells += [r["error"], ""]
             continue

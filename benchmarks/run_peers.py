@@ -278,7 +278,7 @@ def _labelled_top1(path: pathlib.Path, arch: str, runtime: str) -> dict:
     return {"n": result.n, "top1": result.top1}
 
 
-def _fidelity(path: pathlib.Path, fp32: pathlib.Path, data, runtime: str) -> dict:
+def fidelity_against(path: pathlib.Path, fp32: pathlib.Path, data, runtime: str) -> dict:
     try:
         result = deployopt.evaluate(path, data, reference=fp32, runtime=runtime, threads=1)
     except Exception as e:  # a model a runtime cannot run is a result of the comparison
@@ -360,7 +360,7 @@ def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, dat
                 if key not in store.data:
                     log(f"{arch}: fidelity of {label} on {runtime}, {name}")
                 data = {**spec, "preprocess": PREPROCESS[arch]}
-                fidelity[key] = store.get(key, lambda: _fidelity(paths[quantizer], paths["fp32"], data, runtime))
+                fidelity[key] = store.get(key, lambda: fidelity_against(paths[quantizer], paths["fp32"], data, runtime))
                 top1[key] = store.get(key + "/top1", lambda: logits(paths[quantizer], runtime,
                                                                     crops(arch, spec)).argmax(axis=1).tolist())
     return {"latency": latency, "fidelity": fidelity, "noise_floor": floor, "top1": top1, "int8_convs": convs,

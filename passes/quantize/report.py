@@ -93,7 +93,7 @@ def _output_tail(qdq_proto: onnx.ModelProto) -> set[str]:
     tail = set()
     for output in qdq_proto.graph.output:
         chain, node = [], producer.get(output.name)
-        while node is not None and node.op_type in SCORE_OPS | LAYOUT_OPS and node not in chain:
+        while node is not None and node.op_type in SCORE_OPS | LAYOUT_OPS:  # a DAG: the walk ends
             chain.append(node)
             node = producer.get(node.input[0]) if node.input else None
         ends = [i for i, n in enumerate(chain) if n.op_type in SCORE_OPS]
