@@ -1,5 +1,6 @@
 """Published numbers for the quantize pass's accuracy fallback: tensors ranked by the output error
-their quantization adds (``fallback_rank: sensitivity``, the default) vs by local SQNR.
+their quantization adds (``fallback_rank: sensitivity``, the default), by that error per MAC their
+nodes return to float (``sensitivity_per_mac``) and by local SQNR (``sqnr``).
 
     .venv/bin/python -m benchmarks.run_fallback [--tolerance 0.02] [--runs 30] [--rounds 3]
         [--out benchmarks/results/fallback.md]
@@ -8,7 +9,8 @@ EfficientNet-Lite0 with its real ImageNet weights (1x3x224x224, exported as ``ma
 quantized by ``QuantizePass(max_accuracy_drop=TOLERANCE, fallback_rank=...)`` with the demo
 recipe's calibration data ('photos' split test). The tolerance is on top-1 agreement with fp32
 over the first 200 crops of 'photos' split train (``data.evaluation``); fidelity is then measured
-on the other 240 crops of that split, which the fallback never saw. Latency: fp32 and both
+on the other 240 crops of that split, which the fallback never saw, and on the 132 crops of 6 photos
+no built-in dataset holds (``run_peers.unseen_photo_folder``). Latency: fp32 and the three
 results timed by ``deployopt.measure.latency.compare`` (separate workers, interleaved rounds, 1 thread).
 Writes the table with the machine stamp and the command, and prints it.
 """
@@ -20,17 +22,20 @@ import pathlib
 import sys
 import tempfile
 
+import onnx
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from deployopt.measure import machine  # noqa: E402
+from benchmarks import run_peers  # noqa: E402
 from benchmarks.run_quantize import _Subset  # noqa: E402
 from deployopt.core.data import open_dataset  # noqa: E402
 
 SHAPE = (1, 3, 224, 224)
 EVALUATION = 200  # crops of 'photos' split train the tolerance is checked on; the rest are held out
-RANKS = ("sensitivity", "sqnr")
+RANKS = ("sensitivity", "sensitivity_per_mac", "sqnr")
 
 
 def _data():
@@ -66,6 +71,7 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.run_fallback " + " ".join(argv if argv is not None else sys.argv[1:])
 
     from deployopt import models
+    from deployopt.core.stats import model_stats
     from deployopt.measure.accuracy import evaluate
     from deployopt.measure.latency import compare
     from deployopt.models.export import export_model
@@ -76,6 +82,9 @@ def main(argv=None) -> int:
         tmp = pathlib.Path(name)
         fp32 = tmp / "efficientnet_lite0.onnx"
         export_model(models.build("efficientnet_lite0", pretrained=True), fp32, SHAPE)
+        unseen = open_dataset({"dataset": f"folder:{run_peers.unseen_photo_folder(tmp / 'unseen-photos')}",
+                               "preprocess": "efficientnet-lite"}, input_shape=SHAPE)
+        macs = {layer["name"]: layer["macs"] or 0 for layer in model_stats(onnx.load(str(fp32)))["layers"]}
         results = {}
         for rank in RANKS:
             print(f"[{rank}] quantize with fallback", file=sys.stderr)
@@ -87,6 +96,8 @@ def main(argv=None) -> int:
         for rank in RANKS:
             path, details = results[rank]
             fid = evaluate(path, data[2], reference_path=fp32, progress=False)
+            fid_unseen = evaluate(path, unseen, reference_path=fp32, progress=False)
+            float_nodes = [e["node"] for e in details.get("float_nodes", [])]
             fb = details.get("fallback", {})
             chosen = fb.get("trials", [{}])[fb.get("chosen_trial", 0)] if fb else {}
             latency = details.get("latency_aware", {})
@@ -96,23 +107,31 @@ def main(argv=None) -> int:
                          "float_nodes": len(details.get("float_nodes", [])) if "float_nodes" in details else "all",
                          "speedup": speed[rank]["speedup"], "ci": speed[rank]["speedup_ci"],
                          "agreement": fid["agreement"], "agreement_ci": fid["agreement_ci"], "n": fid["n"],
-                         "kl": fid["kl"], "fallback_s": details.get("timings_s", {}).get("fallback", 0.0)})
-    lines = ["# Accuracy fallback: ranked by output sensitivity vs by SQNR", "",
+                         "kl": fid["kl"], "unseen": fid_unseen["agreement"], "unseen_n": fid_unseen["n"],
+                         "unseen_kl": fid_unseen["kl"],
+                         "float_macs": sum(macs.get(n, 0) for n in float_nodes) / sum(macs.values()),
+                         "fallback_s": details.get("timings_s", {}).get("fallback", 0.0)})
+    lines = ["# Accuracy fallback: ranked by output sensitivity, by sensitivity per MAC, by SQNR", "",
              f"Machine: {machine.stamp_line(machine.stamp())}", "", f"Command: `{command.strip()}`", "",
              f"EfficientNet-Lite0 (real ImageNet weights), `QuantizePass(max_accuracy_drop={args.tolerance})` on "
              f"top-1 agreement with fp32 over {EVALUATION} crops ('photos' split train); calibration on 'photos' "
              "split test. Fidelity on the other crops of split train, which the fallback never saw. Latency at "
              "1 thread, batch 1, interleaved rounds; speedup = p50(fp32) / p50(model). 'float model' means the "
-             "latency-aware step found no int8 configuration faster than fp32 and returned the float model.", "",
+             "latency-aware step found no int8 configuration faster than fp32 and returned the float model; "
+             "float MACs: the share of the model's multiply-accumulates in nodes left float.", "",
              "| fallback_rank | tolerance met | nodes returned to float by the fallback | trials | fallback s | "
-             "final model | speedup vs fp32 [95% CI] | held-out agreement [95% CI] | KL |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "final model | float MACs | speedup vs fp32 [95% CI] | held-out agreement [95% CI] | KL | "
+             "unseen agreement | KL unseen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        final = "float model" if r["latency_result"] == "float" else f"int8, {r['float_nodes']} float nodes"
+        is_float = r["latency_result"] == "float"
+        final = "float model" if is_float else f"int8, {r['float_nodes']} float nodes"
         lines.append(f"| {r['rank']} | {'yes' if r['met'] else 'no'} | {r['fallback_nodes']} | {r['trials']} | "
-                     f"{r['fallback_s']:.0f} | {final} | {r['speedup']:.2f}x [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | "
+                     f"{r['fallback_s']:.0f} | {final} | {'100%' if is_float else format(r['float_macs'], '.0%')} | "
+                     f"{r['speedup']:.2f}x [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | "
                      f"{r['agreement'] * 100:.1f}% of {r['n']} [{r['agreement_ci'][0] * 100:.1f}, "
-                     f"{r['agreement_ci'][1] * 100:.1f}] | {r['kl']:.2e} |")
+                     f"{r['agreement_ci'][1] * 100:.1f}] | {r['kl']:.2e} | "
+                     f"{r['unseen'] * 100:.1f}% of {r['unseen_n']} | {r['unseen_kl']:.2e} |")
     text = "\n".join(lines) + "\n"
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

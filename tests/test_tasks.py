@@ -318,6 +318,30 @@ def test_classification_keeps_the_eval_keys(tmp_path):
     assert moved.top1 == 0.0
 
 
+def test_classification_kl_score_is_exp_minus_kl_and_reads_no_labels(tmp_path):
+    from deployopt.measure.judge import Judge
+
+    model = _reshape_model(tmp_path / "logits.onnx", [10])
+    half = _reshape_model(tmp_path / "half.onnx", [10], scale=0.5)  # same arg-max, flatter softmax
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 10)).astype(np.float32) * 3
+    labelled = ArrayDataset(x, rng.integers(0, 10, 40), name="x")
+    res = deployopt.evaluate(half, labelled, reference=model, metrics="classification:score=kl")
+    p, q = np.exp(x - x.max(1, keepdims=True)), np.exp(x / 2 - (x / 2).max(1, keepdims=True))
+    p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
+    kl = float(np.mean(np.sum(p * np.log(p / q), axis=1)))
+    assert res.kl == pytest.approx(kl, rel=1e-4) and kl > 0.05
+    assert res.score_name == "exp_neg_kl" and res.score == pytest.approx(np.exp(-kl), rel=1e-4)
+    assert res.agreement == 1.0  # top-1 never moves, so agreement sees no difference at all
+    judge = Judge(model, labelled, metrics="classification:score=kl")
+    assert judge.reads == [False] and judge.bases() == [1.0]  # labels are not read
+    verdict = judge.score(half)
+    assert verdict.metric == "exp_neg_kl" and verdict.drop == pytest.approx(1 - np.exp(-kl), rel=1e-4)
+    assert Judge(model, labelled, metrics="classification").score(half).metric == "top1"
+    with pytest.raises(UserError, match="score"):
+        deployopt.evaluate(half, labelled, reference=model, metrics="classification:score=kld")
+
+
 # -- custom metrics ---------------------------------------------------------------------------------
 
 CUSTOM = '''

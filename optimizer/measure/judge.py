@@ -9,7 +9,7 @@ For each metric i (the specs given, else ``tasks.default_specs`` of the referenc
 classification for logits, the fidelity metric for anything else):
 
     base_i  = the reference's own score against labels, when metric i reads labels (class labels
-              of a labelled dataset for classification and custom metrics, the dataset's label
+              of a labelled dataset for top-1 classification and custom metrics, the dataset's label
               file for detection / segmentation / sequence); else 1.0 (a model agrees with itself)
     score_i = the model's score (against the labels when read, else agreement with the reference)
     drop_i  = base_i - score_i                  (/ base_i when ``relative`` and base_i > 0)
@@ -123,6 +123,11 @@ class _View(Dataset):
             yield x, None
 
 
+def _top1(spec: MetricSpec) -> bool:
+    """Whether ``spec`` is a classification metric scored by top-1 (``score: kl`` reads no labels)."""
+    return spec.kind == "classification" and spec.options.get("score", "top1") == "top1"
+
+
 class Judge:
     """Scores models against ``reference_path`` on ``dataset`` by the rule of the module doc.
 
@@ -154,7 +159,7 @@ class Judge:
         file (the one ``evaluate`` gives it to)."""
         file_spec = next((s for s in self.specs if s.kind in LABEL_KINDS), None) if self.labels else None
         return [s is file_spec if s.kind in LABEL_KINDS
-                else bool(self.dataset.labeled) and (s.kind == "classification" or s.custom) for s in self.specs]
+                else bool(self.dataset.labeled) and (_top1(s) or s.custom) for s in self.specs]
 
     def _evaluate(self, path, reference_path=None, progress: bool = False) -> dict[str, Any]:
         return evaluate(path, self.dataset, reference_path=reference_path, batch_size=self.batch_size,

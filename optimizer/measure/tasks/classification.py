@@ -4,13 +4,24 @@ The formulas (top-k, agreement, cosine, max |diff|, KL, Wilson intervals) are in
 ``deployopt.measure.metrics``; this metric feeds them batch by batch. The class axis is
 configurable: the logits are moved to [rows, classes] with every other axis a row (an output
 [N, C, 1, 1] of a 1x1-conv head is [N, C]). Labels are the dataset's class indices, one per row.
+
+The score that gates and fallbacks compare (``score`` setting):
+
+- ``top1`` (default): top-1 against the labels when the data is labelled, else top-1 agreement
+  with the reference;
+- ``kl``: ``exp(-KL)``, KL the mean of KL(softmax(reference) || softmax(model)) over the rows, so
+  a model identical to its reference scores 1 and a drop ``d`` is a KL of ``-ln(1 - d)``, about
+  ``d`` for small ``d``. Agreement counts only the rows whose top-1 flips, a step of 1/N on N
+  rows; the KL moves with every probability, so a tolerance on it is steady on a few hundred
+  samples and holds the whole distribution, not only the arg-max. Labels are not read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,6 +34,7 @@ from deployopt.measure.tasks.base import Metric, class_axis, does_not_fit
 @dataclasses.dataclass
 class ClassificationSettings(Settings):
     axis: int = -1  # the class axis
+    score: Literal["top1", "kl"] = "top1"  # what gates and fallbacks compare (module doc)
 
 
 def as_logits(x: np.ndarray, axis: int) -> np.ndarray:
@@ -100,6 +112,9 @@ class ClassificationMetric(Metric):
         }
         if self.sums is not None and self.sums.n:
             res.update(self.sums.result())
-        res.update(score=res["top1"] if labeled else res["agreement"],
-                   score_name="top1" if labeled else "agreement")
+        if self.settings.score == "kl":
+            res.update(score=None if res["kl"] is None else math.exp(-res["kl"]), score_name="exp_neg_kl")
+        else:
+            res.update(score=res["top1"] if labeled else res["agreement"],
+                       score_name="top1" if labeled else "agreement")
         return res
