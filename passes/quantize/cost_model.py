@@ -37,7 +37,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from deployopt.core.stats import model_stats
 from deployopt.passes.quantize.latency_probe import NodeCosts
 from deployopt.passes.quantize.report import FLOAT_OUTPUT_OPS
 
@@ -88,20 +87,9 @@ def graph_of(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) 
                  _elements(proto, input_shapes))
 
 
-def node_work(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """``{node: work}`` per compute node at ``input_shapes``: the multiply-accumulates of a
-    Conv/Gemm/MatMul (``deployopt.core.stats``), else the elements it writes. A static stand-in
-    for what a node costs when it runs in float: a layer's int8 gain scales with its MACs, the
-    conversions around an elementwise node with its tensor. A node of unknown size counts 0."""
-    fixed = _with_input_shapes(proto, input_shapes)
-    macs = {layer["name"]: layer["macs"] for layer in model_stats(fixed)["layers"] if layer["macs"] is not None}
-    elements = _elements(fixed, {})
-    return {node.name: macs.get(node.name, elements.get(node.output[0], 0) if node.output else 0)
-            for node in proto.graph.node if node.op_type != "Constant"}
-
-
-def _with_input_shapes(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """A copy of ``proto`` whose inputs have ``input_shapes`` and whose inferred shapes are dropped."""
+def _elements(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Elements of every tensor at the given input shapes (onnx shape inference on a copy whose
+    inputs have those shapes)."""
     fixed = onnx.ModelProto.FromString(proto.SerializeToString())
     del fixed.graph.value_info[:]
     for value in fixed.graph.input:
@@ -110,13 +98,6 @@ def _with_input_shapes(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequen
             for d, size in zip(dims, input_shapes[value.name]):
                 d.Clear()
                 d.dim_value = int(size)
-    return fixed
-
-
-def _elements(proto: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
-    """Elements of every tensor at the given input shapes (onnx shape inference on a copy whose
-    inputs have those shapes)."""
-    fixed = _with_input_shapes(proto, input_shapes)
     try:
         fixed = onnx.shape_inference.infer_shapes(fixed)
     except Exception as e:  # unknown sizes only make conversion estimates coarser

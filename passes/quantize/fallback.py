@@ -1,15 +1,7 @@
 """Accuracy-aware float fallback: the fewest ranked tensors whose nodes go back to float for the
 quantized model to meet ``max_accuracy_drop``.
 
-Tensors are ranked most damaging first (sensitivity.py, or local SQNR, sqnr.py), or, with
-``fallback_rank: sensitivity_per_mac``, by accuracy bought per speed sold: a tensor ``t`` whose
-nodes ``N(t)`` (report.tensor_nodes) go float ranks by
-
-    sensitivity(t) / (1 + sum_{n in N(t)} work(n)),
-
-``work`` being a layer's multiply-accumulates, else the elements a node writes
-(cost_model.node_work), the greedy order of a knapsack that buys the most output error per MAC
-returned to float. Unit ``k`` is
+Tensors are ranked most damaging first (sensitivity.py, or local SQNR, sqnr.py). Unit ``k`` is
 the set of nodes that carry a Q/DQ pair on the ``k``-th tensor of the ranking and are not in
 float already (report.tensor_nodes); trial ``k`` re-quantizes with units ``1..k`` in float. The
 drop is monotone enough in ``k`` for a doubling search (k = 1, 2, 4, ...) to find a ``k`` that
@@ -45,9 +37,6 @@ class Unit:
 
     def reason(self) -> str:
         tensor = self.entry["tensor"]
-        if "work" in self.entry:
-            return (f"fallback: tensor '{tensor}' output sensitivity {self.entry['sensitivity']:.3g} "
-                    f"for {self.entry['work']:,} MACs")
         if "sensitivity" in self.entry:
             return f"fallback: tensor '{tensor}' output sensitivity {self.entry['sensitivity']:.3g}"
         return f"fallback: tensor '{tensor}' SQNR {self.entry.get('sqnr_db')} dB"
@@ -73,17 +62,6 @@ def sensitivity_first(ranked: list[dict], sensitivity: dict[str, float], order: 
              for t in order]
     placed = set(order)
     return first + [r for r in ranked if r["tensor"] not in placed]
-
-
-def per_work(ranking: list[dict], float_proto: onnx.ModelProto, work: dict[str, int]) -> list[dict]:
-    """``ranking`` with its sensitivity entries (the first ones, sensitivity_first) reordered by
-    sensitivity per work of the nodes they return to float (module doc); the rest keep their place."""
-    scored = [e for e in ranking if "sensitivity" in e]
-    cost = {e["tensor"]: 1 + sum(work.get(n, 0) for n in tensor_nodes(float_proto, e["tensor"])) for e in scored}
-    for e in scored:
-        e["work"] = cost[e["tensor"]] - 1
-    scored.sort(key=lambda e: -e["sensitivity"] / cost[e["tensor"]])
-    return scored + [e for e in ranking if "sensitivity" not in e]
 
 
 @dataclasses.dataclass

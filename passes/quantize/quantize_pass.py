@@ -83,7 +83,6 @@ from deployopt.passes.quantize.accuracy import AGREEMENT_SAMPLES, AgreementCheck
 from deployopt.passes.quantize.calibration import (METHODS, Activations, calibrate, chunked,
                                                    clamp_ranges, histogram_method)
 from deployopt.passes.quantize.calibration_choice import AUTO_METHODS, best_method, output_sqnr_db
-from deployopt.passes.quantize.cost_model import node_work
 from deployopt.passes.quantize.cpu import auto_reduce_range, full_range_weights
 from deployopt.passes.quantize.dead_zones import dead_zones
 from deployopt.passes.quantize.equalize import equalize
@@ -156,8 +155,7 @@ class QuantizePass(DeployFunctionalPass):
     refine_samples: int = setting(64, low=1)
     max_accuracy_drop: float | None = setting(None, low=0, high=1)  # None: no evaluation, no fallback
     relative: bool = False  # max_accuracy_drop relative to the float model's score
-    # output error each tensor adds | that per MAC its nodes run in float (fallback.py) | local SQNR
-    fallback_rank: Literal["sensitivity", "sensitivity_per_mac", "sqnr"] = "sensitivity"
+    fallback_rank: Literal["sensitivity", "sqnr"] = "sensitivity"  # output error each tensor adds | local SQNR
     max_trials: int = setting(8, low=1, high=64)  # quantize+evaluate rounds of the fallback, and timed latency trials
     latency_aware: bool = True  # time int8 against float here; keep int8 only where it is faster
     latency_min_ms: float = setting(0.1, low=0)  # float models faster than this are left to the step guard
@@ -562,17 +560,15 @@ class QuantizePass(DeployFunctionalPass):
                       + ("" if isinstance(floor, Skipped) else noise_floor_note(floor, tol)))
             self.note(self.failure)
         elif chosen.chosen:
-            how = {"sensitivity": "most output-sensitive", "sensitivity_per_mac": "most output-sensitive per MAC",
-                   "sqnr": "worst-SQNR"}[self.fallback_rank]
+            how = "most output-sensitive" if self.fallback_rank == "sensitivity" else "worst-SQNR"
             self.note(f"fallback: {len(nodes)} nodes returned to float around the {chosen.chosen} {how} "
                       f"tensors; drop {best['drop']:.4f} <= {tol} after {len(chosen.trials)} trials")
         return chosen
 
     def _fallback_ranking(self, ranked: list[dict], prepared: Prepared, trial0: pathlib.Path) -> list[dict]:
         """The fallback's order: with ``fallback_rank: sensitivity``, activation tensors whose
-        quantization adds output error, most first, then the rest in SQNR order; with
-        ``sensitivity_per_mac`` the same tensors, most error per MAC first (fallback.per_work);
-        with ``sqnr``, worst SQNR first. When the chosen ranking cannot be computed, the other one is used."""
+        quantization adds output error, most first, then the rest in SQNR order; with ``sqnr``,
+        worst SQNR first. When the chosen ranking cannot be computed, the other one is used."""
         if self.fallback_rank == "sqnr" and ranked:
             return ranked
         if self.fallback_rank == "sqnr":
@@ -594,11 +590,7 @@ class QuantizePass(DeployFunctionalPass):
             "seconds": round(time.perf_counter() - t0, 2),
             "top": [{"tensor": t, "output_error_removed": float(f"{sensitivity[t]:.4g}"),
                      "share": round(sensitivity[t] / total, 4)} for t in order[:10]]}
-        ranking = fallback.sensitivity_first(ranked, sensitivity, order)
-        if self.fallback_rank == "sensitivity_per_mac":
-            shapes = {name: (1, *array.shape[1:]) for name, array in sample[0].items()} if sample else {}
-            ranking = fallback.per_work(ranking, prepared.proto, node_work(prepared.proto, shapes))
-        return ranking
+        return fallback.sensitivity_first(ranked, sensitivity, order)
 
     # -- 7. latency -------------------------------------------------------------------------------
     def _latency(self, prepared: Prepared, best: pathlib.Path, quantizer: Quantizer, scorer: Scorer | None,
