@@ -20,8 +20,10 @@ random-init network says nothing, so its fidelity is not measured), every entry 
    its slower variant ``fast_bias_correction=False``; run on onnxruntime and on OpenVINO.
 5. ``deployopt.optimize`` with the demo's passes (cleanup, quantize with ``calibration: auto``); run on both runtimes.
    Its latency-aware search times on the recipe's target, onnxruntime; a second build adds
-   ``tune_ranges: true``, and a third with ``benchmark.runtime: openvino`` decides on OpenVINO
-   and is run there.
+   ``tune_ranges: true``, a third with ``benchmark.runtime: openvino`` decides on OpenVINO
+   and is run there, and a fourth adds the accuracy fallback judged by KL: ``metrics:
+   classification:score=kl`` and ``max_accuracy_drop: MAX_KL`` on the calibration crops
+   (data.evaluation = data.calibration, so no fidelity crop is ever judged); run on both runtimes.
 
 Every quantizer calibrates on the same samples: the demo's calibration set (the 'photos' test
 split, 110 crops). Fidelity (``deployopt.evaluate`` with the fp32 model as reference, both run on
@@ -81,14 +83,19 @@ ORT, OV = ("onnxruntime", None), ("openvino", None)
 #: Convolutions in an onnxruntime-optimized graph, int8 or float.
 CONV_OPS = ("QLinearConv", "Conv", "FusedConv", "NhwcFusedConv", "NhwcConv")
 #: (entry, quantizer, target); the quantizer names the model file the entry runs.
+#: max_accuracy_drop of the "deployopt, KL fallback" entry on exp(-KL) against fp32 (a mean KL of about that)
+MAX_KL = 0.002
 ENTRIES = (("fp32", "fp32", ORT), ("fp32", "fp32", OV),
            ("ort quantize_static defaults", "ort-default", ORT),
            ("ort quantize_static U8S8 per-channel", "ort-u8s8", ORT),
            ("nncf", "nncf", ORT), ("nncf fast_bias_correction=False", "nncf-fbc", ORT),
            ("deployopt", "deployopt", ORT), ("deployopt, tune_ranges", "deployopt-tuned", ORT),
+           (f"deployopt, KL fallback {MAX_KL:g}", "deployopt-kl", ORT),
            ("nncf", "nncf", OV), ("nncf fast_bias_correction=False", "nncf-fbc", OV),
            ("deployopt", "deployopt", OV), ("deployopt, tune_ranges", "deployopt-tuned", OV),
+           (f"deployopt, KL fallback {MAX_KL:g}", "deployopt-kl", OV),
            ("deployopt, target openvino", "deployopt-ov", OV))
+DEPLOYOPT_BUILDS = ("deployopt", "deployopt-tuned", "deployopt-kl", "deployopt-ov")
 NOISE_GREY = 1  # grey levels the noise floor moves each input pixel by, at most
 NOISE_DRAWS = 8  # noisy copies per crop that decide whether its fp32 top-1 is stable
 # Colour or grey photos shipped with installed packages and in no built-in dataset: (package, path).
@@ -156,14 +163,21 @@ def _nncf_quantize(fp32: pathlib.Path, out: pathlib.Path, samples: list[np.ndarr
 
 
 def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path, runtime: str = "onnxruntime",
-                   **quantize: object) -> None:
+                   max_kl: float | None = None, **quantize: object) -> None:
     """The demo's passes on the demo's calibration data, no benchmark, saved as ``out``; the
-    latency-aware search decides on ``runtime``; ``quantize`` adds settings to the quantize pass."""
+    latency-aware search decides on ``runtime``; ``quantize`` adds settings to the quantize pass.
+    ``max_kl``: the accuracy fallback holds exp(-KL) against fp32 on the calibration crops within
+    that drop (``metrics: classification:score=kl``, ``max_accuracy_drop``): no held-out crop is judged."""
     import shutil
 
-    recipe = {"model": str(fp32), "data": {"calibration": {**CALIBRATION, "preprocess": PREPROCESS[arch]}},
+    data = {**CALIBRATION, "preprocess": PREPROCESS[arch]}
+    recipe = {"model": str(fp32), "data": {"calibration": data},
               "passes": [{"cleanup": {}}, {"quantize": {"calibration": "auto", **quantize}}],
               "benchmark": {"enabled": False, "runtime": runtime}}
+    if max_kl is not None:
+        recipe["data"]["evaluation"] = data
+        recipe["metrics"] = "classification:score=kl"
+        recipe["passes"][1]["quantize"]["max_accuracy_drop"] = max_kl
     folder = out.with_suffix("")
     deployopt.optimize(recipe, folder)
     shutil.copyfile(folder / "model.onnx", out)
@@ -193,6 +207,7 @@ def build_models(arch: str, folder: pathlib.Path) -> tuple[dict[str, pathlib.Pat
         "deployopt": lambda out: deployopt_int8(arch, fp32, out),
         "deployopt-ov": lambda out: deployopt_int8(arch, fp32, out, runtime="openvino"),
         "deployopt-tuned": lambda out: deployopt_int8(arch, fp32, out, tune_ranges=True),
+        "deployopt-kl": lambda out: deployopt_int8(arch, fp32, out, max_kl=MAX_KL),
     }
     paths, errors = {"fp32": fp32}, {}
     for name, make in makers.items():
@@ -364,21 +379,21 @@ def measure(arch: str, paths: dict, store: Store, *, runs: int, rounds: int, dat
                 top1[key] = store.get(key + "/top1", lambda: logits(paths[quantizer], runtime,
                                                                     crops(arch, spec)).argmax(axis=1).tolist())
     return {"latency": latency, "fidelity": fidelity, "noise_floor": floor, "top1": top1, "int8_convs": convs,
-            "deployopt_float": {q: deployopt_float(paths[q]) for q in ("deployopt", "deployopt-tuned", "deployopt-ov")
-                                if q in paths},
+            "deployopt_float": {q: deployopt_float(paths[q]) for q in DEPLOYOPT_BUILDS if q in paths},
             "range_tuning": range_tuning_record(paths["deployopt-tuned"]) if "deployopt-tuned" in paths else None}
 
 
 def deployopt_float(model: pathlib.Path) -> dict[str, int]:
     """How many nodes deployopt's quantize left in float, from the run's report.json: {latency: nodes
-    its latency-aware search returned to float, latency_convs: the convolutions among them, other}."""
+    its latency-aware search returned to float, latency_convs: the convolutions among them, fallback:
+    nodes its accuracy fallback returned to float, other}."""
     report = json.loads((model.with_suffix("") / "report.json").read_text(encoding="utf-8"))
-    counts = {"latency": 0, "latency_convs": 0, "other": 0}
+    counts = {"latency": 0, "latency_convs": 0, "fallback": 0, "other": 0}
     for step in report.get("steps", []):
         for node in (step.get("details") or {}).get("float_nodes", []):
-            latency = node["reason"].startswith("latency")
-            counts["latency" if latency else "other"] += 1
-            counts["latency_convs"] += latency and node["op_type"] == "Conv"
+            kind = next((k for k in ("latency", "fallback") if node["reason"].startswith(k)), "other")
+            counts[kind] += 1
+            counts["latency_convs"] += kind == "latency" and node["op_type"] == "Conv"
     return counts
 
 
@@ -479,8 +494,10 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
         text = (f"- **{arch}, why on onnxruntime**: convolutions onnxruntime runs as int8 QLinearConv (of all) "
                 "in its optimized graph: " + ", ".join(f"{names[q]} {a}/{b}" for q, (a, b) in convs.items()) + ".")
         for quantizer, target in (("deployopt", "onnxruntime"), ("deployopt-tuned", "onnxruntime"),
-                                  ("deployopt-ov", "openvino")):
+                                  ("deployopt-kl", "onnxruntime"), ("deployopt-ov", "openvino")):
             kept = (measured.get("deployopt_float") or {}).get(quantizer) or {}
+            if kept.get("fallback"):
+                text += f" {names[quantizer]}'s accuracy fallback returned {kept['fallback']} nodes to float."
             if kept.get("latency"):
                 text += (f" {names[quantizer]}'s latency-aware search, timed on {target} on this loaded host, "
                          f"returned {kept['latency']} nodes ({kept['latency_convs']} of them Conv) to float where "
