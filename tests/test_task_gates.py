@@ -248,3 +248,24 @@ def test_classifier_without_metrics_keeps_the_classic_accuracy(digits_data, digi
     else:  # 1 - agreement
         assert acc["metric"] == "agreement" and acc["input"]["top1"] is None
         assert acc["drop"] == pytest.approx(1.0 - agreement, abs=1e-12) and acc["score_in"] == 1.0
+
+
+def test_gate_on_kl_judges_the_whole_distribution(digits_data, digits, tmp_path, capsys):
+    root, model = digits_data
+    x = digits[0][1400:1600]
+    recipe = _recipe(root, model, evaluation={"dataset": f"npz:{root / 'eval.npz'}"},  # labelled: not read
+                     gates={"max_accuracy_drop": 0.9}, metrics={"out": {"kind": "classification", "score": "kl"}})
+    assert _optimize(recipe, tmp_path / "out") == 0
+    acc = json.loads((tmp_path / "out" / "report.json").read_text())["accuracy"]
+    ref, out = _outputs(model, x).astype(np.float64), _outputs(tmp_path / "out" / "model.onnx", x).astype(np.float64)
+    log_p = ref - ref.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    log_q = out - out.max(1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+    kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
+    assert acc["metric"] == "exp_neg_kl" and acc["score_in"] == 1.0 and kl > 0
+    assert acc["drop"] == pytest.approx(1 - np.exp(-kl), rel=1e-6)
+    tight = round(acc["drop"] / 2, 8)
+    capsys.readouterr()
+    assert _optimize(recipe, tmp_path / "tight", f"gates.max_accuracy_drop={tight}") == 1
+    assert "(drop of exp_neg_kl)" in capsys.readouterr().err
