@@ -82,9 +82,9 @@ LABELLED = {"dataset": "imagenet-samples"}  # foolbox's 20 labelled ImageNet pho
 ORT, OV = ("onnxruntime", None), ("openvino", None)
 #: Convolutions in an onnxruntime-optimized graph, int8 or float.
 CONV_OPS = ("QLinearConv", "Conv", "FusedConv", "NhwcFusedConv", "NhwcConv")
-#: (entry, quantizer, target); the quantizer names the model file the entry runs.
 #: max_accuracy_drop of the "deployopt, KL fallback" entry on exp(-KL) against fp32 (a mean KL of about that)
 MAX_KL = 0.002
+#: (entry, quantizer, target); the quantizer names the model file the entry runs.
 ENTRIES = (("fp32", "fp32", ORT), ("fp32", "fp32", OV),
            ("ort quantize_static defaults", "ort-default", ORT),
            ("ort quantize_static U8S8 per-channel", "ort-u8s8", ORT),
