@@ -49,3 +49,14 @@ def digits_onnx(make_net: Callable[[], torch.nn.Module], x: np.ndarray, y: np.nd
     torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), buf, dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
     return onnx.load_from_string(buf.getvalue())
+
+
+def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over rows of KL(softmax(reference) || softmax(logits)), in float64: the tests' own
+    computation, apart from deployopt.measure.metrics."""
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = np.asarray(z, np.float64) - np.max(z, axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    log_p, log_q = log_softmax(reference_logits), log_softmax(logits)
+    return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))

