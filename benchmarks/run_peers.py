@@ -95,7 +95,9 @@ ENTRIES = (("fp32", "fp32", ORT), ("fp32", "fp32", OV),
            ("deployopt", "deployopt", OV), ("deployopt, tune_ranges", "deployopt-tuned", OV),
            (f"deployopt, KL fallback {MAX_KL:g}", "deployopt-kl", OV),
            ("deployopt, target openvino", "deployopt-ov", OV))
-DEPLOYOPT_BUILDS = ("deployopt", "deployopt-tuned", "deployopt-kl", "deployopt-ov")
+#: deployopt's builds and the runtime each one's latency-aware search times on
+DEPLOYOPT_BUILDS = {"deployopt": "onnxruntime", "deployopt-tuned": "onnxruntime", "deployopt-kl": "onnxruntime",
+                    "deployopt-ov": "openvino"}
 NOISE_GREY = 1  # grey levels the noise floor moves each input pixel by, at most
 NOISE_DRAWS = 8  # noisy copies per crop that decide whether its fp32 top-1 is stable
 # Colour or grey photos shipped with installed packages and in no built-in dataset: (package, path).
@@ -171,13 +173,14 @@ def deployopt_int8(arch: str, fp32: pathlib.Path, out: pathlib.Path, runtime: st
     import shutil
 
     data = {**CALIBRATION, "preprocess": PREPROCESS[arch]}
+    settings = {"calibration": "auto", **quantize}
     recipe = {"model": str(fp32), "data": {"calibration": data},
-              "passes": [{"cleanup": {}}, {"quantize": {"calibration": "auto", **quantize}}],
+              "passes": [{"cleanup": {}}, {"quantize": settings}],
               "benchmark": {"enabled": False, "runtime": runtime}}
     if max_kl is not None:
         recipe["data"]["evaluation"] = data
         recipe["metrics"] = "classification:score=kl"
-        recipe["passes"][1]["quantize"]["max_accuracy_drop"] = max_kl
+        settings["max_accuracy_drop"] = max_kl
     folder = out.with_suffix("")
     deployopt.optimize(recipe, folder)
     shutil.copyfile(folder / "model.onnx", out)
@@ -493,8 +496,7 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
                 and e["quantizer"] != "fp32" and e["row"] and not e["row"].get("error") and e["row"]["speedup_ci"][1] < 1]
         text = (f"- **{arch}, why on onnxruntime**: convolutions onnxruntime runs as int8 QLinearConv (of all) "
                 "in its optimized graph: " + ", ".join(f"{names[q]} {a}/{b}" for q, (a, b) in convs.items()) + ".")
-        for quantizer, target in (("deployopt", "onnxruntime"), ("deployopt-tuned", "onnxruntime"),
-                                  ("deployopt-kl", "onnxruntime"), ("deployopt-ov", "openvino")):
+        for quantizer, target in DEPLOYOPT_BUILDS.items():
             kept = (measured.get("deployopt_float") or {}).get(quantizer) or {}
             if kept.get("fallback"):
                 text += f" {names[quantizer]}'s accuracy fallback returned {kept['fallback']} nodes to float."
