@@ -33,6 +33,12 @@ that bound is clipped there. That is why ``equalize`` is off by default: measure
 the calibration set, the equalized float model alone moves away from the original on those
 photos, and the int8 model's KL there nearly doubles. Measure it on your own held-out data.
 
+Only depthwise readers are equalized. Scaling a dense reader's input columns instead (the
+SmoothQuant-style trade between activation and weight ranges) was measured on MobileNetV2's
+projections and made its int8 model worse: its int8 weights are per output channel, and the
+shrunken columns lose more weight precision than the activations gain
+(benchmarks/results/equalize.md).
+
 This is the data-driven form of cross-layer equalization (Nagel et al., 2019, "Data-Free
 Quantization"), which balances weight ranges across a pair with ReLU between them; here the
 activation range is balanced, and ReLU6 is kept (their method replaced it with ReLU). Written by
