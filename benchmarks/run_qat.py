@@ -1,8 +1,9 @@
 """Published numbers for quantization-aware recovery: ``quantize`` then ``recover`` on the int8
 graph, against ``quantize`` alone, on real-weight models.
 
-    .venv/bin/python -m benchmarks.run_qat [--archs efficientnet_lite0,mobilenet_v2] [--epochs 3]
-        [--lr 2e-5] [--views 8] [--max-seconds 1500] [--select-by agreement|kl] [--runs 20] [--rounds 3]
+    .venv/bin/python -m benchmarks.run_qat [--archs efficientnet_lite0,mobilenet_v2] [--epochs 8]
+        [--trainable biases|all|changed] [--lr 1e-4] [--views 2] [--max-seconds 1500]
+        [--select-by kl|agreement] [--equalize mobilenet_v2] [--runs 20] [--rounds 3]
         [--out benchmarks/results/qat.md]
 
 1. Exports EfficientNet-Lite0 and MobileNetV2 with their real ImageNet weights at 1x3x224x224,
@@ -11,8 +12,10 @@ graph, against ``quantize`` alone, on real-weight models.
    'seen photos' = the train-split crops of those photos; 'unseen photos' = all crops of photos
    16-25, which neither calibration nor training saw.
 3. ``QuantizePass(calibration='auto', latency_aware=False)`` on the calibration crops (the
-   deployopt int8 of ``peers.md``), then ``RecoverPass`` on that int8 graph with the fp32 export
-   as the teacher and ``--epochs``/``--lr``/``--views``/``--max-seconds``. Training images:
+   deployopt int8 of ``peers.md``; with ``equalize=True`` for the archs named by ``--equalize``),
+   then ``RecoverPass`` on that int8 graph with the fp32 export as the teacher and
+   ``--trainable``/``--epochs``/``--lr`` (default: the pass's own for ``--trainable``)/``--views``/
+   ``--max-seconds``/``--select-by``. Training images:
    ``run_recover``'s training folder (random crops of pictures in neither held-out set, faces,
    thumbnails, and the even half of the calibration crops) without the crops of photos 16-25;
    early stopping (``data.evaluation``) on the odd half of the calibration crops of photos 1-15.
@@ -52,17 +55,18 @@ from benchmarks.run_rounding import CALIBRATION_PHOTOS, PHOTOS, datasets, logits
 HELD_OUT = ("seen photos", "unseen photos")
 
 
-def _int8(fp32: pathlib.Path, out: pathlib.Path, cal) -> dict:
+def _int8(fp32: pathlib.Path, out: pathlib.Path, cal, equalize: bool) -> dict:
     from deployopt.core import io
     from deployopt.passes.context import PassContext
     from deployopt.passes.quantize import QuantizePass
 
-    step = QuantizePass(calibration="auto", latency_aware=False)
+    step = QuantizePass(calibration="auto", latency_aware=False, equalize=equalize)
     step.context = PassContext(calibration=cal, work_dir=out.parent)
     t0 = time.perf_counter()
     result = step(io.load(fp32))
     io.save(result.model, out)
-    return {"seconds": time.perf_counter() - t0, "chosen": result.details["calibration"].get("method")}
+    return {"seconds": time.perf_counter() - t0, "chosen": result.details["calibration"].get("method"),
+            "equalize": equalize}
 
 
 def training_folders(tmp: pathlib.Path, crops: int) -> tuple[pathlib.Path, pathlib.Path]:
@@ -95,10 +99,10 @@ def _recover(arch: str, fp32: pathlib.Path, int8: pathlib.Path, out: pathlib.Pat
             "stop_samples": len(stop),
             **{k: d.get(k) for k in ("epochs_run", "best_epoch", "train_seconds", "teacher_seconds", "samples",
                                      "views", "relative_rms_diff", "agreement_before", "agreement_after",
-                                     "kl_before", "kl_after")}}
+                                     "kl_before", "kl_after", "lr", "trainable_initializers")}}
 
 
-def run_arch(arch: str, tmp: pathlib.Path, folders, settings: dict, runs: int, rounds: int) -> dict:
+def run_arch(arch: str, tmp: pathlib.Path, folders, settings: dict, equalize: bool, runs: int, rounds: int) -> dict:
     from deployopt import models
     from deployopt.measure.latency import compare
     from deployopt.measure.metrics import fidelity
@@ -111,7 +115,7 @@ def run_arch(arch: str, tmp: pathlib.Path, folders, settings: dict, runs: int, r
     reference = {held: logits(fp32, x, 1) for held, x in held_out.items()}
     int8, recovered = tmp / f"{arch}-int8.onnx", tmp / f"{arch}-int8-recover.onnx"
     print(f"[{arch}] quantize", file=sys.stderr)
-    rows = {"int8": _int8(fp32, int8, data["calibration"])}
+    rows = {"int8": _int8(fp32, int8, data["calibration"], equalize)}
     print(f"[{arch}] recover", file=sys.stderr)
     rows["int8 + recover"] = _recover(arch, fp32, int8, recovered, folders, settings)
     paths = {"int8": int8, "int8 + recover": recovered}
@@ -143,7 +147,8 @@ def _speed(row: dict) -> str:
 def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
     lines = ["# Quantization-aware recovery: quantize, then recover on the int8 graph", "",
              f"Machine: {machine.stamp_line(stamp)}", "", f"Command: `{command}`", "",
-             "Real ImageNet weights, 1x3x224x224. int8: `QuantizePass(calibration='auto', latency_aware=False)` on "
+             "Real ImageNet weights, 1x3x224x224. int8: `QuantizePass(calibration='auto', latency_aware=False)` ("
+             "with `equalize=True` where the time column says so) on "
              "the 'photos' test-split crops of photos 1-15. int8 + recover: `RecoverPass` on that int8 graph, the "
              "fp32 export as teacher, trained on run_recover's training folder without photos 16-25, early "
              f"stopping on the odd half of the calibration crops ({json.dumps(settings)}). 'seen photos': the "
@@ -159,10 +164,13 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for label, row in res["rows"].items():
             seen, unseen = _cell(row["seen photos"]), _cell(row["unseen photos"])
-            what = (f"{row['seconds']:.0f} s (calibration {row['chosen']})" if label == "int8" else
-                    f"{row['seconds']:.0f} s ({row['samples']} samples x {row['views']} views, {row['epochs_run']} "
+            what = (f"{row['seconds']:.0f} s (calibration {row['chosen']}"
+                    f"{', equalize' if row['equalize'] else ''})" if label == "int8" else
+                    f"{row['seconds']:.0f} s ({row['trainable_initializers']} initializers trained at lr "
+                    f"{row['lr']:g}, {row['samples']} samples x {row['views']} views, {row['epochs_run']} "
                     f"epochs, best {row['best_epoch']}; early-stopping agreement {row['agreement_before']:.3f} -> "
-                    f"{row['agreement_after']:.3f} on {row['stop_samples']} crops)"
+                    f"{row['agreement_after']:.3f}, KL {row['kl_before']:.2e} -> {row['kl_after']:.2e} on "
+                    f"{row['stop_samples']} crops)"
                     if row.get("epochs_run") is not None else
                     f"{row['seconds']:.0f} s: {row.get('failure')}")
             lines.append(f"| {label} | {seen[0]} | {seen[1]} | {unseen[0]} | {unseen[1]} | {_speed(row)} | {what} |")
@@ -178,24 +186,30 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=",".join(REAL_WEIGHTS))
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--trainable", choices=("biases", "all", "changed"), default="biases",
+                        help="recover's trainable: biases (int8 weights fixed), the only one that trains an int8 "
+                             "graph in benchmarks/results/qat_probes.md")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="default: recover's own for --trainable")
+    parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--crops", type=int, default=24, help="random crops per large training picture")
     parser.add_argument("--max-seconds", type=float, default=1500.0)
-    parser.add_argument("--select-by", choices=("agreement", "kl"), default="agreement",
+    parser.add_argument("--select-by", choices=("agreement", "kl"), default="kl",
                         help="recover's early-stopping score on the early-stopping crops")
+    parser.add_argument("--equalize", default="", help="comma-separated archs quantized with equalize=True")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat.md"))
     args = parser.parse_args(argv)
-    settings = {"max_epochs": args.epochs, "lr": args.lr, "views": args.views, "max_seconds": args.max_seconds,
-                "patience": None, "select_by": args.select_by}
+    settings = {"trainable": args.trainable, "max_epochs": args.epochs, "lr": args.lr, "views": args.views,
+                "max_seconds": args.max_seconds, "patience": None, "select_by": args.select_by}
+    equalized = set(filter(None, args.equalize.split(",")))
     results = {}
     with tempfile.TemporaryDirectory(prefix="deployopt-qat-") as tmp:
         folders = training_folders(pathlib.Path(tmp), args.crops)
         for arch in args.archs.split(","):
-            results[arch] = run_arch(arch, pathlib.Path(tmp), folders, settings, args.runs, args.rounds)
+            results[arch] = run_arch(arch, pathlib.Path(tmp), folders, settings, arch in equalized, args.runs,
+                                     args.rounds)
     command = "python -m benchmarks.run_qat " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(command.strip(), machine.stamp(), results, settings)
     pathlib.Path(args.out).write_text(text, encoding="utf-8")
