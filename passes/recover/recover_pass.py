@@ -99,7 +99,7 @@ class RecoverPass(DeployInPlacePass):
     # BatchNormalization's scale and shift where the graph still has them); every weight tensor
     # keeps its exact values. The one that trains a quantized graph: MobileNetV2 int8, 110 crops x 4
     # views, AdamW 1e-4, 8 epochs: KL to fp32 on 344 held-out crops 0.040 -> 0.023, where training
-    # every weight raised it at every rate tried (benchmarks/results/qat.md)
+    # every weight raised it at every rate tried (benchmarks/results/qat_probes.md)
     trainable: Literal["all", "changed", "biases"] = "all"
     max_epochs: int = setting(5, low=1)
     max_seconds: float | None = setting(600.0, low=0, low_open=True)  # time budget of the training loop
