@@ -104,24 +104,32 @@ def _recover(arch: str, fp32: pathlib.Path, int8: pathlib.Path, out: pathlib.Pat
 
 def run_arch(arch: str, tmp: pathlib.Path, folders, settings: dict, equalize: bool, runs: int, rounds: int) -> dict:
     from deployopt import models
-    from deployopt.measure.latency import compare
-    from deployopt.measure.metrics import fidelity
     from deployopt.models.export import export_model
 
     fp32 = tmp / f"{arch}.onnx"
     export_model(models.build(arch, pretrained=True), fp32, SHAPE, dynamic_batch=True)
     data = datasets(arch)
     held_out = {held: np.concatenate([x for x, _ in data[held].batches(16)]) for held in HELD_OUT}
-    reference = {held: logits(fp32, x, 1) for held, x in held_out.items()}
     int8, recovered = tmp / f"{arch}-int8.onnx", tmp / f"{arch}-int8-recover.onnx"
     print(f"[{arch}] quantize", file=sys.stderr)
     rows = {"int8": _int8(fp32, int8, data["calibration"], equalize)}
     print(f"[{arch}] recover", file=sys.stderr)
     rows["int8 + recover"] = _recover(arch, fp32, int8, recovered, folders, settings)
-    paths = {"int8": int8, "int8 + recover": recovered}
-    for label, path in paths.items():
-        for held, x in held_out.items():
-            r = fidelity(logits(path, x, 1), reference[held])
+    warnings = measure(arch, fp32, {"int8": int8, "int8 + recover": recovered}, held_out, rows, runs, rounds)
+    return {"rows": rows, "sizes": {k: len(v) for k, v in data.items()}, "warnings": warnings}
+
+
+def measure(arch: str, fp32: pathlib.Path, paths: dict, held_out: dict, rows: dict, runs: int, rounds: int) -> list:
+    """Fidelity to ``fp32`` of each model of ``paths`` ({label: file}) on each set of ``held_out``
+    ({name: crops}) into ``rows[label][name]``, and their latency against fp32 (one interleaved
+    run, batch 1, one thread) into ``rows[label]["latency"]``; returns the timing warnings."""
+    from deployopt.measure.latency import compare
+    from deployopt.measure.metrics import fidelity
+
+    for held, x in held_out.items():
+        reference = logits(fp32, x, 1)
+        for label, path in paths.items():
+            r = fidelity(logits(path, x, 1), reference)
             rows[label][held] = {"n": len(x), **{k: r[k] for k in ("agreement", "agreement_ci", "kl")}}
             print(f"[{arch}] {label} {held}: agreement {r['agreement']:.4f} KL {r['kl']:.3e}", file=sys.stderr)
     bench = compare([fp32, *paths.values()], labels=["fp32", *paths], threads=(1,), batch=(1,), warmup=5,
@@ -129,7 +137,7 @@ def run_arch(arch: str, tmp: pathlib.Path, folders, settings: dict, equalize: bo
     for r in bench.rows:
         if r["model"] in rows:
             rows[r["model"]]["latency"] = r
-    return {"rows": rows, "sizes": {k: len(v) for k, v in data.items()}, "warnings": list(bench.warnings)}
+    return list(bench.warnings)
 
 
 def _cell(entry: dict) -> tuple[str, str]:
@@ -137,7 +145,7 @@ def _cell(entry: dict) -> tuple[str, str]:
     return f"{100 * entry['agreement']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", f"{entry['kl']:.2e}"
 
 
-def _speed(row: dict) -> str:
+def speed_cell(row: dict) -> str:
     lat = row.get("latency")
     if lat is None or lat["error"]:
         return "error"
@@ -173,7 +181,8 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
                     f"{row['stop_samples']} crops)"
                     if row.get("epochs_run") is not None else
                     f"{row['seconds']:.0f} s: {row.get('failure')}")
-            lines.append(f"| {label} | {seen[0]} | {seen[1]} | {unseen[0]} | {unseen[1]} | {_speed(row)} | {what} |")
+            cells = [label, *seen, *unseen, speed_cell(row), what]
+            lines.append("| " + " | ".join(cells) + " |")
         if res["rows"]["int8 + recover"].get("best_epoch") == 0:
             lines += ["", "recover kept the int8 model: no epoch beat it on the early-stopping crops, so both rows "
                       "are the same weights and their speedups differ by timing noise alone."]

@@ -16,7 +16,7 @@ sets of ``peers.md``.
    ``--max-seconds``)], data.training = data.evaluation = the same 110 calibration crops: a user
    with one folder of images. Early stopping then judges crops whose unaugmented copies also train,
    so the held-out sets below are the only fair judges.
-4. Fidelity of both against fp32 on onnxruntime, batch 1: top-1 agreement [95% interval] and
+4. Fidelity of both against fp32 on onnxruntime (``run_qat.measure``): top-1 agreement [95% interval] and
    KL(fp32 || model) on peers.md's held-out crops (the 'photos' train split, 440 crops of the same
    25 photos) and its unseen photos (132 crops of 6 photos in no built-in dataset). Latency of both
    against fp32 (``deployopt.measure.latency.compare``, batch 1, 1 thread, interleaved rounds):
@@ -41,8 +41,8 @@ if str(ROOT) not in sys.path:
 import deployopt  # noqa: E402
 from deployopt.measure import machine  # noqa: E402
 
-from benchmarks.run_peers import (  # noqa: E402  (peers.md's data and runners)
-    CALIBRATION, HELD_OUT, PREPROCESS, SHAPE, crops, logits, unseen_photo_folder)
+from benchmarks.run_peers import CALIBRATION, HELD_OUT, PREPROCESS, SHAPE, crops, unseen_photo_folder  # noqa: E402
+from benchmarks.run_qat import measure, speed_cell  # noqa: E402
 
 
 def _optimize(recipe: dict, folder: pathlib.Path) -> tuple[pathlib.Path, float | None]:
@@ -63,8 +63,6 @@ def _step(folder: pathlib.Path, name: str) -> dict:
 
 def run_arch(arch: str, work: pathlib.Path, args) -> dict:
     from deployopt import models
-    from deployopt.measure.latency import compare
-    from deployopt.measure.metrics import fidelity
     from deployopt.models.export import export_model
 
     folder = work / arch
@@ -91,28 +89,10 @@ def run_arch(arch: str, work: pathlib.Path, args) -> dict:
             "int8 + recover": {"seconds": recover_s, **{k: recover.get(k) for k in (
                 "epochs_run", "best_epoch", "train_seconds", "lr", "trainable_initializers", "samples", "views")},
                 "history": [(h["epoch"], h["holdout_kl"]) for h in recover.get("history", [])]}}
-    paths = {"int8": int8, "int8 + recover": recovered}
     sets = {"held-out": crops(arch, HELD_OUT),
             "unseen": crops(arch, {"dataset": f"folder:{unseen_photo_folder(work / 'unseen-photos')}"})}
-    for held, xs in sets.items():
-        reference = logits(fp32, "onnxruntime", xs)
-        for label, path in paths.items():
-            r = fidelity(logits(path, "onnxruntime", xs), reference)
-            rows[label][held] = {"n": len(xs), **{k: r[k] for k in ("agreement", "agreement_ci", "kl")}}
-            print(f"[{arch}] {label} {held}: agreement {r['agreement']:.4f} KL {r['kl']:.3e}", file=sys.stderr)
-    bench = compare([fp32, *paths.values()], labels=["fp32", *paths], threads=(1,), batch=(1,), warmup=5,
-                    runs=args.runs, rounds=args.rounds, progress=False)
-    for r in bench.rows:
-        if r["model"] in rows:
-            rows[r["model"]]["latency"] = r
-    return {"rows": rows, "warnings": list(bench.warnings)}
-
-
-def _speed(row: dict) -> str:
-    lat = row.get("latency")
-    if lat is None or lat["error"]:
-        return "error"
-    return f"{lat['speedup']:.2f}x [{lat['speedup_ci'][0]:.2f}, {lat['speedup_ci'][1]:.2f}]"
+    warnings = measure(arch, fp32, {"int8": int8, "int8 + recover": recovered}, sets, rows, args.runs, args.rounds)
+    return {"rows": rows, "warnings": warnings}
 
 
 def _cell(entry: dict) -> str:
@@ -142,7 +122,8 @@ def markdown(command: str, stamp: dict, results: dict, args) -> str:
                     f"{built} ({row['trainable_initializers']} bias vectors trained at lr {row['lr']:g}, "
                     f"{row['samples']} crops x {row['views']} views, {row['epochs_run']} epochs in "
                     f"{row['train_seconds']:.0f} s, best {row['best_epoch']})")
-            lines.append(f"| {label} | {_cell(row['held-out'])} | {_cell(row['unseen'])} | {_speed(row)} | {what} |")
+            cells = [label, _cell(row["held-out"]), _cell(row["unseen"]), speed_cell(row), what]
+            lines.append("| " + " | ".join(cells) + " |")
         history = ", ".join(f"{kl:.2e}" for _, kl in res["rows"]["int8 + recover"]["history"])
         lines += ["", f"Early-stopping KL on the calibration crops, epoch 0 (the int8 model) onward: {history}."]
         if res["warnings"]:
