@@ -23,7 +23,8 @@ sets of ``peers.md``.
    recover changes only int32 biases, so the ratios should agree within noise.
 
 Built models are kept under ``--work`` (``<arch>/int8``, ``<arch>/int8-recover``) and reused by a
-rerun, which then measures again. Writes ``--out`` with the machine stamp and the command.
+rerun whose recipe is the same (compared with the recipe in their report.json), which then
+measures again. Writes ``--out`` with the machine stamp and the command.
 """
 
 from __future__ import annotations
@@ -45,10 +46,21 @@ from benchmarks.run_peers import CALIBRATION, HELD_OUT, PREPROCESS, SHAPE, crops
 from benchmarks.run_qat import measure, speed_cell  # noqa: E402
 
 
+def _same_recipe(a: dict, b: dict) -> bool:
+    """The same recipe up to where its model files lie (``model`` and a pass's ``teacher``)."""
+    def strip(recipe: dict) -> dict:
+        passes = [{name: {k: v for k, v in settings.items() if k != "teacher"} for name, settings in step.items()}
+                  for step in recipe.get("passes", [])]
+        return {**{k: v for k, v in recipe.items() if k != "model"}, "passes": passes}
+    return strip(a) == strip(b)
+
+
 def _optimize(recipe: dict, folder: pathlib.Path) -> tuple[pathlib.Path, float | None]:
-    """``deployopt.optimize`` into ``folder`` unless its model is there; (model, seconds or None)."""
-    model = folder / "model.onnx"
-    if model.exists():
+    """``deployopt.optimize`` into ``folder`` unless the model there was made by the same recipe
+    (its report.json says so); (model, seconds or None when reused)."""
+    model, report = folder / "model.onnx", folder / "report.json"
+    if model.exists() and report.exists() and _same_recipe(
+            json.loads(report.read_text(encoding="utf-8"))["recipe"], recipe):
         return model, None
     t0 = time.perf_counter()
     deployopt.optimize(recipe, folder)
