@@ -140,7 +140,8 @@ def measure(arch: str, fp32: pathlib.Path, paths: dict, held_out: dict, rows: di
     return list(bench.warnings)
 
 
-def _cell(entry: dict) -> tuple[str, str]:
+def fidelity_cells(entry: dict) -> tuple[str, str]:
+    """(agreement [95% interval], KL) table cells of one fidelity entry."""
     lo, hi = entry["agreement_ci"]
     return f"{100 * entry['agreement']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", f"{entry['kl']:.2e}"
 
@@ -171,7 +172,7 @@ def markdown(command: str, stamp: dict, results: dict, settings: dict) -> str:
                   "| model | seen photos: agreement | KL | unseen photos: agreement | KL | speedup vs fp32 | time |",
                   "|---|---|---|---|---|---|---|"]
         for label, row in res["rows"].items():
-            seen, unseen = _cell(row["seen photos"]), _cell(row["unseen photos"])
+            seen, unseen = fidelity_cells(row["seen photos"]), fidelity_cells(row["unseen photos"])
             what = (f"{row['seconds']:.0f} s (calibration {row['chosen']}"
                     f"{', equalize' if row['equalize'] else ''})" if label == "int8" else
                     f"{row['seconds']:.0f} s ({row['trainable_initializers']} initializers trained at lr "

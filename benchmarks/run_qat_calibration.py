@@ -43,7 +43,7 @@ import deployopt  # noqa: E402
 from deployopt.measure import machine  # noqa: E402
 
 from benchmarks.run_peers import CALIBRATION, HELD_OUT, PREPROCESS, SHAPE, crops, unseen_photo_folder  # noqa: E402
-from benchmarks.run_qat import measure, speed_cell  # noqa: E402
+from benchmarks.run_qat import fidelity_cells, measure, speed_cell  # noqa: E402
 
 
 def _same_recipe(a: dict, b: dict) -> bool:
@@ -107,11 +107,6 @@ def run_arch(arch: str, work: pathlib.Path, args) -> dict:
     return {"rows": rows, "warnings": warnings}
 
 
-def _cell(entry: dict) -> str:
-    lo, hi = entry["agreement_ci"]
-    return f"{100 * entry['agreement']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] | {entry['kl']:.2e}"
-
-
 def markdown(command: str, stamp: dict, results: dict, args) -> str:
     lines = ["# Quantize, then recover the int8 biases on the calibration crops", "",
              f"Machine: {machine.stamp_line(stamp)}", "", f"Command: `{command}`", "",
@@ -134,7 +129,7 @@ def markdown(command: str, stamp: dict, results: dict, args) -> str:
                     f"{built} ({row['trainable_initializers']} bias vectors trained at lr {row['lr']:g}, "
                     f"{row['samples']} crops x {row['views']} views, {row['epochs_run']} epochs in "
                     f"{row['train_seconds']:.0f} s, best {row['best_epoch']})")
-            cells = [label, _cell(row["held-out"]), _cell(row["unseen"]), speed_cell(row), what]
+            cells = [label, *fidelity_cells(row["held-out"]), *fidelity_cells(row["unseen"]), speed_cell(row), what]
             lines.append("| " + " | ".join(cells) + " |")
         history = ", ".join(f"{kl:.2e}" for _, kl in res["rows"]["int8 + recover"]["history"])
         lines += ["", f"Early-stopping KL on the calibration crops, epoch 0 (the int8 model) onward: {history}."]

@@ -200,6 +200,17 @@ class RecoverPass(DeployInPlacePass):
         x, _ = dt.load_arrays(training, "data.training", limit=self.max_samples)
         check_samples(tuple(x.shape[1:]), student_io, "data.training", training.name)
         module = interpreter.OnnxModule(model, capture=self.features)
+        # What stays fixed is decided (or refused) before the teacher labels any training view.
+        if self.trainable == "changed":
+            same = self._freeze_unchanged(module, model, teacher_model)
+            self.details["unchanged_frozen"] = same
+            self.note(f"trainable: changed: {same} of {len(module.trainable)} initializers equal the teacher's "
+                      f"and stay fixed")
+        if self.trainable == "biases":
+            weights = self._freeze_weights(module)
+            self.details["weights_frozen"] = weights
+            self.note(f"trainable: biases: {weights} weight tensors stay fixed, "
+                      f"{len(module.trainable) - weights} per-channel vectors train")
         teacher_proto = ir.to_proto(teacher_model)
         missing = [f for f in self.features if not _has_tensor(teacher_model, f)]
         if missing:
@@ -267,16 +278,6 @@ class RecoverPass(DeployInPlacePass):
                   f"{len(bank)} training views ({len(fit)} samples x {len(bank) // len(fit)}) in {teacher_s:.1f} s")
 
         extra_loss = self._feature_loss(module, feats, bank[:2]) if self.features else None
-        if self.trainable == "changed":
-            same = self._freeze_unchanged(module, model, teacher_model)
-            self.details["unchanged_frozen"] = same
-            self.note(f"trainable: changed: {same} of {len(module.trainable)} initializers equal the teacher's "
-                      f"and stay fixed")
-        if self.trainable == "biases":
-            weights = self._freeze_weights(module)
-            self.details["weights_frozen"] = weights
-            self.note(f"trainable: biases: {weights} weight tensors stay fixed, "
-                      f"{len(module.trainable) - weights} per-channel vectors train")
         frozen = self._mask_zeros(module, torch)
 
         lr = (self.lr if self.lr is not None else BIASES_LR if self.trainable == "biases"
