@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -57,6 +58,7 @@ from deployopt.measure import machine  # noqa: E402
 TASKS = ("mobilenet_v2", "layout", "segmenter", "recognizer")
 #: deployopt's quantize settings in the demo recipe (the pass defaults: QDQ U8S8 per-channel).
 QUANTIZE = {"calibration": "auto"}
+LAYOUT_TOLERANCE = 0.05  # max_accuracy_drop on the layout detector's box F1
 FORCED_INT8 = "deployopt quantize, int8 kept where slower (latency_aware: false, min_step_speedup: null)"
 #: Extra deployopt rows per model: (label, quantize settings on top of QUANTIZE, with the tolerance).
 LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
@@ -87,7 +89,11 @@ LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
                 {"tune_ranges": True, "latency_aware": False}, False),
                # the default max_trials (8) doubles up to 64-128 ranked tensors; 16 trials reach every
                # tensor of this graph, so the search can go on until the tolerance is met
-               ("deployopt quantize, tolerance, max_trials: 16", {"max_trials": 16}, True)],
+               ("deployopt quantize, tolerance, max_trials: 16", {"max_trials": 16}, True),
+               # the same tolerance, the first blocks of the graph returned to float whole (a prefix)
+               # instead of the most output-sensitive tensors wherever they sit (fallback.depth_units)
+               (f"deployopt quantize, max_accuracy_drop {LAYOUT_TOLERANCE} on box agreement F1 with fp32, "
+                "fallback_rank: depth", {"fallback_rank": "depth"}, True)],
 }
 
 
@@ -162,7 +168,7 @@ def layout_task(work: pathlib.Path, pages: tuple[int, int, int]) -> Task:
                 {"dataset": f"npy:{tune.arrays}", "preprocess": "none"},
                 {"dataset": f"folder:{test.images}", "preprocess": test.preprocess},
                 {"dataset": f"folder:{test.images}", "preprocess": test.preprocess}, test.annotations, metric,
-                0.05, "box agreement F1 with fp32",
+                LAYOUT_TOLERANCE, "box agreement F1 with fp32",
                 notes=[f"{pages[0]} calibration, {pages[1]} tuning and {pages[2]} test pages (1600x1216, rendered "
                        "from different seeds), score threshold 0.5 and NMS IoU 0.5 (rapid-layout's defaults)"])
 
@@ -364,6 +370,8 @@ def run_task(task: Task, work: pathlib.Path, args) -> dict[str, Any]:
     variants = [("deployopt quantize", {}, False),
                 (f"deployopt quantize, max_accuracy_drop {task.tolerance} on {task.tolerance_on}", {}, True),
                 *LEVERS.get(task.key, [])]
+    if args.variants:
+        variants = [v for v in variants if re.search(args.variants, v[0])]
     for i, (label, settings, tolerance) in enumerate(variants):
         t0 = time.perf_counter()
         out = work / ("deployopt" + ("-tolerance" if tolerance else "") +
@@ -491,6 +499,9 @@ def main(argv=None) -> int:
                          "(task metrics and latency are always measured again)")
     ap.add_argument("--no-quantize", action="store_true",
                     help="with --reuse: a quantized form the work folder lacks gets a 'not run' row instead")
+    ap.add_argument("--variants", metavar="REGEX",
+                    help="only the deployopt rows whose label this regular expression finds (fp32 and "
+                         "onnxruntime's rows always run)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tasks.md"))
     args = ap.parse_args(argv)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]

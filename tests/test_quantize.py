@@ -22,7 +22,7 @@ from deployopt.core.errors import UserError
 from deployopt.core.session import open_session
 from deployopt.passes.quantize.calibration import calibrate, chunked
 from deployopt.passes.quantize.data import feeds, model_inputs
-from deployopt.passes.quantize import QuantizePass
+from deployopt.passes.quantize import QuantizePass, fallback
 from tests._fixtures import mean_kl, train_classifier
 
 N_TRAIN = 1400
@@ -463,6 +463,47 @@ def test_fallback_returns_outlier_nodes_to_float_and_meets_tolerance(outlier_pro
     assert step.details["int8_ops"] == {"Gemm": 1}
     ref, out = _run(outlier_proto, x[N_TRAIN:]), _run(q, x[N_TRAIN:])
     assert np.mean(ref.argmax(1) == y[N_TRAIN:]) - np.mean(out.argmax(1) == y[N_TRAIN:]) <= 0.01
+
+
+def test_fallback_rank_depth_returns_a_float_prefix(outlier_proto, digits):
+    """``fallback_rank: depth`` returns whole blocks from the input on. The outlier activation is
+    written by block 1 (/0/Conv + /1/Relu) and read by block 2's /2/Conv, which keeps its Q/DQ
+    pair while /2/Conv runs int8: one block misses, two meet the tolerance."""
+    x, y = digits
+    evaluation = ArrayDataset(x[N_TRAIN:], y[N_TRAIN:], name="digits-test")
+    q, step = _quantize(outlier_proto, ArrayDataset(x[:256]), evaluation, max_accuracy_drop=0.01,
+                       fallback_rank="depth")
+    fb = step.details["fallback"]
+    assert [t["units"] for t in fb["trials"]] == [0, 1, 2]
+    assert not fb["trials"][1]["met"] and fb["trials"][1]["drop"] > 0.01
+    assert fb["met"] and step.failure is None and fb["chosen_trial"] == 2
+    blocks = fallback.depth_units(outlier_proto, [])
+    assert [u.entry["node"] for u in blocks[:2]] == ["/0/Conv", "/2/Conv"]
+    assert fb["nodes_to_float"] == blocks[0].nodes + blocks[1].nodes
+    assert {"/0/Conv", "/1/Relu", "/2/Conv"} <= set(fb["nodes_to_float"])
+    floats = {e["node"]: e["reason"] for e in step.details["float_nodes"]}
+    assert floats["/1/Relu"] == "fallback: block 1 in graph order (from node '/0/Conv')"
+    assert floats["/2/Conv"] == "fallback: block 2 in graph order (from node '/2/Conv')"
+    assert any(n.startswith("fallback: ") and "in the first 2 blocks in graph order" in n for n in step.notes)
+    # every node after the prefix still runs int8
+    rest = [n.name for n in outlier_proto.graph.node if n.op_type in ("Conv", "Gemm")][2:]
+    assert rest and not set(rest) & set(fb["nodes_to_float"])
+
+
+def test_depth_units_cut_the_graph_at_each_weighted_layer():
+    """Blocks start at each Conv/Gemm/MatMul, the nodes before the first join it, non-quantizable
+    nodes are not listed, and nodes already in float leave their block (an empty block goes)."""
+    node = helper.make_node
+    graph = helper.make_graph(
+        [node("Mul", ["x", "k"], ["a"], name="scale"), node("Conv", ["a", "w"], ["b"], name="c1"),
+         node("Relu", ["b"], ["c"], name="r1"), node("Shape", ["c"], ["s"], name="shape"),
+         node("Conv", ["c", "w2"], ["d"], name="c2"), node("Gemm", ["d", "w3"], ["e"], name="g"),
+         node("Add", ["e", "k2"], ["y"], name="add")], "g", [], [])
+    proto = helper.make_model(graph)
+    blocks = fallback.depth_units(proto, [])
+    assert [(u.entry["block"], u.entry["node"], u.nodes) for u in blocks] == [
+        (1, "c1", ["scale", "c1", "r1"]), (2, "c2", ["c2"]), (3, "g", ["g", "add"])]
+    assert [u.entry["node"] for u in fallback.depth_units(proto, ["c2", "scale"])] == ["c1", "g"]
 
 
 def test_fallback_judged_on_kl_holds_the_mean_kl(outlier_proto, digits):

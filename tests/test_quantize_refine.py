@@ -134,7 +134,7 @@ def test_refinement_off_leaves_onnxruntime_rounding(digits_model):
     ({"rounding": "stochastic"}, "rounding: 'stochastic' is not one of gptq, nearest, adaround"),
     ({"bias_correction": "yes"}, "bias_correction: expected bool, got 'yes'"),
     ({"refine_samples": 0}, "refine_samples: 0 is outside [1, inf)"),
-    ({"fallback_rank": "kl"}, "fallback_rank: 'kl' is not one of sensitivity, sqnr"),
+    ({"fallback_rank": "kl"}, "fallback_rank: 'kl' is not one of sensitivity, sqnr, depth"),
 ])
 def test_bad_refinement_settings(settings, message):
     with pytest.raises(UserError) as e:

@@ -155,7 +155,8 @@ class QuantizePass(DeployFunctionalPass):
     refine_samples: int = setting(64, low=1)
     max_accuracy_drop: float | None = setting(None, low=0, high=1)  # None: no evaluation, no fallback
     relative: bool = False  # max_accuracy_drop relative to the float model's score
-    fallback_rank: Literal["sensitivity", "sqnr"] = "sensitivity"  # output error each tensor adds | local SQNR
+    #: output error each tensor adds | local SQNR | earliest blocks first (a float prefix)
+    fallback_rank: Literal["sensitivity", "sqnr", "depth"] = "sensitivity"
     max_trials: int = setting(8, low=1, high=64)  # quantize+evaluate rounds of the fallback, and timed latency trials
     latency_aware: bool = True  # time int8 against float here; keep int8 only where it is faster
     latency_min_ms: float = setting(0.1, low=0)  # float models faster than this are left to the step guard
@@ -541,9 +542,9 @@ class QuantizePass(DeployFunctionalPass):
                   scorer: Scorer, folder: pathlib.Path) -> fallback.Fallback:
         """Meet max_accuracy_drop by returning the nodes around the first tensors of the fallback
         ranking to float (fallback.py); records the trials, and the failure when it is missed."""
-        rank = functools.partial(self._fallback_ranking, ranked, prepared, trial0)
-        chosen = fallback.search(trial0, rank, float_proto=prepared.proto, already_float=quantizer.float_nodes,
-                                 quantize=quantizer, scorer=scorer, max_trials=self.max_trials, tmp=folder)
+        units = functools.partial(self._fallback_units, ranked, prepared, trial0, quantizer.float_nodes)
+        chosen = fallback.search(trial0, units, quantize=quantizer, scorer=scorer, max_trials=self.max_trials,
+                                 tmp=folder)
         best, nodes, tol = chosen.best, chosen.nodes(), scorer.tolerance
         metric, base = best["metric"], scorer.base(best["metric"])
         self.details["fallback"] = {
@@ -560,10 +561,19 @@ class QuantizePass(DeployFunctionalPass):
                       + ("" if isinstance(floor, Skipped) else noise_floor_note(floor, tol)))
             self.note(self.failure)
         elif chosen.chosen:
-            how = "most output-sensitive" if self.fallback_rank == "sensitivity" else "worst-SQNR"
-            self.note(f"fallback: {len(nodes)} nodes returned to float around the {chosen.chosen} {how} "
-                      f"tensors; drop {best['drop']:.4f} <= {tol} after {len(chosen.trials)} trials")
+            where = {"sensitivity": f"around the {chosen.chosen} most output-sensitive tensors",
+                     "sqnr": f"around the {chosen.chosen} worst-SQNR tensors",
+                     "depth": f"in the first {chosen.chosen} blocks in graph order"}[self.fallback_rank]
+            self.note(f"fallback: {len(nodes)} nodes returned to float {where}; drop {best['drop']:.4f} <= {tol} "
+                      f"after {len(chosen.trials)} trials")
         return chosen
+
+    def _fallback_units(self, ranked: list[dict], prepared: Prepared, trial0: pathlib.Path,
+                        already_float: list[str]) -> list[fallback.Unit]:
+        """The fallback's units in the order of ``fallback_rank`` (fallback.py)."""
+        if self.fallback_rank == "depth":
+            return fallback.depth_units(prepared.proto, already_float)
+        return fallback.units_of(prepared.proto, self._fallback_ranking(ranked, prepared, trial0), already_float)
 
     def _fallback_ranking(self, ranked: list[dict], prepared: Prepared, trial0: pathlib.Path) -> list[dict]:
         """The fallback's order: with ``fallback_rank: sensitivity``, activation tensors whose
