@@ -59,6 +59,7 @@ TASKS = ("mobilenet_v2", "layout", "segmenter", "recognizer")
 #: deployopt's quantize settings in the demo recipe (the pass defaults: QDQ U8S8 per-channel).
 QUANTIZE = {"calibration": "auto"}
 LAYOUT_TOLERANCE = 0.05  # max_accuracy_drop on the layout detector's box F1
+LAYOUT_TOLERANCE_ON = "box agreement F1 with fp32"
 FORCED_INT8 = "deployopt quantize, int8 kept where slower (latency_aware: false, min_step_speedup: null)"
 #: Extra deployopt rows per model: (label, quantize settings on top of QUANTIZE, with the tolerance).
 LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
@@ -92,7 +93,7 @@ LEVERS: dict[str, list[tuple[str, dict[str, Any], bool]]] = {
                ("deployopt quantize, tolerance, max_trials: 16", {"max_trials": 16}, True),
                # the same tolerance, the first blocks of the graph returned to float whole (a prefix)
                # instead of the most output-sensitive tensors wherever they sit (fallback.depth_units)
-               (f"deployopt quantize, max_accuracy_drop {LAYOUT_TOLERANCE} on box agreement F1 with fp32, "
+               (f"deployopt quantize, max_accuracy_drop {LAYOUT_TOLERANCE} on {LAYOUT_TOLERANCE_ON}, "
                 "fallback_rank: depth", {"fallback_rank": "depth"}, True)],
 }
 
@@ -168,7 +169,7 @@ def layout_task(work: pathlib.Path, pages: tuple[int, int, int]) -> Task:
                 {"dataset": f"npy:{tune.arrays}", "preprocess": "none"},
                 {"dataset": f"folder:{test.images}", "preprocess": test.preprocess},
                 {"dataset": f"folder:{test.images}", "preprocess": test.preprocess}, test.annotations, metric,
-                LAYOUT_TOLERANCE, "box agreement F1 with fp32",
+                LAYOUT_TOLERANCE, LAYOUT_TOLERANCE_ON,
                 notes=[f"{pages[0]} calibration, {pages[1]} tuning and {pages[2]} test pages (1600x1216, rendered "
                        "from different seeds), score threshold 0.5 and NMS IoU 0.5 (rapid-layout's defaults)"])
 

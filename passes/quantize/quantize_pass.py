@@ -540,8 +540,9 @@ class QuantizePass(DeployFunctionalPass):
 
     def _fallback(self, prepared: Prepared, trial0: pathlib.Path, ranked: list[dict], quantizer: Quantizer,
                   scorer: Scorer, folder: pathlib.Path) -> fallback.Fallback:
-        """Meet max_accuracy_drop by returning the nodes around the first tensors of the fallback
-        ranking to float (fallback.py); records the trials, and the failure when it is missed."""
+        """Meet max_accuracy_drop by returning the first units of the fallback order to float (the
+        nodes around the top-ranked tensors, or the first blocks of the graph: fallback.py); records
+        the trials, and the failure when it is missed."""
         units = functools.partial(self._fallback_units, ranked, prepared, trial0, quantizer.float_nodes)
         chosen = fallback.search(trial0, units, quantize=quantizer, scorer=scorer, max_trials=self.max_trials,
                                  tmp=folder)
