@@ -347,6 +347,70 @@ def test_cli_quantize_then_recover(teacher_path, digits, tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in final.graph) > 0  # still the int8 graph
 
 
+def test_fresh_views_draw_and_label_a_new_bank_every_epoch(teacher_path, digits, tmp_path, monkeypatch):
+    """``fresh_views``: before epochs 2..N a new bank is drawn with its own seed and the teacher
+    labels exactly that bank (logits and matched features); the pass reports how many."""
+    from deployopt.passes.recover import views
+
+    banks, labelled = [], []
+    draw, label = views.make_views, train.teacher_outputs
+
+    def spy_draw(x, cfg, seed, *args, **kwargs):
+        banks.append((seed, draw(x, cfg, seed, *args, **kwargs)))
+        return banks[-1][1]
+
+    def spy_label(sess, input_name, names, x, *args, **kwargs):
+        labelled.append((list(names), x))
+        return label(sess, input_name, names, x, *args, **kwargs)
+
+    monkeypatch.setattr(views, "make_views", spy_draw)
+    monkeypatch.setattr(train, "teacher_outputs", spy_label)
+    # The dense model with its first layer perturbed: its Relu outputs match the teacher's in shape.
+    student = io.load(teacher_path)
+    first = next(n for n in student.graph if n.op_type == "Conv").inputs[1]
+    noise = np.random.default_rng(0).standard_normal(first.const_value.shape).astype(np.float32)
+    first.const_value = ir.tensor(first.const_value.numpy() * (1 + 0.5 * noise), name=first.name)
+    feature = next(n.outputs[0].name for n in student.graph if n.op_type == "Relu")
+    result = recover(student, io.load(teacher_path), digits, tmp_path, max_epochs=3, patience=None,
+                     fresh_views=True, features=[feature])
+    d = result.details
+    assert result.failure is None and d["epochs_run"] == 3 and d["fresh_banks"] == 2
+    assert [seed for seed, _ in banks] == [0, 1000, 2000]  # the recipe's seed, then one per later epoch
+    n = len(digits["train"][0])
+    for (_, a), (_, b) in zip(banks, banks[1:]):
+        assert a.shape == b.shape == (2 * n, 1, 8, 8)
+        assert np.array_equal(a[:n], b[:n])  # copy 0 is the sample itself in every bank
+        assert not np.allclose(a[n:], b[n:])  # the augmented copies are new
+    for _, bank in banks:  # the teacher labelled every bank, logits and the matched feature
+        assert any(x is bank and names[1:] == [feature] for names, x in labelled)
+    assert any("; 2 fresh view bank(s), teacher " in note for note in result.notes)
+
+
+def test_train_redraw_replaces_the_epoch_data():
+    """``train(redraw=...)``: epochs after the first train on what redraw returns, not on the
+    first data: targets given only by redraw are the ones learnt."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 4)).astype(np.float32)
+    mapping = rng.standard_normal((4, 3)).astype(np.float32)
+    first = np.zeros((256, 3), np.float32)  # uniform targets: nothing to learn from them alone
+    target = (x @ mapping * 5).astype(np.float32)
+    calls = []
+
+    def redraw(epoch):
+        calls.append(epoch)
+        return x, target
+
+    torch.manual_seed(0)
+    student = torch.nn.Linear(4, 3)
+    cfg = train.TrainConfig(epochs=20, batch_size=32, lr=5e-2, weight_decay=0.0, temperature=1.0, alpha=1.0,
+                            seed=0, padding=0, flip=False, patience=None, progress=False)
+    train.train(student, x, first, None, None, cfg, redraw=redraw)
+    assert calls == list(range(2, 21))
+    with torch.no_grad():
+        learnt = student(torch.from_numpy(x)).numpy().argmax(1)
+    assert np.mean(learnt == target.argmax(1)) >= 0.95
+
+
 def test_feature_matching_and_refusals(teacher_path, digits, tmp_path):
     teacher = io.load(teacher_path)
     # A tensor of the same shape in both models: the dense model against itself, with its first

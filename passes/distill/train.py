@@ -257,12 +257,16 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[tor
 
 def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None,
           holdout: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, cfg: TrainConfig,
-          extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
+          extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          redraw: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None) -> TrainResult:
     """Train ``student`` in place on (x, teacher logits t, labels y); returns the history.
 
     ``holdout``: (x, teacher logits, labels or None) for early stopping on agreement; the weights
     with the best held-out agreement are restored at the end (ties go to the lower held-out KL).
     Held-out top-1 vs the labels is reported alongside when there are labels.
+    ``redraw(epoch)``: called before every epoch after the first, returns that epoch's (x, t) in
+    place of the previous ones (same number of samples; the recover pass's fresh views). Its time
+    counts against ``max_seconds``.
     """
     start = time.perf_counter()
     xt, tt = torch.from_numpy(x), torch.from_numpy(t)
@@ -296,6 +300,11 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
     steps_run = 0
     try:
         for epoch in range(1, cfg.epochs + 1):
+            if redraw is not None and epoch > 1:
+                x_next, t_next = redraw(epoch)
+                if len(x_next) != len(x) or len(t_next) != len(x):
+                    raise ValueError(f"redraw gave {len(x_next)} samples for {len(x)}")  # a caller bug
+                xt, tt = torch.from_numpy(x_next), torch.from_numpy(t_next)
             total, count = 0.0, 0
             for idx in batches(len(x), cfg.batch_size, generator):
                 xb = xt[idx]

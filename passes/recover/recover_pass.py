@@ -122,6 +122,10 @@ class RecoverPass(DeployInPlacePass):
     # 8 views x 3 epochs 68.0% / 0.80 (matching 7 block outputs as ``features`` on top: 67.0% /
     # 0.79, no gain). The default stays 2 because the bank's memory grows with it (max_memory_mb).
     views: int = setting(2, low=1)
+    # Draw a new bank (new augmented copies, labelled by the teacher again) before every epoch
+    # after the first, instead of training every epoch on the same copies. Costs one teacher
+    # pass over the bank per epoch, inside max_seconds.
+    fresh_views: bool = False
     crop_scale: float = setting(0.35, low=0, high=1, low_open=True)  # smallest crop area (1: no crops)
     flip: bool = True
     jitter: float = setting(0.2, low=0, high=1, high_open=True)  # colour jitter strength (0: off)
@@ -277,7 +281,19 @@ class RecoverPass(DeployInPlacePass):
         self.note(f"teacher ({'input model' if self.teacher is None else self.teacher}) labelled "
                   f"{len(bank)} training views ({len(fit)} samples x {len(bank) // len(fit)}) in {teacher_s:.1f} s")
 
-        extra_loss = self._feature_loss(module, feats, bank[:2]) if self.features else None
+        # Feature targets live in a list the fresh-view redraw replaces in place.
+        feature_targets = [torch.from_numpy(f) for f in feats]
+        extra_loss = self._feature_loss(module, feature_targets, bank[:2]) if self.features else None
+        redraws: list[float] = []
+
+        def redraw(epoch: int) -> tuple[np.ndarray, np.ndarray]:
+            """The bank of ``epoch``: copies drawn with their own seed, labelled by the teacher."""
+            t_start = time.perf_counter()
+            fresh = make_views(fit, cfg, seed + 1000 * (epoch - 1))
+            fresh_outs = dt.teacher_outputs(sess, teacher_io.input_name, names, fresh, teacher_io.fixed_batch)
+            feature_targets[:] = [torch.from_numpy(f) for f in fresh_outs[1:]]
+            redraws.append(time.perf_counter() - t_start)
+            return fresh, fresh_outs[0]
         frozen = self._mask_zeros(module, torch)
 
         lr = (self.lr if self.lr is not None else BIASES_LR if self.trainable == "biases"
@@ -287,7 +303,9 @@ class RecoverPass(DeployInPlacePass):
                                    seed=seed, padding=0, flip=False, patience=self.patience, progress=False,
                                    max_seconds=self.max_seconds, keep_initial=True, label="recover",
                                    select_by=self.select_by)
-        result = dt.train(module, bank, logits, None, (hx, ht, hy), train_cfg, extra_loss=extra_loss)
+        refresh = self.fresh_views and self.views > 1 and cfg.augments and len(bank) > len(fit)
+        result = dt.train(module, bank, logits, None, (hx, ht, hy), train_cfg, extra_loss=extra_loss,
+                          redraw=redraw if refresh else None)
         history = result.history
         trained = sum(1 for param in module.params if param.requires_grad)
         agree_before, agree_after = history[0]["holdout_agreement"], result.best_agreement
@@ -301,14 +319,16 @@ class RecoverPass(DeployInPlacePass):
             "agreement_before": agree_before, "agreement_after": agree_after,
             "kl_before": history[0]["holdout_kl"], "kl_after": best["holdout_kl"],
             "top1_before": history[0]["holdout_top1"], "top1_after": best["holdout_top1"],
-            "history": history, "teacher_seconds": round(teacher_s, 3), "train_seconds": round(result.seconds, 3),
+            "history": history, "teacher_seconds": round(teacher_s + sum(redraws), 3),
+            "fresh_banks": len(redraws), "train_seconds": round(result.seconds, 3),
             "lr": lr, "threads": ctx.threads, "seed": seed})
         stop = ("stopped by max_seconds" if result.out_of_time else
                 "stopped early" if result.stopped_early else "all epochs")
         self.note(f"trained {trained} initializers for {result.epochs_run} epoch(s) ({stop}) in "
                   f"{result.seconds:.1f} s; agreement with the teacher on {held_from}: "
                   f"{agree_before:.4f} -> {agree_after:.4f} (KL {history[0]['holdout_kl']:.3g} -> "
-                  f"{best['holdout_kl']:.3g})" + (f"; {frozen:,} zero weights kept at 0" if frozen else ""))
+                  f"{best['holdout_kl']:.3g})" + (f"; {frozen:,} zero weights kept at 0" if frozen else "")
+                  + (f"; {len(redraws)} fresh view bank(s), teacher {sum(redraws):.1f} s" if redraws else ""))
         if result.best_epoch == 0:
             self.note("no epoch beat the model as given: its weights are kept")
             return ir.passes.PassResult(model, False)
@@ -344,17 +364,18 @@ class RecoverPass(DeployInPlacePass):
             return float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-12))
         return float(np.abs(out - ref).max())
 
-    def _feature_loss(self, module, feats: list[np.ndarray], probe: np.ndarray):
+    def _feature_loss(self, module, targets: list, probe: np.ndarray):
+        """The feature term of the loss for a batch's indices; ``targets`` (one tensor per matched
+        name, indexed like the bank) is read at every call, so a redrawn bank's targets apply."""
         import torch
 
         with torch.no_grad():
             module(torch.from_numpy(probe))
-        for name, target in zip(self.features, feats):
+        for name, target in zip(self.features, targets):
             got = tuple(module.captured[name].shape[1:])
             if got != tuple(target.shape[1:]):
                 raise UserError(f"features: tensor '{name}' is {list(got)} per sample in the model but "
                                 f"{list(target.shape[1:])} in the teacher (pruned tensors cannot be matched)")
-        targets = [torch.from_numpy(f) for f in feats]
         weight = self.feature_weight
 
         def loss(idx):
