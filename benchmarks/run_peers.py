@@ -464,13 +464,15 @@ def findings(per_arch: dict, errors: dict) -> list[str]:
         lines.append(f"- **{arch}**: " + "; ".join(parts) + ".")
         tuning = measured.get("range_tuning")
         if tuning:
-            kept = tuning.get("kept", "tuned")
+            kept, held = tuning.get("kept", "tuned"), tuning.get("held_out")
             lines.append(
                 f"- **{arch}, tune_ranges**: {tuning['units_searched']} of {tuning['units']} activation ranges searched "
                 f"in {tuning['seconds']:.0f} s, {tuning['ranges_moved']} moved; output SQNR on {tuning['samples']} "
                 f"calibration crops {tuning['output_sqnr_db_before']} dB calibrated, "
                 f"{tuning.get('output_sqnr_db_requantized', tuning['output_sqnr_db_after'])} dB re-quantized from the "
-                "tuned ranges: " + ("the tuned ranges are kept." if kept == "tuned" else
+                "tuned ranges" + (f", {held['output_sqnr_db_calibrated']} -> {held['output_sqnr_db_tuned']} dB on the "
+                                  f"{held['samples']} calibration crops not searched" if isinstance(held, dict) else "")
+                + ": " + ("the tuned ranges are kept." if kept == "tuned" else
                                     "the calibrated ranges are kept, so this entry differs from `deployopt` only where "
                                     "its own latency-aware search placed float nodes."))
         floor = measured.get("noise_floor", {}).get("held-out")

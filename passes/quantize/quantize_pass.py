@@ -460,9 +460,40 @@ class QuantizePass(DeployFunctionalPass):
             self.note(f"{moved} {record['output_sqnr_db_before']} dB calibrated, {after} dB re-quantized from the "
                       "tuned ranges: the calibrated ranges are kept")
             return quantizer, first
+        # The search can fit its samples (measured on a digits CNN: +0.55 dB on its 64 samples, 12%
+        # more output error on unseen digits), so the ranges must also win on calibration samples
+        # it did not see.
+        held_out = self._held_out_error(prepared, n)
+        gain = f"{record['output_sqnr_db_before']} -> {after} dB"
+        if held_out is None:
+            record["held_out"] = "no calibration samples beyond the searched ones"
+            gain += " (no calibration samples beyond these to confirm on)"
+        else:
+            calibrated_db, tuned_db = (round(sqnr_db(held_out.error(m)), 2) for m in (first, best))
+            record["held_out"] = {"samples": held_out.samples, "output_sqnr_db_calibrated": calibrated_db,
+                                  "output_sqnr_db_tuned": tuned_db}
+            if tuned_db <= calibrated_db:
+                record["kept"] = "calibrated"
+                self.note(f"{moved} {gain}, but on {held_out.samples} "
+                          f"calibration samples it did not search {calibrated_db} dB calibrated, {tuned_db} dB "
+                          "tuned: the calibrated ranges are kept")
+                return quantizer, first
+            gain += f"; {calibrated_db} -> {tuned_db} dB on {held_out.samples} samples it did not search"
         record["kept"] = "tuned"
-        self.note(f"{moved} {record['output_sqnr_db_before']} -> {after} dB")
+        self.note(f"{moved} {gain}")
         return tuned, best
+
+    def _held_out_error(self, prepared: Prepared, searched: int) -> OutputError | None:
+        """The output error on the calibration samples after the first ``searched`` (up to
+        ``samples``), or None when there are none; feeds that straddle the boundary are left out."""
+        if self.samples <= searched:
+            return None
+        batches, seen = [], 0
+        for feed, _ in feeds(self.context.calibration, prepared.inputs, self.samples, self.batch_size):
+            if seen >= searched:
+                batches.append(feed)
+            seen += samples_in(feed)
+        return OutputError(prepared.path, batches, self.context.threads) if batches else None
 
     def _activation_grid(self) -> Activations:
         """The integer range and symmetry of activations, as onnxruntime's quantizer sets them."""

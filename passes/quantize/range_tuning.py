@@ -31,8 +31,11 @@ deployed, saturation included), not a simulation. The result is one factor per t
 to the calibration ranges, so the model returned and every later fallback or latency trial are
 quantized from the tuned ranges.
 
-The samples tuned on are calibration samples: the search can fit them. Its gain on data it did
-not see is what ``benchmarks/run_peers.py`` publishes (held-out and unseen photos).
+The samples tuned on are calibration samples: the search can fit them (a digits CNN gained
+0.55 dB on its 64 samples and lost 0.5 dB on the other 192). The pass therefore keeps the tuned
+ranges only when they also score better on the calibration samples after the searched ones, when
+there are any (``QuantizePass._tune_ranges``). Its gain on data it did not see at all is what
+``benchmarks/run_peers.py`` publishes (held-out and unseen photos).
 
 Written by hand: onnxruntime's quantizer and calibrators choose each range from the tensor's own
 values and have no search against the model's output.
