@@ -365,11 +365,15 @@ def test_fresh_views_draw_and_label_a_new_bank_every_epoch(teacher_path, digits,
 
     monkeypatch.setattr(views, "make_views", spy_draw)
     monkeypatch.setattr(train, "teacher_outputs", spy_label)
-    # The dense model with its first layer perturbed: its Relu outputs match the teacher's in shape.
-    student = io.load(teacher_path)
-    first = next(n for n in student.graph if n.op_type == "Conv").inputs[1]
-    noise = np.random.default_rng(0).standard_normal(first.const_value.shape).astype(np.float32)
-    first.const_value = ir.tensor(first.const_value.numpy() * (1 + 0.5 * noise), name=first.name)
+    def perturbed() -> ir.Model:
+        """The dense model with its first layer perturbed: its Relu outputs match the teacher's in shape."""
+        student = io.load(teacher_path)
+        first = next(n for n in student.graph if n.op_type == "Conv").inputs[1]
+        noise = np.random.default_rng(0).standard_normal(first.const_value.shape).astype(np.float32)
+        first.const_value = ir.tensor(first.const_value.numpy() * (1 + 0.5 * noise), name=first.name)
+        return student
+
+    student = perturbed()
     feature = next(n.outputs[0].name for n in student.graph if n.op_type == "Relu")
     result = recover(student, io.load(teacher_path), digits, tmp_path, max_epochs=3, patience=None,
                      fresh_views=True, features=[feature])
@@ -384,6 +388,13 @@ def test_fresh_views_draw_and_label_a_new_bank_every_epoch(teacher_path, digits,
     for _, bank in banks:  # the teacher labelled every bank, logits and the matched feature
         assert any(x is bank and names[1:] == [feature] for names, x in labelled)
     assert any("; 2 fresh view bank(s), teacher " in note for note in result.notes)
+    # The swap holds two banks: the memory bound counts both, and says so.
+    with pytest.raises(UserError, match=r"^max_memory_mb: 1200 samples x 2 views need [0-9]+ MB for the two view "
+                                        r"banks \(fresh_views\) and their teacher targets \(limit 1 MB\)"):
+        recover(perturbed(), io.load(teacher_path), digits, tmp_path, fresh_views=True, max_memory_mb=1)
+    single = recover(perturbed(), io.load(teacher_path), digits, tmp_path, max_epochs=1, views=1, fresh_views=True)
+    assert "fresh_views: every copy of a sample would be the same (views 1 or no augmentation): one bank is used" \
+        in single.notes and single.details["fresh_banks"] == 0
 
 
 def test_train_redraw_replaces_the_epoch_data():
