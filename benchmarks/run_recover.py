@@ -293,7 +293,8 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
             aci = v["agreement_ci"] or (float("nan"), float("nan"))
             ratio = 1 / v["speedup"] if v["speedup"] else float("nan")
             lines.append(
-                f"| {label} | {v['p50_ms']:.2f} | {ratio:.3f} | {v['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] | {ov_cell}"
+                f"| {label} | {v['p50_ms']:.2f} | {ratio:.3f} | {v['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] | "
+                f"{ov_cell}"
                 f"{v['macs'] / 1e6:.0f} M | {v['bytes'] / 1e6:.2f} | {v['agreement']:.3f} [{aci[0]:.3f}, {aci[1]:.3f}] | "
                 f"{v['kl']:.3f} | {v['top1']:.2f} | {'' if v['train_s'] is None else round(v['train_s'])} |")
         for label, v in res["variants"].items():

@@ -127,7 +127,7 @@ class RecoverPass(DeployInPlacePass):
     # pass over the bank per epoch, inside max_seconds, and two banks' memory at the swap. Off by
     # default: on MobileNetV2 keep 0.75 (529 images, 8 views, lr 1e-4) 8 epochs with 7 fresh banks
     # reached 67.7% / KL 0.74 on the 440 held-out crops in 1134 s (teacher 176 s, peak RSS 12.7
-    # GB), against 67.3% / 0.81 for 3 epochs on one bank in 443 s: lower KL, the same agreement.
+    # GB), against 67.5% / 0.81 for 3 epochs on one bank in 443 s: lower KL, the same agreement.
     fresh_views: bool = False
     crop_scale: float = setting(0.35, low=0, high=1, low_open=True)  # smallest crop area (1: no crops)
     flip: bool = True
