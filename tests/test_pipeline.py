@@ -63,7 +63,9 @@ def _write_recipe(root, name="recipe.yaml", **changes):
                  "evaluation": {"dataset": f"npz:{root / 'eval.npz'}"}},
         "passes": [{"cleanup": {}}],
         "benchmark": {"threads": [1], "batch": [1], "warmup": 2, "runs": 20, "rounds": 2},
-        "gates": {"max_accuracy_drop": 0.0, "min_speedup": 0.5},
+        # min_speedup far below 1: cleanup's speedup is about 1, and a loaded machine measured 0.4986
+        # (timing is noise here; the gate's arithmetic is what these tests check)
+        "gates": {"max_accuracy_drop": 0.0, "min_speedup": 0.05},
     }
     recipe.update(changes)
     path = root / name
