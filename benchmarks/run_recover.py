@@ -3,7 +3,7 @@ their unpruned selves, with and without int8.
 
     .venv/bin/python -m benchmarks.run_recover [--quick] [--models mobilenet_v2,efficientnet_lite0]
         [--keeps 0.9,0.75,0.5] [--epochs 4] [--max-seconds 900] [--lr LR] [--views N] [--fresh-views]
-        [--calibration photos|training] [--crops 24] [--no-openvino] [--runs 30] [--rounds 3]
+        [--calibration photos|training] [--equalize] [--crops 24] [--no-openvino] [--runs 30] [--rounds 3]
         [--out benchmarks/results/recover.md]
 
 ``--quick``: MobileNetV2 at keep 0.75 only (the row the target is about).
@@ -29,7 +29,8 @@ their unpruned selves, with and without int8.
 3. Per keep: ``ChannelPrunePass(keep, scope)`` (``--scope``, default ``sensitivity``: the MACs of
    uniform keeps, spent where measured damage is least; l1 ranking, reconstruction), then ``RecoverPass``
    (its defaults, ``max_epochs`` and ``max_seconds`` from the flags; early stopping on the
-   early-stopping crops of step 2), and ``QuantizePass(latency_aware=False)`` on each (int8 throughout).
+   early-stopping crops of step 2), and ``QuantizePass(latency_aware=False)`` on each (int8 throughout;
+   ``--equalize``: with ``equalize: true``).
 4. Held-out: agreement and KL vs fp32 on the 440 'photos' crops of the train split (the demo's
    fidelity set: scikit-image photos and the ImageNet samples), top-1 on the 20 labelled
    'imagenet-samples' (``deployopt.measure.accuracy``); latency ratio vs fp32 with a bootstrap
@@ -201,7 +202,8 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
     variants: dict[str, dict] = {"fp32": {"path": fp32, "keep": 1.0, "recover": False, "int8": False, "train_s": None}}
 
     def quantize(source: pathlib.Path, label: str, keep: float, recovered: bool, train_s) -> None:
-        q = QuantizePass(latency_aware=False)  # int8 rows are int8: the latency columns say what it bought
+        # int8 rows are int8: the latency columns say what it bought
+        q = QuantizePass(latency_aware=False, equalize=args.equalize)
         q.context = PassContext(calibration=calibration, seed=0, work_dir=tmp, threads=args.threads)
         out = tmp / f"{label.replace(' ', '_')}.onnx"
         io.save(q(io.load(source)).model, out)
@@ -271,7 +273,8 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
              + ("; OpenVINO speedup: the same files on OpenVINO's CPU plugin against its own fp32" if args.openvino
                 else "") + ". Agreement (Wilson 95% interval) and "
              "KL(fp32 || model) on the 440 held-out 'photos' crops; top-1 on the 20 labelled ImageNet samples. "
-             f"channel_prune and quantize calibrate on {CALIBRATION_TEXT[args.calibration]}. "
+             f"channel_prune and quantize calibrate on {CALIBRATION_TEXT[args.calibration]}"
+             + ("; quantize with equalize: true" if args.equalize else "") + ". "
              f"channel_prune: scope {args.scope}, its other settings its defaults. recover: {args.epochs} epoch(s) at most, max_seconds {args.max_seconds:g}"
              + (f", lr {args.lr:g}" if args.lr is not None else "")
              + (f", views {args.views}" if args.views is not None else "")
@@ -372,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", type=int, default=None,
                         help="recover's copies per training image (default: the pass's)")
     parser.add_argument("--fresh-views", action="store_true", help="recover draws a new view bank every epoch")
+    parser.add_argument("--equalize", action="store_true", help="quantize with equalize: true")
     parser.add_argument("--calibration", choices=("photos", "training"), default="photos",
                         help="what channel_prune and quantize calibrate on (module doc, step 2)")
     parser.add_argument("--crops", type=int, default=24, help="random crops per large training picture")
