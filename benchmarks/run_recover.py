@@ -144,8 +144,9 @@ def write_calibration_folder(folder: pathlib.Path, training: pathlib.Path, seed:
     test split in training), then the rest in a seeded random order: a folder is read in file-name
     order, and channel_prune and quantize read its first samples."""
     files = sorted(training.iterdir())
+    shuffled = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     photos = [f for f in files if f.name.startswith("photo_")]
-    rest = [files[i] for i in np.random.default_rng(seed).permutation(len(files)) if files[i] not in photos]
+    rest = [f for f in shuffled if not f.name.startswith("photo_")]
     folder.mkdir(parents=True, exist_ok=True)
     for rank, f in enumerate(photos + rest):
         os.link(f, folder / f"{rank:04d}_{f.name}")

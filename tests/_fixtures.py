@@ -38,27 +38,10 @@ def train_classifier(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epoc
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(net(xb), yb).backward()
                 opt.step()
-        _refresh_batchnorm_statistics(net, xt, batch)
+        # torch's own re-estimation: plain averages over the batches, in train mode, momenta restored
+        torch.optim.swa_utils.update_bn((xt[i:i + batch] for i in range(0, len(xt), batch)), net)
     finally:
         torch.set_num_threads(saved_threads)
-
-
-def _refresh_batchnorm_statistics(net: torch.nn.Module, xt: torch.Tensor, batch: int) -> None:
-    """Replace every BatchNorm's running mean and variance by their plain average over ``xt``."""
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    was_training, momenta = net.training, [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # None = cumulative average over the batches seen
-    net.train()
-    with torch.no_grad():
-        for i in range(0, len(xt), batch):
-            net(xt[i:i + batch])
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    net.train(was_training)
 
 
 def digits_onnx(make_net: Callable[[], torch.nn.Module], x: np.ndarray, y: np.ndarray, *,

@@ -365,6 +365,7 @@ def test_fresh_views_draw_and_label_a_new_bank_every_epoch(teacher_path, digits,
 
     monkeypatch.setattr(views, "make_views", spy_draw)
     monkeypatch.setattr(train, "teacher_outputs", spy_label)
+
     def perturbed() -> ir.Model:
         """The dense model with its first layer perturbed: its Relu outputs match the teacher's in shape."""
         student = io.load(teacher_path)
