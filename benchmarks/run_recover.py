@@ -3,6 +3,7 @@ their unpruned selves, with and without int8.
 
     .venv/bin/python -m benchmarks.run_recover [--quick] [--models mobilenet_v2,efficientnet_lite0]
         [--keeps 0.9,0.75,0.5] [--epochs 4] [--max-seconds 900] [--lr LR] [--views N] [--fresh-views]
+        [--features penultimate] [--feature-weight W]
         [--calibration photos|training] [--equalize] [--crops 24] [--no-openvino] [--runs 30] [--rounds 3]
         [--out benchmarks/results/recover.md]
 
@@ -28,12 +29,14 @@ their unpruned selves, with and without int8.
    them before training, keep 0.75 at 0.80), and early stopping then rejects every epoch.
 3. Per keep: ``ChannelPrunePass(keep, scope)`` (``--scope``, default ``sensitivity``: the MACs of
    uniform keeps, spent where measured damage is least; l1 ranking, reconstruction), then ``RecoverPass``
-   (its defaults, ``max_epochs`` and ``max_seconds`` from the flags; early stopping on the
-   early-stopping crops of step 2), and ``QuantizePass(latency_aware=False)`` on each (int8 throughout;
+   (its defaults, ``max_epochs`` and ``max_seconds`` from the flags, ``--features`` its comma-separated
+   ``features``; early stopping on the early-stopping crops of step 2), and ``QuantizePass(latency_aware=False)`` on each (int8 throughout;
    ``--equalize``: with ``equalize: true``).
 4. Held-out: agreement and KL vs fp32 on the 440 'photos' crops of the train split (the demo's
-   fidelity set: scikit-image photos and the ImageNet samples), top-1 on the 20 labelled
-   'imagenet-samples' (``deployopt.measure.accuracy``); latency ratio vs fp32 with a bootstrap
+   fidelity set: scikit-image photos and the ImageNet samples), with the noise floor (fp32 against
+   itself on the crops moved by one grey level) and each model's agreement on the crops whose
+   fp32 top-1 that noise leaves unchanged, top-1 on the 20 labelled 'imagenet-samples'
+   (``deployopt.measure.accuracy``); latency ratio vs fp32 with a bootstrap
    95% interval (``deployopt.measure.latency.compare``: worker processes, interleaved rounds,
    1 thread, batch 1), and the same on OpenVINO's CPU plugin against its own fp32 (skipped with
    ``--no-openvino``); MACs and file size (``deployopt.core.stats``). The target lines check
@@ -72,6 +75,9 @@ CALIBRATION_TEXT = {"photos": "the training folder, its 55 'photos' crops first"
 SKIMAGE = ("retina.jpg", "hubble_deep_field.jpg", "grass.png", "gravel.png", "brick.png", "color.png",
            "ihc.png", "camera.png", "coins.png", "moon.png", "page.png", "text.png", "clock_motion.png")
 LFW_FACES = 50
+#: Grey levels of the noise floor (``deployopt.measure.accuracy``): fp32 against itself on crops
+#: moved by this much, and each model's agreement on the crops whose fp32 top-1 it leaves alone.
+NOISE_LEVELS = 1
 
 
 def _training_images() -> list:
@@ -223,7 +229,7 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
         step = RecoverPass(max_epochs=args.epochs, max_seconds=args.max_seconds,
                            **({"lr": args.lr} if args.lr is not None else {}),
                            **({"views": args.views} if args.views is not None else {}),
-                           fresh_views=args.fresh_views)
+                           fresh_views=args.fresh_views, features=args.features, feature_weight=args.feature_weight)
         step.context = PassContext(training=training, evaluation=early_stopping, reference=reference, seed=0,
                                    work_dir=tmp, threads=args.threads)
         t0 = time.perf_counter()
@@ -240,10 +246,13 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
         quantize(recovered, f"keep {keep} + recover + int8", keep, True, train_s)
 
     for label, v in variants.items():
-        fid = evaluate(v["path"], fidelity, reference_path=fp32, threads=args.threads, progress=False)
+        fid = evaluate(v["path"], fidelity, reference_path=fp32, threads=args.threads, progress=False,
+                       noise_floor=NOISE_LEVELS)
         top = evaluate(v["path"], labelled, threads=args.threads, progress=False)
         stats = model_stats(io.load_proto(v["path"]), path=str(v["path"]))
+        floor = fid.get("noise_floor") or {}
         v.update({"agreement": fid["agreement"], "agreement_ci": fid["agreement_ci"], "kl": fid["kl"],
+                  "floor": floor, "agreement_on_stable": floor.get("agreement_on_stable"),
                   "n": fid["n"], "top1": top["top1"], "top1_n": top["n"], "macs": stats["macs"],
                   "bytes": v["path"].stat().st_size})
     labels = list(variants)
@@ -280,17 +289,18 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
              + (f", lr {args.lr:g}" if args.lr is not None else "")
              + (f", views {args.views}" if args.views is not None else "")
              + (", fresh_views" if args.fresh_views else "")
+             + (f", features {args.features}, feature_weight {args.feature_weight:g}" if args.features else "")
              + ", other settings its defaults; train s is the whole recover step (view bank, teacher labels, "
              "training, checks).", ""]
     for arch, res in results.items():
         ov = args.openvino
         lines += [f"## {arch} ({res['train_images']} training images, {res['stop_images']} early-stopping crops)", "",
                   "| model | p50 ms | ratio | speedup [95% CI] | " + ("OpenVINO speedup | " if ov else "")
-                  + "MACs | MB | agreement [95% CI] | KL | top-1 | train s |",
-                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ov else "")]
+                  + "MACs | MB | agreement [95% CI] | on stable crops | KL | top-1 | train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ov else "")]
         for label, v in res["variants"].items():
             if v.get("error"):
-                lines.append(f"| {label} | error: {v['error']} | | | | | | | | |" + (" |" if ov else ""))
+                lines.append(f"| {label} | error: {v['error']} | | | | | | | | | |" + (" |" if ov else ""))
                 continue
             ov_cell = ("error | " if v.get("openvino") is None else f"{v['openvino']:.2f}x | ") if ov else ""
             ci = v["speedup_ci"] or (float("nan"), float("nan"))
@@ -300,7 +310,7 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
                 f"| {label} | {v['p50_ms']:.2f} | {ratio:.3f} | {v['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] | "
                 f"{ov_cell}"
                 f"{v['macs'] / 1e6:.0f} M | {v['bytes'] / 1e6:.2f} | {v['agreement']:.3f} [{aci[0]:.3f}, {aci[1]:.3f}] | "
-                f"{v['kl']:.3f} | {v['top1']:.2f} | {'' if v['train_s'] is None else round(v['train_s'])} |")
+                f"{_rate(v['agreement_on_stable'])} | {v['kl']:.3f} | {v['top1']:.2f} | {'' if v['train_s'] is None else round(v['train_s'])} |")
         for label, v in res["variants"].items():
             d = v.get("details")
             if d:
@@ -312,6 +322,14 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
                              f"training {d.get('train_seconds', 0):.0f} s, peak RSS {d.get('peak_rss_mb')} MB, "
                              + (f"onnxruntime vs torch max |diff| {d['max_abs_diff']:.1e}" if "max_abs_diff" in d
                                 else "no epoch beat the pruned model: its weights kept, nothing written back"))
+        floor = res["variants"]["fp32"].get("floor") or {}
+        if floor.get("agreement") is not None:
+            fci = floor["agreement_ci"]
+            lines += ["", f"Noise floor: fp32 against itself on the same crops moved by {NOISE_LEVELS} grey level "
+                      f"(uniform integer noise per pixel) agrees on {floor['agreement']:.1%} [{fci[0]:.1%}, "
+                      f"{fci[1]:.1%}]: the rest are near ties a JPEG re-encode would flip. 'on stable crops' is "
+                      f"each model's agreement on the {floor['stable']} crops whose fp32 top-1 that noise leaves "
+                      f"unchanged."]
         if res["warnings"]:
             lines += ["", "Harness warnings: " + "; ".join(res["warnings"])]
         lines.append("")
@@ -336,6 +354,10 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
     if png:
         lines += [f"![latency ratio vs agreement]({png})", ""]
     return "\n".join(lines)
+
+
+def _rate(value) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def pareto_png(results: dict, path: pathlib.Path) -> None:
@@ -376,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", type=int, default=None,
                         help="recover's copies per training image (default: the pass's)")
     parser.add_argument("--fresh-views", action="store_true", help="recover draws a new view bank every epoch")
+    parser.add_argument("--features", type=lambda text: [f for f in text.split(",") if f], default=[],
+                        help="recover's matched tensors, comma-separated ('penultimate': the map the head pools)")
+    parser.add_argument("--feature-weight", type=float, default=1.0, help="recover's feature_weight")
     parser.add_argument("--equalize", action="store_true", help="quantize with equalize: true")
     parser.add_argument("--calibration", choices=("photos", "training"), default="photos",
                         help="what channel_prune and quantize calibrate on (module doc, step 2)")

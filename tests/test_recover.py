@@ -34,6 +34,7 @@ from deployopt.passes.prune import MagnitudePrunePass
 from deployopt.passes.quantize import QuantizePass
 from deployopt.passes.recover import RecoverPass
 from deployopt.passes.recover.interpreter import OnnxModule
+from deployopt.passes.recover.recover_pass import penultimate_tensor
 # The digits split and the trained digits_cnn teacher (ONNX, input 'pixels', output 'logits').
 from tests.test_distill import digits, teacher_path  # noqa: F401  (shared module fixtures)
 
@@ -443,6 +444,14 @@ def test_feature_matching_and_refusals(teacher_path, digits, tmp_path):
         recover(io.load(teacher_path), teacher, digits, tmp_path, features=[name], max_memory_mb=2)
     with pytest.raises(UserError, match=r"^features: tensor 'nope' is not in the model$"):
         recover(io.load(teacher_path), teacher, digits, tmp_path, features=["nope"])
+    # "penultimate": the map the classifier head pools, resolved in the model, matched in the teacher.
+    pool = next(n for n in teacher.graph if n.op_type == "GlobalAveragePool")
+    result = recover(io.load(teacher_path), teacher, digits, tmp_path, features=["penultimate"], max_epochs=1)
+    assert result.details["penultimate"] == pool.inputs[0].name
+    assert (f"features: penultimate is '{pool.inputs[0].name}', the input of GlobalAveragePool '{pool.name}'"
+            in result.notes)
+    with pytest.raises(UserError, match=r"^features: 'penultimate' is '.+', which the list also names$"):
+        recover(io.load(teacher_path), teacher, digits, tmp_path, features=["penultimate", pool.inputs[0].name])
     step = RecoverPass(**FAST)
     step.context = PassContext(training=ArrayDataset(digits["train"][0]), seed=0, work_dir=tmp_path)
     with pytest.raises(UserError, match=r"^teacher: no reference model in this run"):
@@ -517,3 +526,38 @@ def test_unsupported_op_through_the_recipe_is_exit_2(digits, tmp_path):
                                  "ONNX-to-torch interpreter")
     assert caught.value.exit_code == 2
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def _head_model(pool_op: str, opset: int = 18) -> ir.Model:
+    """conv -> relu -> pool_op -> flatten -> gemm: a classifier head after a 2x4x4 feature map."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["feature_map"], name="relu")]
+    inits = [_init("w", rng.standard_normal((2, 1, 1, 1)).astype(np.float32)),
+             _init("fc", rng.standard_normal((2, 3)).astype(np.float32))]
+    if pool_op == "ReduceMean":
+        inits.append(_init("axes", np.array([2, 3], np.int64)))
+        nodes.append(helper.make_node("ReduceMean", ["feature_map", "axes"], ["pooled"], name="pool", keepdims=1))
+    elif pool_op == "ReduceMean over channels":
+        inits.append(_init("axes", np.array([1], np.int64)))
+        nodes.append(helper.make_node("ReduceMean", ["feature_map", "axes"], ["pooled"], name="pool", keepdims=1))
+    else:
+        nodes.append(helper.make_node(pool_op, ["feature_map"], ["pooled"], name="pool"))
+    nodes += [helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+              helper.make_node("MatMul", ["flat", "fc"], ["logits"], name="head")]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+@pytest.mark.parametrize("pool_op", ["GlobalAveragePool", "GlobalMaxPool", "ReduceMean"])
+def test_penultimate_is_the_map_the_head_pools(pool_op):
+    name, node = penultimate_tensor(_head_model(pool_op))
+    assert (name, node.name) == ("feature_map", "pool")
+
+
+def test_penultimate_refused_without_a_global_pooling():
+    with pytest.raises(UserError, match=r"^features: 'penultimate' needs a classifier head: no global pooling "
+                                        r"before the output 'logits' through single-input ops; name the tensors "
+                                        r"to match instead$"):
+        penultimate_tensor(_head_model("ReduceMean over channels"))
