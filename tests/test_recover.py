@@ -528,31 +528,42 @@ def test_unsupported_op_through_the_recipe_is_exit_2(digits, tmp_path):
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
-def _head_model(pool_op: str, opset: int = 18) -> ir.Model:
-    """conv -> relu -> pool_op -> flatten -> gemm: a classifier head after a 2x4x4 feature map."""
+def _head_model(pool_op: str, qdq: bool = False) -> ir.Model:
+    """conv -> relu -> pool_op -> flatten -> matmul: a classifier head after a 2x4x4 feature map;
+    with ``qdq`` the map and the head's weight pass through QuantizeLinear/DequantizeLinear."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("Relu", ["c"], ["feature_map"], name="relu")]
     inits = [_init("w", rng.standard_normal((2, 1, 1, 1)).astype(np.float32)),
-             _init("fc", rng.standard_normal((2, 3)).astype(np.float32))]
+             _init("fc", rng.standard_normal((2, 3)).astype(np.float32)), _init("scale", np.float32(0.1))]
+    pooled_from, fc = "feature_map", "fc"
+    if qdq:
+        nodes += [helper.make_node("QuantizeLinear", ["feature_map", "scale"], ["q"], name="q"),
+                  helper.make_node("DequantizeLinear", ["q", "scale"], ["feature_map_dq"], name="dq"),
+                  helper.make_node("QuantizeLinear", ["fc", "scale"], ["fc_q"], name="fc_q"),
+                  helper.make_node("DequantizeLinear", ["fc_q", "scale"], ["fc_dq"], name="fc_dq")]
+        pooled_from, fc = "feature_map_dq", "fc_dq"
     if pool_op == "ReduceMean":
         inits.append(_init("axes", np.array([2, 3], np.int64)))
-        nodes.append(helper.make_node("ReduceMean", ["feature_map", "axes"], ["pooled"], name="pool", keepdims=1))
+        nodes.append(helper.make_node("ReduceMean", [pooled_from, "axes"], ["pooled"], name="pool", keepdims=1))
     elif pool_op == "ReduceMean over channels":
         inits.append(_init("axes", np.array([1], np.int64)))
-        nodes.append(helper.make_node("ReduceMean", ["feature_map", "axes"], ["pooled"], name="pool", keepdims=1))
+        nodes.append(helper.make_node("ReduceMean", [pooled_from, "axes"], ["pooled"], name="pool", keepdims=1))
     else:
-        nodes.append(helper.make_node(pool_op, ["feature_map"], ["pooled"], name="pool"))
+        nodes.append(helper.make_node(pool_op, [pooled_from], ["pooled"], name="pool"))
     nodes += [helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
-              helper.make_node("MatMul", ["flat", "fc"], ["logits"], name="head")]
+              helper.make_node("MatMul", ["flat", fc], ["logits"], name="head")]
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
-    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
 
 
 @pytest.mark.parametrize("pool_op", ["GlobalAveragePool", "GlobalMaxPool", "ReduceMean"])
-def test_penultimate_is_the_map_the_head_pools(pool_op):
-    name, node = penultimate_tensor(_head_model(pool_op))
+@pytest.mark.parametrize("qdq", [False, True], ids=["float", "qdq"])
+def test_penultimate_is_the_map_the_head_pools(pool_op, qdq):
+    # In a QDQ graph: the float map before its Q/DQ pair (the teacher's name for it), walking past
+    # the head weight's DequantizeLinear as a constant.
+    name, node = penultimate_tensor(_head_model(pool_op, qdq))
     assert (name, node.name) == ("feature_map", "pool")
 
 
