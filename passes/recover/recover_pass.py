@@ -501,12 +501,15 @@ def _before_fake_quantization(value: ir.Value) -> ir.Value:
 
 
 def _reduces_spatial_axes(node: ir.Node) -> bool:
-    """A ReduceMean/ReduceMax over every axis after the channel axis of a 4-D input (axes as an
-    attribute or, from opset 18, a constant input)."""
+    """A ReduceMean/ReduceMax over exactly the axes after the channel axis of an N, C, spatial...
+    input (axes as an attribute or, from opset 18, a constant input; rank 4 when not inferred)."""
     axes = node.attributes.get("axes")
     values = axes.as_ints() if axes is not None else None
     if values is None and len(node.inputs) > 1 and node.inputs[1] is not None:
-        const = node.inputs[1].const_value
+        try:
+            const = ir.convenience.get_const_tensor(node.inputs[1])
+        except ValueError:
+            const = None
         values = None if const is None else [int(a) for a in const.numpy().reshape(-1)]
     shape = node.inputs[0].shape
     rank = len(shape) if shape is not None else 4
