@@ -5,8 +5,9 @@ and on an exported net; trained values go back into the same initializers (names
 Numbers: agreement with the unpruned model rises after channel_prune; weights zeroed by prune stay
 exactly zero; after quantize, quantization-aware recovery raises the int8 model's agreement with
 float while the graph, scales and integer ranges stay as they were. Refusal: an op the interpreter
-lacks, a missing teacher, a feature tensor that is not there, a graph that fixes its batch, a model
-with no bias for `trainable: biases`.
+lacks, a missing teacher, a feature tensor that is not there, `features: [penultimate]` on a model
+with no head pooling (exit 2 through the CLI), a graph that fixes its batch, a model with no bias
+for `trainable: biases`. `penultimate` resolves to the map a head pools, in float and QDQ graphs.
 """
 
 from __future__ import annotations
@@ -525,6 +526,30 @@ def test_unsupported_op_through_the_recipe_is_exit_2(digits, tmp_path):
     assert str(caught.value) == ("passes[0].recover: op LRN (node 'norm1') is not supported by the "
                                  "ONNX-to-torch interpreter")
     assert caught.value.exit_code == 2
+    assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_penultimate_without_a_head_pooling_through_the_cli_is_exit_2(digits, tmp_path, capsys):
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+    rng = np.random.default_rng(0)
+    inits = [_init("w", rng.standard_normal((4, 1, 3, 3)).astype(np.float32)),
+             _init("fc", rng.standard_normal((4 * 6 * 6, 10)).astype(np.float32))]
+    graph = helper.make_graph([helper.make_node("Conv", ["pixels", "w"], ["c"], name="conv"),
+                               helper.make_node("Flatten", ["c"], ["flat"], name="flatten"),
+                               helper.make_node("MatMul", ["flat", "fc"], ["logits"], name="head")],
+                              "flat_head", [x], [y], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "flat.onnx")
+    np.savez(tmp_path / "train.npz", x=digits["train"][0][:64])
+    (tmp_path / "recover.yaml").write_text(json.dumps({
+        "model": str(tmp_path / "flat.onnx"), "data": {"training": {"dataset": f"npz:{tmp_path / 'train.npz'}"}},
+        "passes": [{"recover": {"features": ["penultimate"]}}], "benchmark": {"enabled": False}}))
+    code = cli_main(["optimize", str(tmp_path / "recover.yaml"), "-o", str(tmp_path / "out"), "--in-process"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1:] == ["deployopt: error: passes[0].recover.features: 'penultimate' needs a classifier head: no global "
+                        "pooling before the output 'logits' through single-input ops; name the tensors to match "
+                        "instead"]
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
