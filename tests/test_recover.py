@@ -13,6 +13,7 @@ for `trainable: biases`. `penultimate` resolves to the map a head pools, in floa
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -453,6 +454,20 @@ def test_feature_matching_and_refusals(teacher_path, digits, tmp_path):
             in result.notes)
     with pytest.raises(UserError, match=r"^features: 'penultimate' is '.+', which the list also names$"):
         recover(io.load(teacher_path), teacher, digits, tmp_path, features=["penultimate", pool.inputs[0].name])
+    # Pruned channels in that map: the keyword leaves it out with a note; its name is refused.
+    pruner = ChannelPrunePass(keep=0.5, round_to=1, min_channels=2, reconstruct=False)
+    pruner.context = PassContext(seed=0, work_dir=tmp_path)
+    pruned = pruner(io.load(teacher_path)).model
+    mine = pruned.graph.node(pool.name).inputs[0].shape[1]
+    theirs = pool.inputs[0].shape[1]
+    assert mine < theirs
+    result = recover(pruned.clone(), teacher, digits, tmp_path, features=["penultimate"], max_epochs=1)
+    assert result.failure is None and result.details["penultimate"] is None
+    assert (f"features: penultimate '{pool.inputs[0].name}' is [{mine}, 4, 4] per sample in the model but "
+            f"[{theirs}, 4, 4] in the teacher (pruned channels): not matched") in result.notes
+    with pytest.raises(UserError, match=rf"^features: tensor '{re.escape(pool.inputs[0].name)}' is \[{mine}, 4, 4\] "
+                                        rf"per sample in the model but \[{theirs}, 4, 4\] in the teacher"):
+        recover(pruned, teacher, digits, tmp_path, features=[pool.inputs[0].name], max_epochs=1)
     step = RecoverPass(**FAST)
     step.context = PassContext(training=ArrayDataset(digits["train"][0]), seed=0, work_dir=tmp_path)
     with pytest.raises(UserError, match=r"^teacher: no reference model in this run"):

@@ -19,9 +19,10 @@ models, normalised by the teacher's energy so each tensor weighs the same whatev
 The entry ``penultimate`` (when no tensor has that name) is the feature map a classifier head
 pools: the input of the global pooling (GlobalAveragePool, GlobalMaxPool, ReduceMean/ReduceMax)
 reached from the model's first output through single-input head ops (Gemm, Reshape, Flatten,
-activations). Matching it, with the teacher's head kept, is the "mimic the features, keep the
-classifier" recipe for few-sample compression: the C·H·W values of that map per view carry more of
-the teacher than its logits do.
+activations); when pruning changed that map's channels it is left out with a note (a tensor
+named outright with another shape is refused). Matching it, with the teacher's head kept, is the
+"mimic the features, keep the classifier" recipe for few-sample compression: the C·H·W values of
+that map per view carry more of the teacher than its logits do.
 
 Teacher targets are exact for every training input: ``views`` copies of each training sample
 (random-resized crop, flip, colour jitter, optional mixup/cutmix; ``passes.recover.views``) are
@@ -226,7 +227,7 @@ class RecoverPass(DeployInPlacePass):
         training = ctx.training
         x, _ = dt.load_arrays(training, "data.training", limit=self.max_samples)
         check_samples(tuple(x.shape[1:]), student_io, "data.training", training.name)
-        features = self._resolved_features(model)
+        features = self._resolved_features(model, teacher_model)
         module = interpreter.OnnxModule(model, capture=features)
         # What stays fixed is decided (or refused) before the teacher labels any training view.
         if self.trainable == "changed":
@@ -394,14 +395,22 @@ class RecoverPass(DeployInPlacePass):
             return float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-12))
         return float(np.abs(out - ref).max())
 
-    def _resolved_features(self, model: ir.Model) -> list[str]:
-        """``features`` with ``penultimate`` replaced by the tensor it names in ``model``."""
+    def _resolved_features(self, model: ir.Model, teacher: ir.Model) -> list[str]:
+        """``features`` with ``penultimate`` replaced by the tensor it names in ``model``, or left
+        out with a note when pruning changed that map's channels (known from the inferred shapes):
+        a named tensor of another shape is refused, the keyword asks for the map only if it matches."""
         if PENULTIMATE not in self.features or _has_tensor(model, PENULTIMATE):
             return list(self.features)
         name, pool = penultimate_tensor(model)
         if name in self.features:
             raise UserError(f"features: 'penultimate' is '{name}', which the list also names")
         self.details["penultimate"] = name
+        mine, theirs = _sample_shape(model, name), _sample_shape(teacher, name)
+        if mine is not None and theirs is not None and mine != theirs:
+            self.details["penultimate"] = None
+            self.note(f"features: penultimate '{name}' is {list(mine)} per sample in the model but {list(theirs)} "
+                      f"in the teacher (pruned channels): not matched")
+            return [f for f in self.features if f != PENULTIMATE]
         self.note(f"features: penultimate is '{name}', the input of {pool.op_type} '{pool.name}'")
         return [name if f == PENULTIMATE else f for f in self.features]
 
@@ -527,6 +536,13 @@ def _is_constant(value: ir.Value, depth: int = 3) -> bool:
         return True
     return (producer is not None and depth > 0 and
             all(_is_constant(v, depth - 1) for v in producer.inputs if v is not None))
+
+
+def _sample_shape(model: ir.Model, name: str) -> tuple | None:
+    """The per-sample dimensions of the tensor ``name`` when they are all known, else None."""
+    value = next((o for node in model.graph for o in node.outputs if o.name == name), None)
+    dims = None if value is None or value.shape is None else tuple(value.shape)[1:]
+    return dims if dims is not None and all(isinstance(d, int) for d in dims) else None
 
 
 def _has_tensor(model: ir.Model, name: str) -> bool:
