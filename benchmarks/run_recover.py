@@ -29,9 +29,10 @@ their unpruned selves, with and without int8.
    them before training, keep 0.75 at 0.80), and early stopping then rejects every epoch.
 3. Per keep: ``ChannelPrunePass(keep, scope)`` (``--scope``, default ``sensitivity``: the MACs of
    uniform keeps, spent where measured damage is least; l1 ranking, reconstruction), then ``RecoverPass``
-   (its defaults, ``max_epochs`` and ``max_seconds`` from the flags, ``--features`` its comma-separated
-   ``features``; early stopping on the early-stopping crops of step 2), and ``QuantizePass(latency_aware=False)`` on each (int8 throughout;
-   ``--equalize``: with ``equalize: true``).
+   (its defaults, ``max_epochs`` and ``max_seconds`` from the flags, ``--features`` its
+   comma-separated ``features``; early stopping on the early-stopping crops of step 2), and
+   ``QuantizePass(latency_aware=False)`` on each (int8 throughout; ``--equalize``: with
+   ``equalize: true``).
 4. Held-out: agreement and KL vs fp32 on the 440 'photos' crops of the train split (the demo's
    fidelity set: scikit-image photos and the ImageNet samples), with the noise floor (fp32 against
    itself on the crops moved by one grey level) and each model's agreement on the crops whose
@@ -310,7 +311,8 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
                 f"| {label} | {v['p50_ms']:.2f} | {ratio:.3f} | {v['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] | "
                 f"{ov_cell}"
                 f"{v['macs'] / 1e6:.0f} M | {v['bytes'] / 1e6:.2f} | {v['agreement']:.3f} [{aci[0]:.3f}, {aci[1]:.3f}] | "
-                f"{_rate(v['agreement_on_stable'])} | {v['kl']:.3f} | {v['top1']:.2f} | {'' if v['train_s'] is None else round(v['train_s'])} |")
+                f"{_rate(v['agreement_on_stable'])} | {v['kl']:.3f} | {v['top1']:.2f} | "
+                f"{'' if v['train_s'] is None else round(v['train_s'])} |")
         for label, v in res["variants"].items():
             d = v.get("details")
             if d:

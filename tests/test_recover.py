@@ -562,9 +562,9 @@ def test_penultimate_without_a_head_pooling_through_the_cli_is_exit_2(digits, tm
     code = cli_main(["optimize", str(tmp_path / "recover.yaml"), "-o", str(tmp_path / "out"), "--in-process"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1:] == ["deployopt: error: passes[0].recover.features: 'penultimate' needs a classifier head: no global "
-                        "pooling before the output 'logits' through single-input ops; name the tensors to match "
-                        "instead"]
+    assert err[-1:] == ["deployopt: error: passes[0].recover.features: 'penultimate' needs a classifier head: no "
+                        "global pooling before the output 'logits' through single-input ops; name the tensors to "
+                        "match instead"]
     assert not (tmp_path / "out" / "model.onnx").exists()
 
 
