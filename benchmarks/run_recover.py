@@ -311,7 +311,7 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
                 f"| {label} | {v['p50_ms']:.2f} | {ratio:.3f} | {v['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] | "
                 f"{ov_cell}"
                 f"{v['macs'] / 1e6:.0f} M | {v['bytes'] / 1e6:.2f} | {v['agreement']:.3f} [{aci[0]:.3f}, {aci[1]:.3f}] | "
-                f"{_rate(v['agreement_on_stable'])} | {v['kl']:.3f} | {v['top1']:.2f} | "
+                f"{_rate_cell(v['agreement_on_stable'])} | {v['kl']:.3f} | {v['top1']:.2f} | "
                 f"{'' if v['train_s'] is None else round(v['train_s'])} |")
         for label, v in res["variants"].items():
             d = v.get("details")
@@ -358,7 +358,8 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
     return "\n".join(lines)
 
 
-def _rate(value) -> str:
+def _rate_cell(value) -> str:
+    """A rate with three decimals for a table cell; blank when it was not measured."""
     return "" if value is None else f"{value:.3f}"
 
 
