@@ -4,6 +4,7 @@ their unpruned selves, with and without int8.
     .venv/bin/python -m benchmarks.run_recover [--quick] [--models mobilenet_v2,efficientnet_lite0]
         [--keeps 0.9,0.75,0.5] [--epochs 4] [--max-seconds 900] [--lr LR] [--views N] [--fresh-views]
         [--features penultimate] [--feature-weight W]
+        [--criterion l1|l2|activation] [--mixup A] [--cutmix A]
         [--calibration photos|training] [--equalize] [--crops 24] [--no-openvino] [--runs 30] [--rounds 3]
         [--out benchmarks/results/recover.md]
 
@@ -219,7 +220,7 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
 
     quantize(fp32, "int8", 1.0, False, None)
     for keep in keeps:
-        prune = ChannelPrunePass(keep=keep, scope=args.scope)
+        prune = ChannelPrunePass(keep=keep, scope=args.scope, criterion=args.criterion)
         prune.context = PassContext(calibration=calibration, seed=0, work_dir=tmp, threads=args.threads)
         pruned_result = prune(io.load(fp32))
         print(f"{arch} keep {keep} channel_prune: " + "; ".join(pruned_result.notes), file=sys.stderr)
@@ -230,7 +231,8 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
         step = RecoverPass(max_epochs=args.epochs, max_seconds=args.max_seconds,
                            **({"lr": args.lr} if args.lr is not None else {}),
                            **({"views": args.views} if args.views is not None else {}),
-                           fresh_views=args.fresh_views, features=args.features, feature_weight=args.feature_weight)
+                           fresh_views=args.fresh_views, features=args.features, feature_weight=args.feature_weight,
+                           mixup=args.mixup, cutmix=args.cutmix)
         step.context = PassContext(training=training, evaluation=early_stopping, reference=reference, seed=0,
                                    work_dir=tmp, threads=args.threads)
         t0 = time.perf_counter()
@@ -286,10 +288,12 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
              "KL(fp32 || model) on the 440 held-out 'photos' crops; top-1 on the 20 labelled ImageNet samples. "
              f"channel_prune and quantize calibrate on {CALIBRATION_TEXT[args.calibration]}"
              + ("; quantize with equalize: true" if args.equalize else "") + ". "
-             f"channel_prune: scope {args.scope}, its other settings its defaults. recover: {args.epochs} epoch(s) at most, max_seconds {args.max_seconds:g}"
+             f"channel_prune: scope {args.scope}, criterion {args.criterion}, its other settings its defaults. "
+             f"recover: {args.epochs} epoch(s) at most, max_seconds {args.max_seconds:g}"
              + (f", lr {args.lr:g}" if args.lr is not None else "")
              + (f", views {args.views}" if args.views is not None else "")
              + (", fresh_views" if args.fresh_views else "")
+             + (f", mixup {args.mixup:g}" if args.mixup else "") + (f", cutmix {args.cutmix:g}" if args.cutmix else "")
              + (f", features {args.features}, feature_weight {args.feature_weight:g}" if args.features else "")
              + ", other settings its defaults; train s is the whole recover step (view bank, teacher labels, "
              "training, checks).", ""]
@@ -395,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keeps", default="0.9,0.75,0.5")
     parser.add_argument("--scope", default="sensitivity", choices=("layer", "global", "sensitivity"),
                         help="channel_prune's scope (sensitivity: the MACs of layer, spent where damage is least)")
+    parser.add_argument("--criterion", default="l1", choices=("l1", "l2", "activation"),
+                        help="channel_prune's channel ranking")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--max-seconds", type=float, default=900.0)
     parser.add_argument("--lr", type=float, default=None, help="recover's peak learning rate (default: the pass's)")
@@ -404,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", type=lambda text: [f for f in text.split(",") if f], default=[],
                         help="recover's matched tensors, comma-separated ('penultimate': the map the head pools)")
     parser.add_argument("--feature-weight", type=float, default=1.0, help="recover's feature_weight")
+    parser.add_argument("--mixup", type=float, default=0.0, help="recover's mixup (Beta parameter; 0: off)")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="recover's cutmix (Beta parameter; 0: off)")
     parser.add_argument("--equalize", action="store_true", help="quantize with equalize: true")
     parser.add_argument("--calibration", choices=("photos", "training"), default="photos",
                         help="what channel_prune and quantize calibrate on (module doc, step 2)")

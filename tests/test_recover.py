@@ -7,7 +7,9 @@ exactly zero; after quantize, quantization-aware recovery raises the int8 model'
 float while the graph, scales and integer ranges stay as they were. Refusal: an op the interpreter
 lacks, a missing teacher, a feature tensor that is not there, `features: [penultimate]` on a model
 with no head pooling (exit 2 through the CLI), a graph that fixes its batch, a model with no bias
-for `trainable: biases`. `penultimate` resolves to the map a head pools, in float and QDQ graphs.
+for `trainable: biases`; through the CLI, no training data and a teacher with another output shape
+(exit 2), and a loss that turns NaN (exit 1 naming its epoch, the input model written unchanged).
+`penultimate` resolves to the map a head pools, in float and QDQ graphs.
 """
 
 from __future__ import annotations
@@ -612,3 +614,70 @@ def test_penultimate_refused_without_a_global_pooling():
                                         r"before the output 'logits' through single-input ops; name the tensors "
                                         r"to match instead$"):
         penultimate_tensor(_head_model("ReduceMean over channels"))
+
+
+# -- the issue's bad input through the CLI ----------------------------------------------------------
+
+def _optimize_cli(recipe: dict, tmp_path, capsys) -> tuple[int, list[str]]:
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    code = cli_main(["optimize", str(tmp_path / "recipe.yaml"), "-o", str(tmp_path / "out"), "--in-process"])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_no_training_data_is_exit_2(teacher_path, tmp_path, capsys):
+    code, err = _optimize_cli({"model": str(teacher_path), "passes": [{"recover": {}}],
+                               "benchmark": {"enabled": False}}, tmp_path, capsys)
+    assert code == 2
+    assert err[-1:] == ["deployopt: error: passes[0].recover: needs data.training (or data.calibration) in the recipe"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_with_another_output_shape_is_exit_2(teacher_path, digits, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("Flatten", ["pixels"], ["flat"], name="flatten"),
+                               helper.make_node("MatMul", ["flat", "fc"], ["logits"], name="head")], "five",
+                              [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [_init("fc", rng.standard_normal((64, 5)).astype(np.float32))])
+    five = tmp_path / "five_classes.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), five)
+    np.savez(tmp_path / "train.npz", x=digits["train"][0][:64])
+    training = {"training": {"dataset": f"npz:{tmp_path / 'train.npz'}"}}
+    code, err = _optimize_cli({"model": str(teacher_path), "data": training,
+                               "passes": [{"recover": {"teacher": str(five)}}], "benchmark": {"enabled": False}},
+                              tmp_path, capsys)
+    assert code == 2
+    assert err[-1:] == [f"deployopt: error: passes[0].recover: teacher {five}: output [N, 5] does not match the "
+                        f"model's output [N, 10]"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_diverged_training_fails_with_its_epoch_and_keeps_the_model(teacher_path, digits, tmp_path, capsys,
+                                                                    monkeypatch):
+    """A loss that turns NaN in the second epoch: exit 1 naming that epoch, the report says the
+    step failed, and the written model carries the input's weights unchanged."""
+    steps_per_epoch = train.steps_per_epoch(len(digits["train"][0]) * FAST["views"], FAST["batch_size"])
+    real_loss, calls = train.distill_loss, []
+
+    def nan_from_epoch_2(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) > steps_per_epoch else loss
+
+    monkeypatch.setattr(train, "distill_loss", nan_from_epoch_2)
+    np.savez(tmp_path / "train.npz", x=digits["train"][0])
+    training = {"training": {"dataset": f"npz:{tmp_path / 'train.npz'}"}}
+    code, err = _optimize_cli({"model": str(teacher_path), "data": training,
+                               "passes": [{"recover": {**FAST, "max_epochs": 3}}], "benchmark": {"enabled": False}},
+                              tmp_path, capsys)
+    reason = (f"recover: the training loss became nan in epoch 2; lower lr (now {FAST['lr']:g}); the model is kept "
+              f"as it was before recover")
+    assert code == 1
+    assert err[-1:] == [f"deployopt: failed: {reason}"]
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert doc["reason"] == reason
+    assert [(s["pass"], s["status"], s["modified"]) for s in doc["steps"]] == [("recover", "failed", False)]
+    given, written = io.load(teacher_path), io.load(tmp_path / "out" / "model.onnx")
+    assert given.graph.initializers.keys() == written.graph.initializers.keys()
+    for name, value in given.graph.initializers.items():
+        np.testing.assert_array_equal(written.graph.initializers[name].const_value.numpy(), value.const_value.numpy())

@@ -60,6 +60,10 @@ from deployopt.core.session import open_session
 from deployopt.measure import metrics
 
 
+class Diverged(WorkFailed):
+    """The training loss became NaN or Inf (the message names the epoch)."""
+
+
 @contextlib.contextmanager
 def torch_state(threads: int) -> Iterator[None]:
     """Deterministic, ``threads``-wide torch for the block; the caller's settings and global RNG
@@ -315,7 +319,7 @@ def train(student: nn.Module, x: np.ndarray, t: np.ndarray, y: np.ndarray | None
                 if extra_loss is not None:
                     loss = loss + extra_loss(idx)
                 if not torch.isfinite(loss):
-                    raise WorkFailed(f"{cfg.label}: the training loss became {loss.item()} in epoch {epoch}; "
+                    raise Diverged(f"{cfg.label}: the training loss became {loss.item()} in epoch {epoch}; "
                                      f"lower lr (now {cfg.lr:g})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

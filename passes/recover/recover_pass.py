@@ -45,6 +45,9 @@ and ``max_seconds``. A held-out fraction of training crops is a leaky judge when
 same pictures train (the epochs that memorise them win): give ``data.evaluation`` images of their
 own.
 
+A training loss that becomes NaN or Inf stops the pass: the step fails (the run exits 1) with
+the epoch in its reason, and the model leaves the step as it came in (only the torch copy trained).
+
 After ``quantize`` (a QDQ graph) this is quantization-aware fine-tuning: the integer weights and
 biases train through their fake-quantized forms with the model's scales held fixed (see
 ``deployopt.passes.recover.interpreter``), the teacher is still the float input model, and the
@@ -335,8 +338,13 @@ class RecoverPass(DeployInPlacePass):
                                    seed=seed, padding=0, flip=False, patience=self.patience, progress=False,
                                    max_seconds=self.max_seconds, keep_initial=True, label="recover",
                                    select_by=self.select_by)
-        result = dt.train(module, bank, logits, None, (hx, ht, hy), train_cfg, extra_loss=extra_loss,
-                          redraw=redraw if refresh and len(bank) > len(fit) else None)
+        try:
+            result = dt.train(module, bank, logits, None, (hx, ht, hy), train_cfg, extra_loss=extra_loss,
+                              redraw=redraw if refresh and len(bank) > len(fit) else None)
+        except dt.Diverged as e:  # only the torch copy trained: the graph's initializers are as given
+            self.details["diverged"] = str(e)
+            self.fail(f"{e}; the model is kept as it was before recover")
+            return ir.passes.PassResult(model, False)
         history = result.history
         trained = sum(1 for param in module.params if param.requires_grad)
         agree_before, agree_after = history[0]["holdout_agreement"], result.best_agreement
