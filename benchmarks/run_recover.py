@@ -29,9 +29,10 @@ their unpruned selves, with and without int8.
    model reconstructed on them scores in-sample there (measured: keep 0.5 at 0.91 agreement on
    them before training, keep 0.75 at 0.80), and early stopping then rejects every epoch.
 3. Per keep: ``ChannelPrunePass(keep, scope)`` (``--scope``, default ``sensitivity``: the MACs of
-   uniform keeps, spent where measured damage is least; l1 ranking, reconstruction), then ``RecoverPass``
-   (its defaults, ``max_epochs`` and ``max_seconds`` from the flags, ``--features`` its
-   comma-separated ``features``; early stopping on the early-stopping crops of step 2), and
+   uniform keeps, spent where measured damage is least; ``--criterion`` ranking, default l1;
+   reconstruction), then ``RecoverPass`` (its defaults, ``max_epochs`` and ``max_seconds`` from the
+   flags, ``--features`` its comma-separated ``features``, ``--mixup``/``--cutmix`` its ``mixup`` and
+   ``cutmix``; early stopping on the early-stopping crops of step 2), and
    ``QuantizePass(latency_aware=False)`` on each (int8 throughout; ``--equalize``: with
    ``equalize: true``).
 4. Held-out: agreement and KL vs fp32 on the 440 'photos' crops of the train split (the demo's
@@ -314,7 +315,8 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
             lines.append(
                 f"| {label} | {v['p50_ms']:.2f} | {ratio:.3f} | {v['speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}] | "
                 f"{ov_cell}"
-                f"{v['macs'] / 1e6:.0f} M | {v['bytes'] / 1e6:.2f} | {v['agreement']:.3f} [{aci[0]:.3f}, {aci[1]:.3f}] | "
+                f"{v['macs'] / 1e6:.0f} M | {v['bytes'] / 1e6:.2f} | "
+                f"{v['agreement']:.3f} [{aci[0]:.3f}, {aci[1]:.3f}] | "
                 f"{_rate_cell(v['agreement_on_stable'])} | {v['kl']:.3f} | {v['top1']:.2f} | "
                 f"{'' if v['train_s'] is None else round(v['train_s'])} |")
         for label, v in res["variants"].items():
@@ -324,7 +326,8 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
                 fresh = f" (+{d['fresh_banks']} fresh banks)" if d.get("fresh_banks") else ""
                 lines.append(f"- {label}: {d.get('samples')} samples x {d.get('views')} views{fresh}, "
                              f"{d.get('epochs_run')} epoch(s), best epoch {d.get('best_epoch')}, held-out agreement "
-                             f"{d.get('agreement_before', float('nan')):.3f} -> {d.get('agreement_after', float('nan')):.3f}, "
+                             f"{d.get('agreement_before', float('nan')):.3f} -> "
+                             f"{d.get('agreement_after', float('nan')):.3f}, "
                              f"training {d.get('train_seconds', 0):.0f} s, peak RSS {d.get('peak_rss_mb')} MB, "
                              + (f"onnxruntime vs torch max |diff| {d['max_abs_diff']:.1e}" if "max_abs_diff" in d
                                 else "no epoch beat the pruned model: its weights kept, nothing written back"))

@@ -80,8 +80,9 @@ def every_op_model() -> onnx.ModelProto:
     f = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.5  # noqa: E731
     inits = [
         _init("w1", f(8, 3, 3, 3)), _init("b1", f(8)),
-        _init("bn_s", 1 + f(8) * 0.1), _init("bn_b", f(8)), _init("bn_m", f(8) * 0.1), _init("bn_v", 1 + np.abs(f(8))),
-        _init("w2", f(8, 2, 3, 3)), _init("w3", f(8, 8, 1, 1)), _init("lo", np.float32(-1.0)), _init("hi", np.float32(2.0)),
+        _init("bn_s", 1 + f(8) * 0.1), _init("bn_b", f(8)), _init("bn_m", f(8) * 0.1),
+        _init("bn_v", 1 + np.abs(f(8))), _init("w2", f(8, 2, 3, 3)), _init("w3", f(8, 8, 1, 1)),
+        _init("lo", np.float32(-1.0)), _init("hi", np.float32(2.0)),
         _init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), _init("ax0", np.array([0], np.int64)),
         _init("minus1", np.array([-1], np.int64)),
         _init("wg", f(80, 10)), _init("bg", f(10)), _init("wm", f(10, 10)), _init("bm", f(10)),
@@ -95,7 +96,8 @@ def every_op_model() -> onnx.ModelProto:
         helper.make_node("HardSwish", ["c2"], ["hs"], name="hswish"),
         helper.make_node("HardSigmoid", ["c2"], ["hsig"], alpha=0.3, beta=0.4, name="hsig"),
         helper.make_node("Mul", ["hs", "hsig"], ["m"], name="mul"),
-        helper.make_node("MaxPool", ["m"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1], name="maxpool"),
+        helper.make_node("MaxPool", ["m"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1],
+                         name="maxpool"),
         helper.make_node("Conv", ["mp", "w3"], ["c3"], strides=[1, 1], name="pointwise"),
         helper.make_node("Clip", ["c3", "lo", "hi"], ["clip"], name="clip"),
         helper.make_node("Sigmoid", ["clip"], ["sig"], name="sigmoid"),
@@ -126,7 +128,8 @@ def every_op_model() -> onnx.ModelProto:
                          name="const2"),
     ]
     order = [n for n in nodes if n.op_type == "Constant"] + [n for n in nodes if n.op_type != "Constant"]
-    graph = helper.make_graph(order, "every_op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+    graph = helper.make_graph(order, "every_op",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
