@@ -157,7 +157,11 @@ class RecoverPass(DeployInPlacePass):
     flip: bool = True
     jitter: float = setting(0.2, low=0, high=1, high_open=True)  # colour jitter strength (0: off)
     mixup: float = setting(0.0, low=0)  # Beta(a, a) of mixup copies (0: off)
-    cutmix: float = setting(0.0, low=0)  # Beta(a, a) of cutmix copies (0: off)
+    # Beta(a, a) of cutmix copies (0: off). Off by default: MobileNetV2 keep 0.75 (8 views, lr 1e-4,
+    # features: [penultimate], epoch 2), agreement / KL on 440 held-out crops: 68.6% / 0.646
+    # without, 60.7% / 0.855 with cutmix 1.0: on few, mostly off-domain images the mixed copies
+    # move the training inputs farther from the photos the model is judged on.
+    cutmix: float = setting(0.0, low=0)
     holdout: float = setting(0.1, low=0, high=0.5, low_open=True)  # without data.evaluation
     holdout_samples: int = setting(512, low=1)  # at most this many data.evaluation samples
     patience: int | None = setting(2, low=1)  # epochs without a better held-out score
