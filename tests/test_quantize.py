@@ -710,11 +710,13 @@ def test_tune_ranges_lowers_output_error_and_requantizes_to_the_searched_model(f
     """The search keeps a range only when it lowers the output error on the calibration samples;
     the model returned, re-quantized by onnxruntime from the scaled ranges, is the model searched
     (same output SQNR to 0.25 dB), and its scales are the calibrated ones times the reported factors.
-    64 calibration samples, all searched: nothing is left to confirm on, so the tuned ranges stand."""
+    64 calibration samples, all searched: nothing is left to confirm on, so the tuned ranges stand.
+    8-bit weights on every CPU (reduce_range false): with the 7 bits chosen where the CPU has no
+    VNNI, the weight rounding dominates this small net's error and no range moved (measured)."""
     x, _ = digits
     cal = ArrayDataset(x[:64])
-    base, _ = _quantize(float_proto, cal)
-    q, step = _quantize(float_proto, cal, tune_ranges=True)
+    base, _ = _quantize(float_proto, cal, reduce_range=False)
+    q, step = _quantize(float_proto, cal, tune_ranges=True, reduce_range=False)
     rt = step.details["range_tuning"]
     scales = _scales(base)
     # the Flatten output shares its input's scale; the Gemm writes the float logits (no pair)
