@@ -617,7 +617,7 @@ class _DigitsInverted(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.down(y), 1), 1))
 
 
-def test_sensitivity_scope_spends_the_same_macs_with_less_damage(digits_shuffled):
+def test_sensitivity_scope_spends_the_same_macs_with_no_more_damage(digits_shuffled):
     x, y = digits_shuffled
     torch.manual_seed(0)  # the weights' initialisation
     proto, x_test, y_test = _trained_on_digits(_DigitsInverted(), x, y), x[1300:], y[1300:]

@@ -711,8 +711,8 @@ def test_tune_ranges_lowers_output_error_and_requantizes_to_the_searched_model(f
     the model returned, re-quantized by onnxruntime from the scaled ranges, is the model searched
     (same output SQNR to 0.25 dB), and its scales are the calibrated ones times the reported factors.
     64 calibration samples, all searched: nothing is left to confirm on, so the tuned ranges stand.
-    8-bit weights on every CPU (reduce_range false): with the 7 bits chosen where the CPU has no
-    VNNI, the weight rounding dominates this small net's error and no range moved (measured)."""
+    8-bit weights on every CPU (reduce_range false): with the 7-bit weights chosen where the CPU
+    has no VNNI, no range of this net moved (measured on an AVX2 CPU)."""
     x, _ = digits
     cal = ArrayDataset(x[:64])
     base, _ = _quantize(float_proto, cal, reduce_range=False)
