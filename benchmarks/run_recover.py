@@ -54,6 +54,7 @@ next to it, and prints the table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import pathlib
 import shlex
@@ -221,20 +222,21 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
         io.save(q(io.load(source)).model, out)
         variants[label] = {"path": out, "keep": keep, "recover": recovered, "int8": True, "train_s": train_s}
 
-    def train_biases(label: str, keep: float, train_s: float) -> None:
-        # recover with trainable: biases on the int8 graph: its int32 biases fitted to the fp32 teacher,
-        # every int8 weight and scale unchanged (the same kernels)
-        step = RecoverPass(trainable="biases", max_epochs=args.bias_epochs, max_seconds=args.max_seconds,
-                           **({"views": args.views} if args.views is not None else {}))
+    def recover(step, source: pathlib.Path, label: str, keep: float, int8: bool, train_before: float = 0.0) -> None:
+        """Run a RecoverPass on ``source`` against fp32; the result is the variant ``label``, its train s
+        the step's time plus ``train_before`` (the steps that made ``source``)."""
         step.context = PassContext(training=training, evaluation=early_stopping, reference=reference, seed=0,
                                    work_dir=tmp, threads=args.threads)
         t0 = time.perf_counter()
-        result = step(io.load(variants[label]["path"]))
-        print(f"{arch} {label} + biases: " + "; ".join(result.notes), file=sys.stderr)
-        out = tmp / f"{label.replace(' ', '_')}_biases.onnx"
+        result = step(io.load(source))
+        train_s = train_before + time.perf_counter() - t0
+        print(f"{arch} {label}: " + "; ".join(result.notes), file=sys.stderr)
+        if result.failure:
+            print(f"{arch} {label}: recover failed: {result.failure}", file=sys.stderr)
+        out = tmp / f"{label.replace(' ', '_')}.onnx"
         io.save(result.model, out)
-        variants[f"{label} + biases"] = {"path": out, "keep": keep, "recover": True, "int8": True,
-                                         "train_s": train_s + time.perf_counter() - t0, "details": result.details}
+        variants[label] = {"path": out, "keep": keep, "recover": True, "int8": int8, "train_s": train_s,
+                           "details": result.details}
 
     quantize(fp32, "int8", 1.0, False, None)
     for keep in keeps:
@@ -251,22 +253,16 @@ def run_arch(arch: str, keeps: list[float], args, tmp: pathlib.Path, train_folde
                            **({"views": args.views} if args.views is not None else {}),
                            fresh_views=args.fresh_views, features=args.features, feature_weight=args.feature_weight,
                            mixup=args.mixup, cutmix=args.cutmix)
-        step.context = PassContext(training=training, evaluation=early_stopping, reference=reference, seed=0,
-                                   work_dir=tmp, threads=args.threads)
-        t0 = time.perf_counter()
-        result = step(io.load(pruned_path))
-        train_s = time.perf_counter() - t0
-        print(f"{arch} keep {keep}: " + "; ".join(result.notes), file=sys.stderr)
-        if result.failure:
-            print(f"{arch} keep {keep}: recover failed: {result.failure}", file=sys.stderr)
-        recovered = tmp / f"keep{keep}_recover.onnx"
-        io.save(result.model, recovered)
-        variants[f"keep {keep} + recover"] = {"path": recovered, "keep": keep, "recover": True, "int8": False,
-                                              "train_s": train_s, "details": result.details}
+        recover(step, pruned_path, f"keep {keep} + recover", keep, int8=False)
+        recovered = variants[f"keep {keep} + recover"]
         quantize(pruned_path, f"keep {keep} + int8", keep, False, None)
-        quantize(recovered, f"keep {keep} + recover + int8", keep, True, train_s)
+        quantize(recovered["path"], f"keep {keep} + recover + int8", keep, True, recovered["train_s"])
         if args.bias_epochs:
-            train_biases(f"keep {keep} + recover + int8", keep, train_s)
+            # the int8 graph's int32 biases fitted to fp32, every int8 weight and scale unchanged (the same kernels)
+            biases = RecoverPass(trainable="biases", max_epochs=args.bias_epochs, max_seconds=args.max_seconds,
+                                 **({"views": args.views} if args.views is not None else {}))
+            recover(biases, variants[f"keep {keep} + recover + int8"]["path"], f"keep {keep} + recover + int8 + biases",
+                    keep, int8=True, train_before=recovered["train_s"])
 
     for label, v in variants.items():
         fid = evaluate(v["path"], fidelity, reference_path=fp32, threads=args.threads, progress=False,
@@ -366,7 +362,7 @@ def markdown(results: dict, command: str, stamp: str, args, png: str | None) -> 
         if res["warnings"]:
             lines += ["", "Harness warnings: " + "; ".join(res["warnings"])]
         lines.append("")
-    for goal, suffix in ((goal, suffix) for goal in TARGETS for suffix in ("", " + biases")):
+    for goal, suffix in itertools.product(TARGETS, ("", " + biases")):
         variants = results.get(goal["arch"], {}).get("variants", {})
         target = variants.get(f"keep {goal['keep']} + recover + int8{suffix}")
         if not target or target.get("error"):
